@@ -1,0 +1,15 @@
+//! Pure flannel types and rules, shared by the agent, the stores, the backends and the
+//! CNI plugin. No I/O and no async here, so everything is testable without privileges.
+
+pub mod config;
+pub mod events;
+pub mod gojson;
+pub mod lease;
+pub mod subnet;
+pub mod subnet_env;
+
+pub use config::{BackendConfig, ConfigError, NetworkConfig};
+pub use events::{LeaseEvent, LeaseTracker};
+pub use lease::{Lease, LeaseAttrs, LeaseKey, MacAddr, VxlanData};
+pub use subnet::{Window, Window4, Window6};
+pub use subnet_env::{PreviousSubnets, SubnetEnv};
