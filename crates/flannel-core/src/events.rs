@@ -28,6 +28,16 @@ impl LeaseEvent {
     }
 }
 
+/// What a store's watch delivers to the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseUpdate {
+    /// The complete set of other hosts' leases. Always the first update of a watch;
+    /// a backend reconciles the kernel against it (adding, replacing and removing).
+    Full(Vec<Lease>),
+    /// Changes since the previous update, in order.
+    Events(Vec<LeaseEvent>),
+}
+
 /// The last known set of other hosts' leases.
 #[derive(Debug, Default, Clone)]
 pub struct LeaseTracker {

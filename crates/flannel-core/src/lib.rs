@@ -9,7 +9,7 @@ pub mod subnet;
 pub mod subnet_env;
 
 pub use config::{BackendConfig, ConfigError, NetworkConfig};
-pub use events::{LeaseEvent, LeaseTracker};
+pub use events::{LeaseEvent, LeaseTracker, LeaseUpdate};
 pub use lease::{Lease, LeaseAttrs, LeaseKey, MacAddr, VxlanData};
 pub use subnet::{Window, Window4, Window6};
 pub use subnet_env::{PreviousSubnets, SubnetEnv};
