@@ -1,0 +1,1 @@
+//! Interface and address lookup for choosing the external interface.

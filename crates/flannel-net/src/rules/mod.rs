@@ -1,0 +1,1 @@
+//! Masquerade and forward rules (nftables and iptables).
