@@ -9,6 +9,10 @@ use async_trait::async_trait;
 use flannel_core::{Lease, LeaseAttrs, LeaseKey, LeaseUpdate, NetworkConfig, PreviousSubnets};
 use tokio::sync::mpsc;
 
+pub mod etcd;
+#[cfg(feature = "testing")]
+pub mod testing;
+
 /// What a host asks for when it acquires its lease.
 #[derive(Debug, Clone)]
 pub struct AcquireRequest {

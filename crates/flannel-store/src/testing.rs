@@ -1,0 +1,565 @@
+//! Test helpers (cargo feature `testing`), shared with other crates' tests: a real
+//! etcd process on 127.0.0.1 and a capture of what the code under test logs.
+//!
+//! ```ignore
+//! let Some(etcd) = EtcdServer::start_or_skip().await else { return };
+//! let store = EtcdStore::connect(etcd.options()).await?;
+//! ```
+
+use std::fmt::Write as _;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::etcd::EtcdOptions;
+
+/// Environment variable naming the etcd binary (default `/usr/bin/etcd`).
+pub const ETCD_BIN_ENV: &str = "FLANNEL_ETCD_BIN";
+/// When this is `1`, a missing prerequisite fails the test instead of skipping it.
+pub const E2E_ENV: &str = "FLANNEL_E2E";
+
+/// How long a freshly started etcd may take to report itself healthy.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Whether missing prerequisites must fail tests (`FLANNEL_E2E=1`).
+pub fn e2e_required() -> bool {
+    std::env::var(E2E_ENV).is_ok_and(|v| v == "1")
+}
+
+/// The etcd binary to run, if there is one.
+pub fn etcd_binary() -> Option<PathBuf> {
+    let p = std::env::var_os(ETCD_BIN_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/etcd"));
+    p.is_file().then_some(p)
+}
+
+/// Whether an etcd test can run. Without etcd it prints why the test is skipped
+/// and returns false — unless `FLANNEL_E2E=1`, where it panics (a missing
+/// prerequisite must never pass silently in CI).
+pub fn require_etcd() -> bool {
+    if etcd_binary().is_some() {
+        return true;
+    }
+    let why = format!(
+        "etcd not found (looked at ${ETCD_BIN_ENV} or /usr/bin/etcd; Debian package etcd-server)"
+    );
+    if e2e_required() {
+        panic!("{E2E_ENV}=1 and {why}");
+    }
+    eprintln!("SKIPPED: {why}; set {E2E_ENV}=1 to make this a failure");
+    false
+}
+
+/// A single-member etcd on 127.0.0.1 with its own ports and data directory,
+/// killed (by PID) when dropped.
+pub struct EtcdServer {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    data_dir: PathBuf,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+}
+
+impl std::fmt::Debug for EtcdServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdServer")
+            .field("endpoint", &self.endpoint())
+            .field("pid", &self.pid())
+            .finish()
+    }
+}
+
+/// Two ports that were free a moment ago (the kernel picks them).
+fn free_ports() -> io::Result<(u16, u16)> {
+    let a = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let b = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok((a.local_addr()?.port(), b.local_addr()?.port()))
+}
+
+impl EtcdServer {
+    /// Starts etcd and waits until it reports itself healthy.
+    pub async fn start() -> io::Result<Self> {
+        let bin = etcd_binary().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, "etcd binary not found")
+        })?;
+        let dir = tempfile::Builder::new().prefix("flannel-etcd-").tempdir()?;
+        let mut server = EtcdServer {
+            bin,
+            data_dir: dir.path().join("data"),
+            dir,
+            client_port: 0,
+            peer_port: 0,
+            child: None,
+        };
+        // Another process may grab a probed port before etcd binds it: try again
+        // with new ports (and a fresh data dir, which remembers its peer URL).
+        let mut last = None;
+        for attempt in 0..5 {
+            let (c, p) = free_ports()?;
+            server.client_port = c;
+            server.peer_port = p;
+            server.data_dir = server.dir.path().join(format!("data-{attempt}"));
+            match server.launch().await {
+                Ok(()) => return Ok(server),
+                Err(e) => {
+                    server.stop();
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::other("etcd did not start")))
+    }
+
+    /// [`require_etcd`] then [`start`](Self::start): `None` means "skip this test".
+    /// Panics when etcd exists but does not start.
+    pub async fn start_or_skip() -> Option<Self> {
+        if !require_etcd() {
+            return None;
+        }
+        match Self::start().await {
+            Ok(s) => Some(s),
+            Err(e) => panic!("could not start etcd: {e}"),
+        }
+    }
+
+    /// Client URL, e.g. `http://127.0.0.1:40123`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer_port)
+    }
+
+    /// Store options pointing at this server, default prefix.
+    pub fn options(&self) -> EtcdOptions {
+        EtcdOptions {
+            endpoints: vec![self.endpoint()],
+            ..EtcdOptions::default()
+        }
+    }
+
+    /// The etcd process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Where etcd writes its log.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("etcd.log")
+    }
+
+    fn log_tail(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = File::open(self.log_path()) {
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            let _ = f.seek(SeekFrom::Start(len.saturating_sub(4000)));
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    fn spawn(&mut self) -> io::Result<()> {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let name = "flannel-test";
+        let mut cmd = Command::new(&self.bin);
+        // An ETCD_* variable in the test environment would silently change etcd's
+        // configuration.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("ETCD_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.arg("--name")
+            .arg(name)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--listen-client-urls")
+            .arg(self.endpoint())
+            .arg("--advertise-client-urls")
+            .arg(self.endpoint())
+            .arg("--listen-peer-urls")
+            .arg(self.peer_url())
+            .arg("--initial-advertise-peer-urls")
+            .arg(self.peer_url())
+            .arg("--initial-cluster")
+            .arg(format!("{name}={}", self.peer_url()))
+            .args(["--initial-cluster-state", "new"])
+            // Tests write thousands of keys in one transaction.
+            .args(["--max-txn-ops", "10000", "--snapshot-count", "10000"])
+            .args(["--logger", "zap", "--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log));
+        self.child = Some(cmd.spawn()?);
+        Ok(())
+    }
+
+    async fn launch(&mut self) -> io::Result<()> {
+        self.spawn()?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    self.child = None;
+                    return Err(io::Error::other(format!(
+                        "etcd exited during start ({status}); log:\n{}",
+                        self.log_tail()
+                    )));
+                }
+            }
+            if self.healthy().await {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::other(format!(
+                    "etcd not healthy after {} s; log:\n{}",
+                    START_TIMEOUT.as_secs(),
+                    self.log_tail()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Whether etcd answers `/health` with `"health":"true"` (it has a leader).
+    pub async fn healthy(&self) -> bool {
+        let probe = async {
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.client_port)).await?;
+            s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+                .await?;
+            let mut body = Vec::new();
+            s.read_to_end(&mut body).await?;
+            io::Result::Ok(String::from_utf8_lossy(&body).contains("\"health\":\"true\""))
+        };
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), probe).await,
+            Ok(Ok(true))
+        )
+    }
+
+    /// Kills etcd (SIGKILL, by PID) and reaps it; the data directory stays.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts etcd again on the same ports and data directory (after [`stop`](Self::stop)).
+    pub async fn start_again(&mut self) -> io::Result<()> {
+        self.stop();
+        let mut last = None;
+        // The old process's ports can take a moment to be bindable again.
+        for _ in 0..10 {
+            match self.launch().await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    self.stop();
+                    last = Some(e);
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::other("etcd did not restart")))
+    }
+
+    /// A plain client for this server (to play "another writer" in tests).
+    pub async fn client(&self) -> Result<etcd_client::Client, etcd_client::Error> {
+        etcd_client::Client::connect([self.endpoint()], None).await
+    }
+
+    /// The store's current revision.
+    pub async fn revision(&self) -> Result<i64, etcd_client::Error> {
+        let resp = self.client().await?.get("/", None).await?;
+        Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+    }
+
+    /// Compacts the history up to `revision` (physically, so watches from older
+    /// revisions fail at once).
+    pub async fn compact(&self, revision: i64) -> Result<(), etcd_client::Error> {
+        let opts = etcd_client::CompactionOptions::new().with_physical();
+        self.client().await?.compact(revision, Some(opts)).await?;
+        Ok(())
+    }
+
+    /// The data directory of the running member.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A TCP forwarder on 127.0.0.1 that a test can cut: while blocked it drops every
+/// open connection and every new one, like an etcd that became unreachable while
+/// its data lives on (to break watches without stopping etcd).
+pub struct TcpProxy {
+    port: u16,
+    blocked: Arc<tokio::sync::watch::Sender<bool>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    /// Forwards a fresh 127.0.0.1 port to `target` (e.g. an [`EtcdServer`]'s port).
+    pub async fn start(target: std::net::SocketAddr) -> io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let blocked = Arc::new(tokio::sync::watch::channel(false).0);
+        let flag = blocked.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if *flag.borrow() {
+                    continue;
+                }
+                let mut cut = flag.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.wait_for(|b| *b) => {}
+                    }
+                });
+            }
+        });
+        Ok(TcpProxy {
+            port,
+            blocked,
+            accept,
+        })
+    }
+
+    /// A proxy in front of `etcd`'s client port.
+    pub async fn for_etcd(etcd: &EtcdServer) -> io::Result<Self> {
+        Self::start(([127, 0, 0, 1], etcd.client_port).into()).await
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Store options going through this proxy, default prefix.
+    pub fn options(&self) -> EtcdOptions {
+        EtcdOptions {
+            endpoints: vec![self.endpoint()],
+            ..EtcdOptions::default()
+        }
+    }
+
+    /// Cuts every connection and refuses new ones until [`unblock`](Self::unblock).
+    pub fn block(&self) {
+        self.blocked.send_replace(true);
+    }
+
+    pub fn unblock(&self) {
+        self.blocked.send_replace(false);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.blocked.send_replace(true);
+        self.accept.abort();
+    }
+}
+
+/// The set of leases a consumer of [`crate::LeaseStore::watch_leases`] believes in,
+/// built only from the updates it received (what a backend would reconcile to).
+#[derive(Debug, Default, Clone)]
+pub struct LeaseView {
+    pub leases: std::collections::BTreeMap<flannel_core::LeaseKey, flannel_core::Lease>,
+    /// How many updates were applied.
+    pub updates: usize,
+}
+
+impl LeaseView {
+    /// Applies one update; panics on an impossible sequence (an Added for a known
+    /// lease, a Removed or Changed for an unknown one), which would be a store bug.
+    pub fn apply(&mut self, update: flannel_core::LeaseUpdate) {
+        use flannel_core::{LeaseEvent, LeaseUpdate};
+        self.updates += 1;
+        match update {
+            LeaseUpdate::Full(all) => {
+                self.leases = all.into_iter().map(|l| (l.key, l)).collect();
+            }
+            LeaseUpdate::Events(events) => {
+                for e in events {
+                    match e {
+                        LeaseEvent::Added(l) => {
+                            let old = self.leases.insert(l.key, l);
+                            assert!(old.is_none(), "Added for a known lease: {old:?}");
+                        }
+                        LeaseEvent::Changed { previous, current } => {
+                            let old = self.leases.insert(current.key, current);
+                            assert_eq!(old.as_ref(), Some(&previous), "Changed with a wrong previous");
+                        }
+                        LeaseEvent::Removed(l) => {
+                            let old = self.leases.remove(&l.key);
+                            assert_eq!(old.as_ref().map(|o| &o.attrs), Some(&l.attrs), "Removed with wrong attrs");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Lease key and value bytes, to compare with what etcd holds.
+    pub fn encoded(&self) -> std::collections::BTreeMap<String, String> {
+        self.leases
+            .values()
+            .map(|l| (l.key.to_string(), l.attrs.encode()))
+            .collect()
+    }
+}
+
+/// The leases under `<prefix>/subnets/` as etcd holds them now: lease key text →
+/// value text, for entries that decode (what a correct watch converges to).
+pub async fn etcd_leases(
+    client: &mut etcd_client::Client,
+    prefix: &str,
+) -> Result<std::collections::BTreeMap<String, String>, etcd_client::Error> {
+    let keys = crate::etcd::KeyLayout::new(prefix);
+    let resp = client
+        .get(
+            keys.subnets_prefix.clone(),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await?;
+    let mut out = std::collections::BTreeMap::new();
+    for kv in resp.kvs() {
+        let Ok(key) = keys.parse_lease_key(kv.key()) else { continue };
+        let Ok(value) = std::str::from_utf8(kv.value()) else { continue };
+        if let Ok(attrs) = flannel_core::LeaseAttrs::decode(value) {
+            out.insert(key.to_string(), attrs.encode());
+        }
+    }
+    Ok(out)
+}
+
+/// vxlan lease attributes as flanneld publishes them (`{"VNI":vni,"VtepMAC":mac}`).
+/// Panics on a malformed IP or MAC (test input).
+pub fn vxlan_attrs(public_ip: &str, vni: u32, mac: &str) -> flannel_core::LeaseAttrs {
+    let mut a = flannel_core::LeaseAttrs::new(public_ip.parse().expect("test IPv4 address"));
+    a.backend_type = "vxlan".into();
+    a.backend_data = Some(
+        flannel_core::VxlanData {
+            vni,
+            vtep_mac: mac.parse().expect("test MAC address"),
+        }
+        .encode(),
+    );
+    a
+}
+
+/// Writes the network config under the default prefix.
+pub async fn put_config(
+    client: &mut etcd_client::Client,
+    json: &str,
+) -> Result<(), etcd_client::Error> {
+    let keys = crate::etcd::KeyLayout::new(crate::etcd::DEFAULT_PREFIX);
+    client.put(keys.config, json, None).await?;
+    Ok(())
+}
+
+/// Collects the log events of the code under test.
+///
+/// The capture is installed for the current thread: use it from a current-thread
+/// runtime (`#[tokio::test]`'s default), whose spawned tasks run on that thread too.
+#[derive(Clone, Default)]
+pub struct LogCapture {
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl LogCapture {
+    /// Starts capturing on this thread until the guard is dropped.
+    pub fn install() -> (Self, tracing::subscriber::DefaultGuard) {
+        let cap = LogCapture::default();
+        let guard = tracing::subscriber::set_default(CaptureSubscriber {
+            lines: cap.lines.clone(),
+            next_span: AtomicU64::new(1),
+        });
+        (cap, guard)
+    }
+
+    /// Every captured line, `LEVEL target: message field=value…`.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// How many captured lines contain all of `needles`.
+    pub fn count(&self, needles: &[&str]) -> usize {
+        self.lines()
+            .iter()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .count()
+    }
+}
+
+struct CaptureSubscriber {
+    lines: Arc<Mutex<Vec<String>>>,
+    next_span: AtomicU64,
+}
+
+struct LineVisitor {
+    message: String,
+    fields: String,
+}
+
+impl tracing::field::Visit for LineVisitor {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            let _ = write!(self.message, "{value:?}");
+        } else {
+            let _ = write!(self.fields, " {}={value:?}", field.name());
+        }
+    }
+}
+
+impl tracing::Subscriber for CaptureSubscriber {
+    fn enabled(&self, meta: &tracing::Metadata<'_>) -> bool {
+        *meta.level() <= tracing::Level::DEBUG
+    }
+
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(self.next_span.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut v = LineVisitor {
+            message: String::new(),
+            fields: String::new(),
+        };
+        event.record(&mut v);
+        let meta = event.metadata();
+        let line = format!("{} {}: {}{}", meta.level(), meta.target(), v.message, v.fields);
+        eprintln!("{line}");
+        if let Ok(mut l) = self.lines.lock() {
+            l.push(line);
+        }
+    }
+
+    fn enter(&self, _: &tracing::span::Id) {}
+
+    fn exit(&self, _: &tracing::span::Id) {}
+}
