@@ -227,7 +227,7 @@ impl Lease {
 }
 
 /// A MAC address, printed as Go prints it (lower-case, colon-separated).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct MacAddr(pub [u8; 6]);
 
 impl fmt::Display for MacAddr {
