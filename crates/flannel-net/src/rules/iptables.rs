@@ -1,0 +1,588 @@
+//! iptables engine (SPEC §5.4): chains `FLANNEL-POSTRTG` (nat) and `FLANNEL-FWD` (filter)
+//! with the jumps from POSTROUTING / FORWARD, written with `iptables-restore --noflush`.
+//!
+//! Names and comments are upstream's, so chains and rules left by Go flanneld (any
+//! version) are recognised and taken over instead of duplicated. Each table changes in one
+//! restore transaction: declaring `:FLANNEL-POSTRTG - [0:0]` under `--noflush` empties the
+//! chain and the following `-A` lines refill it within the same commit, so no packet ever
+//! sees the chain half-built or empty.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use super::cmd::Runner;
+use super::nfnl::{NfNetlink, Scope, NFPROTO_IPV4, NFPROTO_IPV6};
+use super::{EngineKind, EngineOptions, RuleEngine, RuleSet, RulesError};
+
+pub(crate) const MASQ_CHAIN: &str = "FLANNEL-POSTRTG";
+pub(crate) const FWD_CHAIN: &str = "FLANNEL-FWD";
+const MASQ_COMMENT: &str = "flanneld masq";
+const FWD_COMMENT: &str = "flanneld forward";
+
+/// Which iptables binaries to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum IptablesVariant {
+    /// `iptables`, `iptables-restore`, … from PATH: whatever backend they use, as upstream.
+    #[default]
+    Default,
+    /// `iptables-nft*`.
+    Nft,
+    /// `iptables-legacy*`.
+    Legacy,
+}
+
+impl IptablesVariant {
+    fn bin(self, v6: bool, tool: &str) -> String {
+        let base = if v6 { "ip6tables" } else { "iptables" };
+        let infix = match self {
+            IptablesVariant::Default => "",
+            IptablesVariant::Nft => "-nft",
+            IptablesVariant::Legacy => "-legacy",
+        };
+        format!("{base}{infix}{tool}")
+    }
+}
+
+/// Keeps the rules in flannel's iptables chains.
+pub struct IptablesEngine {
+    runner: Runner,
+    variant: IptablesVariant,
+    /// The binaries drive nf_tables (`iptables v1.8.9 (nf_tables)`): changes show in the
+    /// nf_tables generation, so the cheap netlink check works.
+    nl: Option<NfNetlink>,
+    random_fully: bool,
+    wait: bool,
+    applied: Option<RuleSet>,
+    baseline: Option<(u64, u32)>,
+}
+
+/// One address family's wanted state.
+#[derive(Clone, Copy)]
+struct Fam {
+    v6: bool,
+    network: IpNet,
+    subnet: IpNet,
+    masq: bool,
+    forward: bool,
+}
+
+/// The two rule sets, each a chain of ours plus one jump from a built-in chain.
+#[derive(Clone, Copy)]
+struct Set {
+    table: &'static str,
+    builtin: &'static str,
+    chain: &'static str,
+    comment: &'static str,
+}
+
+const MASQ_SET: Set = Set {
+    table: "nat",
+    builtin: "POSTROUTING",
+    chain: MASQ_CHAIN,
+    comment: MASQ_COMMENT,
+};
+const FWD_SET: Set = Set {
+    table: "filter",
+    builtin: "FORWARD",
+    chain: FWD_CHAIN,
+    comment: FWD_COMMENT,
+};
+
+impl IptablesEngine {
+    /// Runs `iptables --version` once: it decides `--random-fully` / `--wait` support
+    /// (iptables ≥ 1.6.2, as upstream) and whether the backend is nf_tables.
+    pub fn new(opts: EngineOptions) -> Result<Self, RulesError> {
+        let runner = Runner::new(opts.netns.clone());
+        let variant = opts.iptables_variant;
+        let bin = variant.bin(false, "");
+        let out = runner.run(&bin, &["--version"], None)?;
+        let version = parse_version(&out).ok_or_else(|| RulesError::Output {
+            command: format!("{bin} --version"),
+            detail: out.trim().to_string(),
+        })?;
+        let modern = version >= (1, 6, 2);
+        let nl = if out.contains("nf_tables") {
+            match NfNetlink::open(runner.netns()) {
+                Ok(nl) => Some(nl),
+                Err(e) => {
+                    tracing::warn!("nf_tables netlink unavailable, iptables resync will fork iptables-save: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Ok(IptablesEngine {
+            runner,
+            variant,
+            nl,
+            random_fully: modern && opts.fully_random,
+            wait: modern,
+            applied: None,
+            baseline: None,
+        })
+    }
+
+    fn families(rules: &RuleSet) -> Vec<Fam> {
+        let mut v = Vec::new();
+        if let Some(f) = rules.ipv4 {
+            v.push(Fam {
+                v6: false,
+                network: IpNet::V4(f.network),
+                subnet: IpNet::V4(f.subnet),
+                masq: rules.ip_masq,
+                forward: rules.forward,
+            });
+        }
+        if let Some(f) = rules.ipv6 {
+            v.push(Fam {
+                v6: true,
+                network: IpNet::V6(f.network),
+                subnet: IpNet::V6(f.subnet),
+                masq: rules.ip_masq,
+                forward: rules.forward,
+            });
+        }
+        v
+    }
+
+    fn save(&self, v6: bool) -> Result<Saved, RulesError> {
+        let out = self.runner.run(&self.variant.bin(v6, "-save"), &[], None)?;
+        Ok(Saved::parse(&out))
+    }
+
+    fn restore(&self, v6: bool, input: &str) -> Result<(), RulesError> {
+        let bin = self.variant.bin(v6, "-restore");
+        let mut args = vec!["--noflush"];
+        if self.wait {
+            args.push("--wait");
+        }
+        self.runner.run(&bin, &args, Some(input)).map(|_| ())
+    }
+
+    /// The full, forking check: does `iptables-save` show every wanted set exactly once?
+    fn full_check(&self, rules: &RuleSet) -> Result<bool, RulesError> {
+        for fam in Self::families(rules) {
+            let saved = self.save(fam.v6)?;
+            for (set, want) in [(MASQ_SET, fam.masq), (FWD_SET, fam.forward)] {
+                let wanted = want.then(|| chain_lines(set, &fam, self.random_fully));
+                if !set_in_place(&saved, set, wanted.as_deref()) {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    fn scopes(rules: &RuleSet) -> Vec<Scope> {
+        let mut s = Vec::new();
+        for fam in Self::families(rules) {
+            let family = if fam.v6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 };
+            for set in [MASQ_SET, FWD_SET] {
+                for chain in [set.builtin, set.chain] {
+                    s.push(Scope::Chain {
+                        family,
+                        table: set.table.into(),
+                        chain: chain.into(),
+                    });
+                }
+            }
+        }
+        s
+    }
+
+    /// Record what the kernel holds now as the known-good state, if `iptables-save`
+    /// confirms it and nothing changed while both were read.
+    fn take_baseline(&mut self, rules: &RuleSet) -> Result<bool, RulesError> {
+        self.baseline = None;
+        let Some(nl) = self.nl.as_mut() else {
+            return self.full_check(rules);
+        };
+        let (fp, gen) = nl.fingerprint(&Self::scopes(rules))?;
+        let ok = self.full_check(rules)?;
+        if ok {
+            if let Some(nl) = self.nl.as_mut() {
+                if nl.generation()? == gen {
+                    self.baseline = Some((fp, gen));
+                }
+            }
+        }
+        Ok(ok)
+    }
+
+    /// Remove both sets of one family; a family whose tools cannot list anything (e.g.
+    /// IPv6 disabled in the kernel) holds nothing to remove.
+    fn cleanup_family(&self, v6: bool) -> Result<(), RulesError> {
+        let saved = match self.save(v6) {
+            Ok(s) => s,
+            Err(e) if v6 => {
+                tracing::debug!("ip6tables unusable, nothing to clean up there: {e}");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let mut input = String::new();
+        for set in [MASQ_SET, FWD_SET] {
+            input.push_str(&set_batch(&saved, set, None));
+        }
+        if input.is_empty() {
+            return Ok(());
+        }
+        self.restore(v6, &input)
+    }
+}
+
+impl RuleEngine for IptablesEngine {
+    fn kind(&self) -> EngineKind {
+        EngineKind::Iptables
+    }
+
+    fn apply(&mut self, rules: &RuleSet) -> Result<(), RulesError> {
+        self.applied = None;
+        self.baseline = None;
+        for fam in Self::families(rules) {
+            let saved = self.save(fam.v6)?;
+            let mut input = String::new();
+            for (set, want) in [(MASQ_SET, fam.masq), (FWD_SET, fam.forward)] {
+                let wanted = want.then(|| chain_lines(set, &fam, self.random_fully));
+                input.push_str(&set_batch(&saved, set, wanted.as_deref()));
+            }
+            if !input.is_empty() {
+                self.restore(fam.v6, &input)?;
+            }
+        }
+        if !self.take_baseline(rules)? {
+            return Err(RulesError::Output {
+                command: self.variant.bin(false, "-save"),
+                detail: "the rules just applied are not listed as expected".into(),
+            });
+        }
+        self.applied = Some(rules.clone());
+        Ok(())
+    }
+
+    fn check(&mut self, rules: &RuleSet) -> Result<bool, RulesError> {
+        if self.applied.as_ref() != Some(rules) {
+            return Ok(false);
+        }
+        if let (Some(nl), Some((fp, gen))) = (self.nl.as_mut(), self.baseline) {
+            let now = nl.generation()?;
+            if now == gen {
+                return Ok(true);
+            }
+            let (fp_now, gen_now) = nl.fingerprint(&Self::scopes(rules))?;
+            if fp_now == fp {
+                self.baseline = Some((fp, gen_now));
+                return Ok(true);
+            }
+        }
+        // Something in our chains or the built-in chains changed (e.g. another agent
+        // added a rule to POSTROUTING), or there is no cheap way to tell: ask iptables.
+        self.take_baseline(rules)
+    }
+
+    fn cleanup(&mut self) -> Result<(), RulesError> {
+        self.applied = None;
+        self.baseline = None;
+        let errs: Vec<RulesError> = [false, true]
+            .into_iter()
+            .filter_map(|v6| self.cleanup_family(v6).err())
+            .collect();
+        RulesError::collect(errs)
+    }
+
+    fn cheap_check(&self) -> bool {
+        self.nl.is_some()
+    }
+}
+
+/// The lines of our chain, in `iptables-save` form, so they compare verbatim.
+fn chain_lines(set: Set, fam: &Fam, random_fully: bool) -> Vec<String> {
+    let c = fam.network;
+    let s = fam.subnet;
+    let ch = set.chain;
+    let cm = format!("-m comment --comment \"{}\"", set.comment);
+    if set.chain == FWD_CHAIN {
+        return vec![
+            format!("-A {ch} -s {c} {cm} -j ACCEPT"),
+            format!("-A {ch} -d {c} {cm} -j ACCEPT"),
+        ];
+    }
+    let mcast = match c.addr() {
+        IpAddr::V4(_) => "224.0.0.0/4",
+        IpAddr::V6(_) => "ff00::/8",
+    };
+    let rf = if random_fully { " --random-fully" } else { "" };
+    vec![
+        format!("-A {ch} -m mark --mark 0x4000/0x4000 {cm} -j RETURN"),
+        format!("-A {ch} -s {s} -d {c} {cm} -j RETURN"),
+        format!("-A {ch} -s {c} -d {s} {cm} -j RETURN"),
+        format!("-A {ch} ! -s {c} -d {s} {cm} -j RETURN"),
+        format!("-A {ch} -s {c} ! -d {mcast} {cm} -j MASQUERADE{rf}"),
+        format!("-A {ch} ! -s {c} -d {c} {cm} -j MASQUERADE{rf}"),
+    ]
+}
+
+fn jump_line(set: Set) -> String {
+    format!(
+        "-A {} -m comment --comment \"{}\" -j {}",
+        set.builtin, set.comment, set.chain
+    )
+}
+
+/// Whether a rule of another chain belongs to this set: it carries the set's comment (Go
+/// flanneld before v0.15 put its rules straight into POSTROUTING) or jumps to our chain.
+fn is_ours(set: Set, line: &str) -> bool {
+    line.contains(&format!("--comment \"{}\"", set.comment))
+        || line.ends_with(&format!(" -j {}", set.chain))
+        || line.contains(&format!(" -j {} ", set.chain))
+        || line.ends_with(&format!(" -g {}", set.chain))
+        || line.contains(&format!(" -g {} ", set.chain))
+}
+
+/// Restore input that turns the saved state of one set into `wanted` (`None`: removed).
+/// Empty when nothing of the set exists and nothing is wanted.
+fn set_batch(saved: &Saved, set: Set, wanted: Option<&[String]>) -> String {
+    let table = saved.tables.get(set.table);
+    let chain_exists = table.is_some_and(|t| t.chains.iter().any(|c| c == set.chain));
+    let ours: Vec<&str> = table
+        .map(|t| {
+            t.rules
+                .iter()
+                .filter(|(chain, line)| chain != set.chain && is_ours(set, line))
+                .map(|(_, line)| line.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = String::new();
+    match wanted {
+        Some(lines) => {
+            out.push_str(&format!("*{}\n:{} - [0:0]\n", set.table, set.chain));
+            let jump = jump_line(set);
+            let first_in_builtin =
+                table.and_then(|t| t.rules.iter().find(|(c, _)| c == set.builtin));
+            let jump_is_first_and_only = ours.len() == 1
+                && ours[0] == jump
+                && first_in_builtin.is_some_and(|(_, l)| *l == jump);
+            if !jump_is_first_and_only {
+                for l in &ours {
+                    out.push_str(&format!("-D{}\n", &l[2..]));
+                }
+                out.push_str(&format!(
+                    "-I {} 1{}\n",
+                    set.builtin,
+                    &jump[2 + set.builtin.len() + 1..]
+                ));
+            }
+            for l in lines {
+                out.push_str(l);
+                out.push('\n');
+            }
+            out.push_str("COMMIT\n");
+        }
+        None => {
+            if !chain_exists && ours.is_empty() {
+                return out;
+            }
+            out.push_str(&format!("*{}\n", set.table));
+            for l in &ours {
+                out.push_str(&format!("-D{}\n", &l[2..]));
+            }
+            if chain_exists {
+                out.push_str(&format!("-F {}\n-X {}\n", set.chain, set.chain));
+            }
+            out.push_str("COMMIT\n");
+        }
+    }
+    out
+}
+
+/// Whether the saved state shows the set as wanted: our chain holds exactly `wanted` and
+/// one jump exists (its position is not checked: like upstream, a rule another agent puts
+/// first does not start a fight; the next apply puts ours first again).
+fn set_in_place(saved: &Saved, set: Set, wanted: Option<&[String]>) -> bool {
+    let table = saved.tables.get(set.table);
+    let chain_exists = table.is_some_and(|t| t.chains.iter().any(|c| c == set.chain));
+    let ours: Vec<&str> = table
+        .map(|t| {
+            t.rules
+                .iter()
+                .filter(|(chain, line)| chain != set.chain && is_ours(set, line))
+                .map(|(_, l)| l.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    match wanted {
+        None => !chain_exists && ours.is_empty(),
+        Some(lines) => {
+            let have: Vec<&str> = table
+                .map(|t| {
+                    t.rules
+                        .iter()
+                        .filter(|(c, _)| c == set.chain)
+                        .map(|(_, l)| l.as_str())
+                        .collect()
+                })
+                .unwrap_or_default();
+            chain_exists && have == lines && ours == [jump_line(set).as_str()]
+        }
+    }
+}
+
+/// `iptables-save` output, by table.
+#[derive(Debug, Default)]
+pub(crate) struct Saved {
+    pub(crate) tables: BTreeMap<String, SavedTable>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct SavedTable {
+    /// Declared chains (built-in and user), in order.
+    pub(crate) chains: Vec<String>,
+    /// `(chain, full "-A chain …" line)`, in order.
+    pub(crate) rules: Vec<(String, String)>,
+}
+
+impl Saved {
+    pub(crate) fn parse(text: &str) -> Self {
+        let mut saved = Saved::default();
+        let mut current: Option<String> = None;
+        for line in text.lines() {
+            let line = line.trim_end();
+            if let Some(name) = line.strip_prefix('*') {
+                current = Some(name.to_string());
+                saved.tables.entry(name.to_string()).or_default();
+                continue;
+            }
+            let Some(t) = current.as_ref().and_then(|c| saved.tables.get_mut(c)) else {
+                continue;
+            };
+            if let Some(decl) = line.strip_prefix(':') {
+                if let Some(name) = decl.split_whitespace().next() {
+                    t.chains.push(name.to_string());
+                }
+            } else if let Some(rest) = line.strip_prefix("-A ") {
+                if let Some(chain) = rest.split_whitespace().next() {
+                    t.rules.push((chain.to_string(), line.to_string()));
+                }
+            } else if line == "COMMIT" {
+                current = None;
+            }
+        }
+        saved
+    }
+}
+
+/// `iptables v1.8.9 (nf_tables)` → (1, 8, 9).
+fn parse_version(out: &str) -> Option<(u32, u32, u32)> {
+    let v = out.split_whitespace().find_map(|w| w.strip_prefix('v'))?;
+    let mut it = v.split('.').map(|p| p.parse::<u32>().ok());
+    Some((it.next()??, it.next()??, it.next().flatten().unwrap_or(0)))
+}
+
+/// Appendix A.4: what Go flanneld v0.20.2 leaves behind.
+#[cfg(test)]
+pub(crate) const GO_FLANNELD_SAVE: &str = r#"# Generated by iptables-save v1.8.9 (nf_tables)
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:FLANNEL-FWD - [0:0]
+-A FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD
+-A FLANNEL-FWD -s 10.244.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT
+-A FLANNEL-FWD -d 10.244.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT
+COMMIT
+*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:FLANNEL-POSTRTG - [0:0]
+-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG
+-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -m comment --comment "flanneld masq" -j RETURN
+-A FLANNEL-POSTRTG -s 10.244.0.0/16 -d 10.244.0.0/16 -m comment --comment "flanneld masq" -j RETURN
+-A FLANNEL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully
+-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.48.0/24 -m comment --comment "flanneld masq" -j RETURN
+-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.0.0/16 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully
+COMMIT
+"#;
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    fn fam() -> Fam {
+        Fam {
+            v6: false,
+            network: "10.244.0.0/16".parse().unwrap(),
+            subnet: "10.244.48.0/24".parse().unwrap(),
+            masq: true,
+            forward: true,
+        }
+    }
+
+    #[test]
+    fn parses_version_strings() {
+        assert_eq!(
+            parse_version("iptables v1.8.9 (nf_tables)\n"),
+            Some((1, 8, 9))
+        );
+        assert_eq!(parse_version("iptables v1.6"), Some((1, 6, 0)));
+        assert_eq!(parse_version("garbage"), None);
+        assert_eq!(parse_version("iptables vX.Y"), None);
+    }
+
+    #[test]
+    fn go_flanneld_forward_set_is_already_in_place() {
+        let saved = Saved::parse(GO_FLANNELD_SAVE);
+        let want = chain_lines(FWD_SET, &fam(), true);
+        assert!(set_in_place(&saved, FWD_SET, Some(&want)));
+        // v0.20.2's masquerade order differs from HEAD's: not in place, gets replaced.
+        let want = chain_lines(MASQ_SET, &fam(), true);
+        assert!(!set_in_place(&saved, MASQ_SET, Some(&want)));
+        let batch = set_batch(&saved, MASQ_SET, Some(&want));
+        // The jump is already first and unique: no delete/insert, only the refill.
+        assert!(!batch.contains("-D "), "{batch}");
+        assert!(
+            batch.starts_with("*nat\n:FLANNEL-POSTRTG - [0:0]\n"),
+            "{batch}"
+        );
+        assert_eq!(batch.matches("-A FLANNEL-POSTRTG").count(), 6, "{batch}");
+    }
+
+    #[test]
+    fn stray_and_duplicate_jumps_are_deleted_and_one_inserted_first() {
+        let text = "*nat\n:POSTROUTING ACCEPT [0:0]\n:FLANNEL-POSTRTG - [0:0]\n\
+            -A POSTROUTING -s 10.0.0.0/8 -j ACCEPT\n\
+            -A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG\n\
+            -A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG\n\
+            -A POSTROUTING -s 10.1.0.0/16 -d 10.1.0.0/16 -m comment --comment \"flanneld masq\" -j RETURN\n\
+            COMMIT\n";
+        let saved = Saved::parse(text);
+        let want = chain_lines(MASQ_SET, &fam(), false);
+        let batch = set_batch(&saved, MASQ_SET, Some(&want));
+        assert_eq!(batch.matches("-D POSTROUTING").count(), 3, "{batch}");
+        assert!(!batch.contains("-D POSTROUTING -s 10.0.0.0/8"), "{batch}");
+        assert!(
+            batch.contains(
+                "-I POSTROUTING 1 -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG\n"
+            ),
+            "{batch}"
+        );
+        assert!(!batch.contains("random-fully"));
+    }
+
+    #[test]
+    fn removal_deletes_jumps_then_the_chain() {
+        let saved = Saved::parse(GO_FLANNELD_SAVE);
+        let batch = set_batch(&saved, MASQ_SET, None);
+        assert_eq!(
+            batch,
+            "*nat\n-D POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG\n\
+             -F FLANNEL-POSTRTG\n-X FLANNEL-POSTRTG\nCOMMIT\n"
+        );
+        assert_eq!(set_batch(&Saved::default(), MASQ_SET, None), "");
+    }
+}
