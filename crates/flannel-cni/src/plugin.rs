@@ -234,7 +234,7 @@ pub fn run(getenv: &dyn Fn(&str) -> Option<String>, stdin: &mut dyn Read) -> Out
         args: var("CNI_ARGS"),
         path: var("CNI_PATH"),
     };
-    match dispatch(cmd, text, declared, &env, getenv) {
+    match dispatch(cmd, text, declared, &env, getenv, &reply_version) {
         Ok(outcome) => outcome,
         Err(e) => Outcome::error(&e, &reply_version),
     }
@@ -246,6 +246,7 @@ fn dispatch(
     declared: Result<String, CniError>,
     env: &CniEnv,
     getenv: &dyn Fn(&str) -> Option<String>,
+    reply_version: &str,
 ) -> Result<Outcome, CniError> {
     netconf::validate_common(text)?;
     if matches!(cmd, Cmd::Add | Cmd::Check | Cmd::Del) {
@@ -266,8 +267,8 @@ fn dispatch(
     version::check_supported(&declared)?;
 
     match cmd {
-        Cmd::Add => cmd_add(text, env, getenv),
-        Cmd::Del => cmd_del(text, env),
+        Cmd::Add => cmd_add(text, env, getenv, reply_version),
+        Cmd::Del => cmd_del(text, env, reply_version),
         Cmd::Status => cmd_status(text),
         // Upstream's CHECK does nothing; bridge's own CHECK would need the
         // prevResult the runtime keeps, which a meta-plugin does not forward.
@@ -328,6 +329,7 @@ fn cmd_add(
     text: &str,
     env: &CniEnv,
     getenv: &dyn Fn(&str) -> Option<String>,
+    reply_version: &str,
 ) -> Result<Outcome, CniError> {
     let conf = NetConf::parse(text)?;
     // A config mistake is reported at once, not after waiting for flanneld.
@@ -350,11 +352,16 @@ fn cmd_add(
         )
     })?;
     let out = exec::run_plugin(&plugin, "ADD", env, &dconf.bytes)?;
-    Ok(relay(&dconf.plugin_type, out, true))
+    Ok(relay(&dconf.plugin_type, out, true, reply_version))
 }
 
 /// Passes a delegate's answer on: its result (or error) on stdout and its exit code.
-fn relay(plugin_type: &str, out: exec::PluginOutput, needs_result: bool) -> Outcome {
+fn relay(
+    plugin_type: &str,
+    out: exec::PluginOutput,
+    needs_result: bool,
+    reply_version: &str,
+) -> Outcome {
     let mut outcome = if out.exit_code == Some(0) {
         if needs_result
             && !matches!(
@@ -370,7 +377,7 @@ fn relay(plugin_type: &str, out: exec::PluginOutput, needs_result: bool) -> Outc
                         String::from_utf8_lossy(&out.stdout)
                     ),
                 ),
-                CURRENT_VERSION,
+                reply_version,
             )
         } else if needs_result {
             Outcome::ok(out.stdout)
@@ -384,13 +391,13 @@ fn relay(plugin_type: &str, out: exec::PluginOutput, needs_result: bool) -> Outc
             exit_code: out.exit_code.filter(|c| *c != 0).unwrap_or(1),
         }
     } else {
-        Outcome::error(&exec::failure_without_result(&out), CURRENT_VERSION)
+        Outcome::error(&exec::failure_without_result(&out), reply_version)
     };
     outcome.stderr = out.stderr;
     outcome
 }
 
-fn cmd_del(text: &str, env: &CniEnv) -> Result<Outcome, CniError> {
+fn cmd_del(text: &str, env: &CniEnv, reply_version: &str) -> Result<Outcome, CniError> {
     let conf = NetConf::parse(text)?;
     let path = saved_path(&conf.data_dir, &env.container_id);
     let saved = match std::fs::read(&path) {
@@ -422,7 +429,7 @@ fn cmd_del(text: &str, env: &CniEnv) -> Result<Outcome, CniError> {
     };
     let plugin = exec::find_in_path(&plugin_type, &env.path)?;
     let out = exec::run_plugin(&plugin, "DEL", env, &saved)?;
-    let outcome = relay(&plugin_type, out, false);
+    let outcome = relay(&plugin_type, out, false, reply_version);
     if outcome.exit_code == 0 {
         // Per the CNI spec a failed removal here must not fail the DEL.
         let _ = std::fs::remove_file(&path);
