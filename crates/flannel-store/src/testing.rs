@@ -87,9 +87,8 @@ fn free_ports() -> io::Result<(u16, u16)> {
 impl EtcdServer {
     /// Starts etcd and waits until it reports itself healthy.
     pub async fn start() -> io::Result<Self> {
-        let bin = etcd_binary().ok_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, "etcd binary not found")
-        })?;
+        let bin = etcd_binary()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "etcd binary not found"))?;
         let dir = tempfile::Builder::new().prefix("flannel-etcd-").tempdir()?;
         let mut server = EtcdServer {
             bin,
@@ -408,11 +407,19 @@ impl LeaseView {
                         }
                         LeaseEvent::Changed { previous, current } => {
                             let old = self.leases.insert(current.key, current);
-                            assert_eq!(old.as_ref(), Some(&previous), "Changed with a wrong previous");
+                            assert_eq!(
+                                old.as_ref(),
+                                Some(&previous),
+                                "Changed with a wrong previous"
+                            );
                         }
                         LeaseEvent::Removed(l) => {
                             let old = self.leases.remove(&l.key);
-                            assert_eq!(old.as_ref().map(|o| &o.attrs), Some(&l.attrs), "Removed with wrong attrs");
+                            assert_eq!(
+                                old.as_ref().map(|o| &o.attrs),
+                                Some(&l.attrs),
+                                "Removed with wrong attrs"
+                            );
                         }
                     }
                 }
@@ -444,8 +451,12 @@ pub async fn etcd_leases(
         .await?;
     let mut out = std::collections::BTreeMap::new();
     for kv in resp.kvs() {
-        let Ok(key) = keys.parse_lease_key(kv.key()) else { continue };
-        let Ok(value) = std::str::from_utf8(kv.value()) else { continue };
+        let Ok(key) = keys.parse_lease_key(kv.key()) else {
+            continue;
+        };
+        let Ok(value) = std::str::from_utf8(kv.value()) else {
+            continue;
+        };
         if let Ok(attrs) = flannel_core::LeaseAttrs::decode(value) {
             out.insert(key.to_string(), attrs.encode());
         }
@@ -534,7 +545,15 @@ impl tracing::field::Visit for LineVisitor {
 
 impl tracing::Subscriber for CaptureSubscriber {
     fn enabled(&self, meta: &tracing::Metadata<'_>) -> bool {
-        *meta.level() <= tracing::Level::DEBUG
+        // Our own debug lines; only warnings from the libraries underneath (h2 and
+        // tower are very chatty at debug level).
+        let ours = meta.target().starts_with("flannel");
+        *meta.level()
+            <= if ours {
+                tracing::Level::DEBUG
+            } else {
+                tracing::Level::WARN
+            }
     }
 
     fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
@@ -552,7 +571,13 @@ impl tracing::Subscriber for CaptureSubscriber {
         };
         event.record(&mut v);
         let meta = event.metadata();
-        let line = format!("{} {}: {}{}", meta.level(), meta.target(), v.message, v.fields);
+        let line = format!(
+            "{} {}: {}{}",
+            meta.level(),
+            meta.target(),
+            v.message,
+            v.fields
+        );
         eprintln!("{line}");
         if let Ok(mut l) = self.lines.lock() {
             l.push(line);

@@ -81,7 +81,10 @@ async fn acquire_writes_flannels_key_value_and_ttl() -> Result<()> {
     assert_eq!(all.len(), 1, "exactly one lease key: {all:?}");
     let (key, value, lease_id, version) = &all[0];
     let octet = lease.key.v4.addr().octets()[2];
-    assert_eq!(key, &format!("/coreos.com/network/subnets/10.5.{octet}.0-24"));
+    assert_eq!(
+        key,
+        &format!("/coreos.com/network/subnets/10.5.{octet}.0-24")
+    );
     assert!((1..=255).contains(&octet), "inside the default window");
     assert_eq!(
         value,
@@ -126,7 +129,10 @@ async fn restart_reuses_the_subnet_and_previous_subnet_survives_an_ip_change() -
 
     // The host's etcd lease is gone (expired, data lost...) and its IP changed; the
     // subnet.env it wrote still names the subnet.
-    etcd.client().await?.delete(after[0].0.clone(), None).await?;
+    etcd.client()
+        .await?
+        .delete(after[0].0.clone(), None)
+        .await?;
     let env = SubnetEnv {
         network: cfg.network,
         subnet: Some(first.key.v4),
@@ -144,7 +150,10 @@ async fn restart_reuses_the_subnet_and_previous_subnet_survives_an_ip_change() -
         .await?
         .acquire(&cfg, &req)
         .await?;
-    assert_eq!(third.key, first.key, "previous subnet from subnet.env reused");
+    assert_eq!(
+        third.key, first.key,
+        "previous subnet from subnet.env reused"
+    );
 
     // The same subnet.env on another host while the subnet is held: never shared.
     let req = AcquireRequest {
@@ -214,7 +223,11 @@ async fn twenty_hosts_racing_get_twenty_distinct_subnets() -> Result<()> {
     let previous = PreviousSubnets::parse("FLANNEL_SUBNET=10.7.5.1/24\n");
     let attempts = stores.iter().enumerate().map(|(i, s)| {
         let req = AcquireRequest {
-            attrs: vxlan_attrs(&format!("10.20.0.{}", i + 1), 1, &format!("02:00:00:00:00:{:02x}", i + 1)),
+            attrs: vxlan_attrs(
+                &format!("10.20.0.{}", i + 1),
+                1,
+                &format!("02:00:00:00:00:{:02x}", i + 1),
+            ),
             previous: previous.clone(),
         };
         let cfg = cfg.clone();
@@ -229,12 +242,18 @@ async fn twenty_hosts_racing_get_twenty_distinct_subnets() -> Result<()> {
     assert_eq!(all.len(), 20);
     for l in &leases {
         let key = format!("{SUBNETS}{}", l.key);
-        let row = all.iter().find(|r| r.0 == key).context("lease key in etcd")?;
+        let row = all
+            .iter()
+            .find(|r| r.0 == key)
+            .context("lease key in etcd")?;
         assert_eq!(row.1, l.attrs.encode(), "each key holds its winner's value");
     }
     let lost = logs.count(&["was taken by another host meanwhile"]);
     eprintln!("creation races lost and retried: {lost}");
-    assert!(lost >= 1, "the shared previous subnet must have caused races");
+    assert!(
+        lost >= 1,
+        "the shared previous subnet must have caused races"
+    );
     Ok(())
 }
 
@@ -277,8 +296,12 @@ async fn a_full_window_is_a_clear_error() -> Result<()> {
         return Ok(());
     };
     let store = EtcdStore::connect(etcd.options()).await?;
-    store.acquire(&cfg, &request("10.10.0.1", "02:00:00:00:00:01")).await?;
-    store.acquire(&cfg, &request("10.10.0.2", "02:00:00:00:00:02")).await?;
+    store
+        .acquire(&cfg, &request("10.10.0.1", "02:00:00:00:00:01"))
+        .await?;
+    store
+        .acquire(&cfg, &request("10.10.0.2", "02:00:00:00:00:02"))
+        .await?;
     let err = store
         .acquire(&cfg, &request("10.10.0.3", "02:00:00:00:00:03"))
         .await
@@ -298,14 +321,26 @@ async fn garbage_in_the_subnets_prefix_is_skipped_with_a_log() -> Result<()> {
     };
     let (logs, _guard) = LogCapture::install();
     let mut c = etcd.client().await?;
-    c.put(format!("{SUBNETS}garbage"), r#"{"PublicIP":"10.10.0.1"}"#, None)
-        .await?;
+    c.put(
+        format!("{SUBNETS}garbage"),
+        r#"{"PublicIP":"10.10.0.1"}"#,
+        None,
+    )
+    .await?;
     c.put(format!("{SUBNETS}10.5.9.0-24"), "not json at all", None)
         .await?;
-    c.put(format!("{SUBNETS}10.5.10.0-24"), r#"{"PublicIP":"300.1.1.1"}"#, None)
-        .await?;
-    c.put(format!("{SUBNETS}10.5.11.0-24"), r#"{"PublicIP":"10.10.0.5"}"#, None)
-        .await?;
+    c.put(
+        format!("{SUBNETS}10.5.10.0-24"),
+        r#"{"PublicIP":"300.1.1.1"}"#,
+        None,
+    )
+    .await?;
+    c.put(
+        format!("{SUBNETS}10.5.11.0-24"),
+        r#"{"PublicIP":"10.10.0.5"}"#,
+        None,
+    )
+    .await?;
 
     let store = EtcdStore::connect(etcd.options()).await?;
     // Our previous subnet is the one holding garbage: it must not be handed out
@@ -323,11 +358,25 @@ async fn garbage_in_the_subnets_prefix_is_skipped_with_a_log() -> Result<()> {
     let reused = store
         .acquire(&cfg, &request("10.10.0.5", "02:00:00:00:00:05"))
         .await?;
-    assert_eq!(reused.key.to_string(), "10.5.11.0-24", "good lease found and reused");
+    assert_eq!(
+        reused.key.to_string(),
+        "10.5.11.0-24",
+        "good lease found and reused"
+    );
     assert!(logs.count(&["WARN", "/coreos.com/network/subnets/garbage"]) >= 1);
     assert!(logs.count(&["WARN", "/coreos.com/network/subnets/10.5.9.0-24"]) >= 1);
-    assert!(logs.count(&["WARN", "/coreos.com/network/subnets/10.5.10.0-24", "300.1.1.1"]) >= 1);
+    assert!(
+        logs.count(&[
+            "WARN",
+            "/coreos.com/network/subnets/10.5.10.0-24",
+            "300.1.1.1"
+        ]) >= 1
+    );
     let garbage = c.get(format!("{SUBNETS}10.5.9.0-24"), None).await?;
-    assert_eq!(garbage.kvs()[0].value(), b"not json at all", "garbage left alone");
+    assert_eq!(
+        garbage.kvs()[0].value(),
+        b"not json at all",
+        "garbage left alone"
+    );
     Ok(())
 }

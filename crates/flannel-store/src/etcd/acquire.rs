@@ -52,9 +52,7 @@ pub(crate) fn decode_kv(keys: &KeyLayout, kv: &KeyValue) -> Result<(LeaseKey, Le
 
 /// All leases below `<prefix>/subnets/`, unusable entries skipped with a warning.
 pub(crate) async fn list(ops: &Ops, keys: &KeyLayout) -> Result<Listing, StoreError> {
-    let resp = ops
-        .get(&keys.subnets_prefix, true, REQUEST_TIMEOUT)
-        .await?;
+    let resp = ops.get(&keys.subnets_prefix, true, REQUEST_TIMEOUT).await?;
     let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
     let mut decoded = Vec::with_capacity(resp.kvs().len());
     let mut unusable = Vec::new();
@@ -67,7 +65,9 @@ pub(crate) async fn list(ops: &Ops, keys: &KeyLayout) -> Result<Listing, StoreEr
             }
         }
     }
-    let expiries = ops.expiries(decoded.iter().map(|(kv, _, _)| kv.lease())).await?;
+    let expiries = ops
+        .expiries(decoded.iter().map(|(kv, _, _)| kv.lease()))
+        .await?;
     let leases = decoded
         .into_iter()
         .map(|(kv, key, attrs)| Listed {
@@ -106,8 +106,8 @@ impl Windows {
         let v6 = if config.enable_ipv6 {
             Some(config.window_v6().ok_or_else(|| StoreError::Lease {
                 key: "-".into(),
-                reason: "the network config has no IPv6 allocation window (was it validated?)"
-                    .into(),
+                reason:
+                    "the network config has no IPv6 allocation window (was it validated?)".into(),
             })?)
         } else {
             None
@@ -387,7 +387,10 @@ mod tests {
         // Wrong length or outside the window: not used.
         for bad in ["10.5.9.0/25", "10.5.0.0/24", "10.9.1.0/24"] {
             let (_, p) = plan(&l, &[], &w, &req("1.1.1.1", Some(bad))).unwrap();
-            assert!(matches!(p, Plan::Create(k) if k.v4.to_string() != bad), "{bad}");
+            assert!(
+                matches!(p, Plan::Create(k) if k.v4.to_string() != bad),
+                "{bad}"
+            );
         }
     }
 
@@ -395,7 +398,13 @@ mod tests {
     fn unusable_entries_block_their_subnet() {
         let garbage: LeaseKey = "10.5.9.0-24".parse().unwrap();
         for _ in 0..50 {
-            let (_, p) = plan(&[], &[garbage], &windows(), &req("1.1.1.1", Some("10.5.9.0/24"))).unwrap();
+            let (_, p) = plan(
+                &[],
+                &[garbage],
+                &windows(),
+                &req("1.1.1.1", Some("10.5.9.0/24")),
+            )
+            .unwrap();
             assert!(matches!(p, Plan::Create(k) if k != garbage));
         }
     }
@@ -407,7 +416,10 @@ mod tests {
         )
         .unwrap();
         let w = Windows::of(&c).unwrap();
-        let l = vec![listed("10.5.1.0-24", "1.1.1.2"), listed("10.5.2.0-24", "1.1.1.3")];
+        let l = vec![
+            listed("10.5.1.0-24", "1.1.1.2"),
+            listed("10.5.2.0-24", "1.1.1.3"),
+        ];
         let e = plan(&l, &[], &w, &req("1.1.1.1", None)).unwrap_err();
         assert!(matches!(e, StoreError::OutOfSubnets { .. }), "{e}");
         assert!(e.to_string().contains("10.5.1.0/24 … 10.5.2.0/24"), "{e}");

@@ -100,9 +100,8 @@ impl std::fmt::Debug for EtcdStore {
 }
 
 fn read_file(flag: &str, path: &PathBuf) -> Result<Vec<u8>, StoreError> {
-    std::fs::read(path).map_err(|e| {
-        StoreError::Unavailable(format!("cannot read {flag} {}: {e}", path.display()))
-    })
+    std::fs::read(path)
+        .map_err(|e| StoreError::Unavailable(format!("cannot read {flag} {}: {e}", path.display())))
 }
 
 impl EtcdStore {
@@ -124,7 +123,9 @@ impl EtcdStore {
             );
             let mut tls = TlsOptions::new().identity(identity);
             tls = match &opts.cafile {
-                Some(ca) => tls.ca_certificate(Certificate::from_pem(read_file("--etcd-cafile", ca)?)),
+                Some(ca) => {
+                    tls.ca_certificate(Certificate::from_pem(read_file("--etcd-cafile", ca)?))
+                }
                 None => tls.with_native_roots(),
             };
             co = co.with_tls(tls);
@@ -161,7 +162,12 @@ impl EtcdStore {
             .ops
             .get(key, false, CONFIG_READ_TIMEOUT)
             .await
-            .map_err(|e| ConfigRead::Unavailable(format!("cannot read {key}: {e}")))?;
+            .map_err(|e| {
+                ConfigRead::Unavailable(match e {
+                    StoreError::Unavailable(m) => m,
+                    e => e.to_string(),
+                })
+            })?;
         let kv = resp.kvs().first().ok_or_else(|| {
             ConfigRead::Invalid(format!(
                 "{key} does not exist in etcd; write the network config there, e.g. \
@@ -170,8 +176,11 @@ impl EtcdStore {
         })?;
         let text = std::str::from_utf8(kv.value())
             .map_err(|_| ConfigRead::Invalid(format!("{key}: the value is not UTF-8 text")))?;
-        let config = NetworkConfig::parse_and_validate(text)
-            .map_err(|e| ConfigRead::Invalid(format!("{key}: {e}")))?;
+        let config = NetworkConfig::parse_and_validate(text).map_err(|e| {
+            let e = e.to_string();
+            let e = e.strip_prefix("network config: ").unwrap_or(&e);
+            ConfigRead::Invalid(format!("{key}: {e}"))
+        })?;
         if !config.enable_ipv4 {
             return Err(ConfigRead::Fatal(acquire::unsupported_ipv6_only()));
         }

@@ -45,7 +45,12 @@ pub(crate) struct Ops {
 }
 
 impl Ops {
-    pub async fn get(&self, key: &str, prefix: bool, limit: Duration) -> Result<GetResponse, StoreError> {
+    pub async fn get(
+        &self,
+        key: &str,
+        prefix: bool,
+        limit: Duration,
+    ) -> Result<GetResponse, StoreError> {
         let mut kv = self.kv.clone();
         let opts = prefix.then(|| GetOptions::new().with_prefix());
         timed(&format!("get {key}"), limit, kv.get(key, opts)).await
@@ -54,7 +59,12 @@ impl Ops {
     /// A new 24 h etcd lease: its id and the expiry it gives.
     pub async fn grant(&self) -> Result<(i64, SystemTime), StoreError> {
         let mut lc = self.lease.clone();
-        let resp = timed("lease grant", REQUEST_TIMEOUT, lc.grant(LEASE_TTL_SECS, None)).await?;
+        let resp = timed(
+            "lease grant",
+            REQUEST_TIMEOUT,
+            lc.grant(LEASE_TTL_SECS, None),
+        )
+        .await?;
         let ttl = u64::try_from(resp.ttl()).unwrap_or(0);
         Ok((resp.id(), SystemTime::now() + Duration::from_secs(ttl)))
     }
@@ -72,7 +82,12 @@ impl Ops {
     pub async fn put(&self, key: &str, value: &str, lease: i64) -> Result<(), StoreError> {
         let mut kv = self.kv.clone();
         let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
-        timed(&format!("put {key}"), REQUEST_TIMEOUT, kv.put(key, value, opts)).await?;
+        timed(
+            &format!("put {key}"),
+            REQUEST_TIMEOUT,
+            kv.put(key, value, opts),
+        )
+        .await?;
         Ok(())
     }
 
@@ -89,7 +104,12 @@ impl Ops {
 
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let mut kv = self.kv.clone();
-        timed(&format!("delete {key}"), REQUEST_TIMEOUT, kv.delete(key, None)).await?;
+        timed(
+            &format!("delete {key}"),
+            REQUEST_TIMEOUT,
+            kv.delete(key, None),
+        )
+        .await?;
         Ok(())
     }
 

@@ -37,21 +37,21 @@ impl DistinctErrors {
     /// Logs a failure at warn level the first time it is seen.
     pub fn warn(&mut self, error: &str) {
         if self.first_time(error) {
-            tracing::warn!("{}: {error} (retrying; repeats are not logged)", self.what);
+            tracing::warn!(target: "flannel_store::etcd", "{}: {error} (retrying; repeats are not logged)", self.what);
         }
     }
 
     /// Logs a failure at error level the first time it is seen.
     pub fn error(&mut self, error: &str) {
         if self.first_time(error) {
-            tracing::error!("{}: {error} (retrying; repeats are not logged)", self.what);
+            tracing::error!(target: "flannel_store::etcd", "{}: {error} (retrying; repeats are not logged)", self.what);
         }
     }
 
     /// The operation worked: say so if it had been failing, and forget the failures.
     pub fn recovered(&mut self) {
         if !self.seen.is_empty() {
-            tracing::info!("{}: working again", self.what);
+            tracing::info!(target: "flannel_store::etcd", "{}: working again", self.what);
             self.seen.clear();
         }
     }

@@ -274,28 +274,30 @@ pub(crate) async fn watch_leases(
             s = w.next() => s,
         };
         match step {
-            Step::Events { events, resume } => match apply(ops, keys, &mut tracker, &events).await {
-                Ok(batch) => {
-                    if let Some(r) = resume {
-                        w.commit(r);
+            Step::Events { events, resume } => {
+                match apply(ops, keys, &mut tracker, &events).await {
+                    Ok(batch) => {
+                        if let Some(r) = resume {
+                            w.commit(r);
+                        }
+                        backoff.reset();
+                        errors.recovered();
+                        set_health(health, WatchHealth::Watching);
+                        if !batch.is_empty() && tx.send(LeaseUpdate::Events(batch)).await.is_err() {
+                            return Ok(());
+                        }
                     }
-                    backoff.reset();
-                    errors.recovered();
-                    set_health(health, WatchHealth::Watching);
-                    if !batch.is_empty() && tx.send(LeaseUpdate::Events(batch)).await.is_err() {
-                        return Ok(());
+                    Err(e) => {
+                        w.reset();
+                        let e = e.to_string();
+                        errors.warn(&e);
+                        set_health(health, WatchHealth::Reconnecting { error: e });
+                        if sleep_or_closed(&tx, backoff.next_delay()).await {
+                            return Ok(());
+                        }
                     }
                 }
-                Err(e) => {
-                    w.reset();
-                    let e = e.to_string();
-                    errors.warn(&e);
-                    set_health(health, WatchHealth::Reconnecting { error: e });
-                    if sleep_or_closed(&tx, backoff.next_delay()).await {
-                        return Ok(());
-                    }
-                }
-            },
+            }
             Step::Compacted { compact_revision } => {
                 tracing::info!(
                     "etcd compacted the lease history (to revision {compact_revision}) before \
@@ -416,7 +418,9 @@ pub(crate) async fn watch_own_lease(
                     let Some(kv) = ev.kv() else { continue };
                     match ev.event_type() {
                         EventType::Delete => {
-                            tracing::warn!("this host's lease key {etcd_key} was deleted or expired");
+                            tracing::warn!(
+                                "this host's lease key {etcd_key} was deleted or expired"
+                            );
                             let _ = tx.send(OwnLeaseEvent::Revoked).await;
                             return Ok(());
                         }
