@@ -36,15 +36,14 @@ pub struct IfAddr {
 
 impl Interface {
     /// The address upstream would pick for this interface: the first usable
-    /// (non-deprecated, not host-scoped) unicast address of the family, preferring
-    /// global scope, then permanent, then non-temporary.
+    /// (non-deprecated) unicast address of the family, preferring global scope, then
+    /// permanent, then non-temporary. Host-scoped addresses (loopback) come last, so
+    /// `--iface=lo` still works for single-host setups.
     pub fn preferred_addr(&self, v6: bool) -> Option<IpAddr> {
         self.addrs
             .iter()
-            .filter(|a| {
-                a.addr.is_ipv6() == v6 && !a.deprecated && !a.host_scope && !a.addr.is_multicast()
-            })
-            .min_by_key(|a| (a.link_local_scope, !a.permanent, a.temporary))
+            .filter(|a| a.addr.is_ipv6() == v6 && !a.deprecated && !a.addr.is_multicast())
+            .min_by_key(|a| (a.host_scope, a.link_local_scope, !a.permanent, a.temporary))
             .map(|a| a.addr)
     }
 
