@@ -1,0 +1,292 @@
+//! The agent: wires the lease store, the backend and the host together in upstream's
+//! startup order (SPEC §5.3), then keeps the lease and the data plane current.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{anyhow, bail, Context, Result};
+use flannel_core::{Lease, LeaseEvent, LeaseKey, LeaseUpdate, NetworkConfig, SubnetEnv};
+use flannel_store::{AcquireRequest, LeaseStore, OwnLeaseEvent};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::iface_select::{self, IfaceRequest};
+use crate::options::Options;
+use crate::subnet_file;
+
+/// How the agent ended (both exit 0: a supervisor restarts it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// SIGTERM/SIGINT: lease, devices, routes and rules stay for a hitless restart.
+    Signal,
+    /// Our lease key was deleted or expired.
+    LeaseRevoked,
+}
+
+/// Retry delay after a failed renewal (upstream: one minute).
+const RENEW_RETRY: Duration = Duration::from_secs(60);
+/// Retry delay after the backend failed to apply a change.
+const APPLY_RETRY: Duration = Duration::from_secs(1);
+
+pub struct Agent {
+    opts: Options,
+    store: Arc<dyn LeaseStore>,
+    cancel: CancellationToken,
+}
+
+impl Agent {
+    pub fn new(opts: Options, store: Arc<dyn LeaseStore>, cancel: CancellationToken) -> Self {
+        Agent {
+            opts,
+            store,
+            cancel,
+        }
+    }
+
+    pub async fn run(self) -> Result<Exit> {
+        let started = Instant::now();
+        let Some(config) = self.until_cancelled(self.store.network_config()).await else {
+            return Ok(Exit::Signal);
+        };
+        let config = config.context("reading the network config")?;
+        if config.backend_defaulted {
+            warn!(
+                "the network config has no \"Backend\": using {:?} as upstream flannel does; \
+                 set \"Backend\":{{\"Type\":\"vxlan\"}} for the recommended backend",
+                config.backend.backend_type
+            );
+        }
+        info!(backend = %config.backend.backend_type, network = ?config.network, ipv6_network = ?config.ipv6_network, "network config read");
+        if !config.enable_nftables {
+            check_bridge_netfilter(&config)?;
+        }
+
+        let (conn, handle, _) = rtnetlink::new_connection().context("opening a netlink socket")?;
+        tokio::spawn(conn);
+        let req = IfaceRequest::from_options(&self.opts, config.enable_ipv4, config.enable_ipv6)
+            .map_err(|e| anyhow!(e))?;
+        let ext = iface_select::select(&handle, &req)
+            .await
+            .map_err(|e| anyhow!(e))?;
+        info!(iface = %ext.name, addr = ?ext.addr, public_ip = ?ext.public_ip, public_ipv6 = ?ext.public_ipv6, mtu = ext.mtu, "using interface");
+
+        let mut backend = crate::backends::new(&config, ext.clone(), handle.clone()).await?;
+        let mut attrs = backend
+            .register(&config)
+            .await
+            .context("registering the backend")?;
+        attrs.public_ip = ext.public_ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+        attrs.public_ipv6 = ext.public_ipv6;
+
+        let previous = subnet_file::read_previous(&self.opts.subnet_file);
+        match previous.subnet {
+            Some(s) => {
+                info!(subnet = %s, "previous subnet found in {}", self.opts.subnet_file.display())
+            }
+            None => info!("no previous subnet in {}", self.opts.subnet_file.display()),
+        }
+        let request = AcquireRequest { attrs, previous };
+        let Some(lease) = self
+            .until_cancelled(self.store.acquire(&config, &request))
+            .await
+        else {
+            return Ok(Exit::Signal);
+        };
+        let mut lease = lease.context("acquiring a subnet lease")?;
+        info!(key = %lease.key, expiration = ?lease.expiration, "lease acquired");
+
+        backend
+            .start(&config, &lease)
+            .await
+            .context("starting the backend")?;
+
+        let env = SubnetEnv {
+            network: config.network.filter(|_| config.enable_ipv4),
+            subnet: Some(lease.subnet()).filter(|_| config.enable_ipv4),
+            ipv6_network: config.ipv6_network.filter(|_| config.enable_ipv6),
+            ipv6_subnet: lease.ipv6_subnet(),
+            mtu: backend.mtu(),
+            ip_masq: self.opts.ip_masq,
+        };
+        match subnet_file::write(&self.opts.subnet_file, &env) {
+            Ok(()) => {
+                info!(path = %self.opts.subnet_file.display(), elapsed_ms = started.elapsed().as_millis() as u64, "subnet file written")
+            }
+            // Upstream only logs this: the data plane still works for existing pods.
+            Err(e) => {
+                error!(path = %self.opts.subnet_file.display(), error = %e, "failed to write the subnet file")
+            }
+        }
+        crate::sd_notify_ready();
+
+        let (upd_tx, mut upd_rx) = mpsc::channel::<LeaseUpdate>(256);
+        let watch_store = self.store.clone();
+        let own_key = lease.key;
+        let watcher = tokio::spawn(async move {
+            if let Err(e) = watch_store.watch_leases(own_key, upd_tx).await {
+                error!(error = %e, "lease watch ended");
+            }
+        });
+        let (own_tx, mut own_rx) = mpsc::channel::<OwnLeaseEvent>(16);
+        let own_store = self.store.clone();
+        let own_lease = lease.clone();
+        let own_watcher = tokio::spawn(async move {
+            if let Err(e) = own_store.watch_own_lease(&own_lease, own_tx).await {
+                error!(error = %e, "own lease watch ended");
+            }
+        });
+        info!("watching for new subnet leases");
+
+        let margin = Duration::from_secs(u64::from(self.opts.subnet_lease_renew_margin) * 60);
+        let mut renew_at = renew_deadline(&lease, margin);
+        if let Some(at) = renew_at {
+            info!(
+                in_secs = at
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .as_secs(),
+                "lease renewal scheduled"
+            );
+        }
+        let mut peers = PeerSet::default();
+        let mut retry_at: Option<tokio::time::Instant> = None;
+
+        let exit = loop {
+            let renew_sleep = sleep_until_opt(renew_at);
+            let retry_sleep = sleep_until_opt(retry_at);
+            tokio::select! {
+                _ = self.cancel.cancelled() => break Exit::Signal,
+                Some(update) = upd_rx.recv() => {
+                    let result = match update {
+                        LeaseUpdate::Full(all) => {
+                            peers.replace(&all);
+                            backend.reconcile(&all).await
+                        }
+                        LeaseUpdate::Events(events) => {
+                            peers.apply(&events);
+                            log_events(&events);
+                            backend.apply(&events).await
+                        }
+                    };
+                    if let Err(e) = result {
+                        error!(error = %e, "applying lease changes to the kernel failed; will reconcile again");
+                        retry_at = Some(tokio::time::Instant::now() + APPLY_RETRY);
+                    }
+                }
+                _ = retry_sleep => {
+                    retry_at = None;
+                    if let Err(e) = backend.reconcile(&peers.leases()).await {
+                        error!(error = %e, "reconcile failed; retrying");
+                        retry_at = Some(tokio::time::Instant::now() + APPLY_RETRY);
+                    }
+                }
+                Some(ev) = own_rx.recv() => match ev {
+                    OwnLeaseEvent::Renewed(l) => {
+                        lease = l;
+                        renew_at = renew_deadline(&lease, margin);
+                    }
+                    OwnLeaseEvent::Revoked => {
+                        error!(key = %lease.key, "our lease was revoked (deleted or expired); exiting so the supervisor restarts us");
+                        break Exit::LeaseRevoked;
+                    }
+                },
+                _ = renew_sleep => {
+                    match self.store.renew(&lease).await {
+                        Ok(l) => {
+                            info!(key = %l.key, expiration = ?l.expiration, "lease renewed");
+                            lease = l;
+                            renew_at = renew_deadline(&lease, margin);
+                        }
+                        Err(e) => {
+                            error!(error = %e, "lease renewal failed; retrying in a minute");
+                            renew_at = Some(tokio::time::Instant::now() + RENEW_RETRY);
+                        }
+                    }
+                }
+            }
+        };
+        watcher.abort();
+        own_watcher.abort();
+        Ok(exit)
+    }
+
+    async fn until_cancelled<T>(&self, fut: impl std::future::Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            _ = self.cancel.cancelled() => None,
+            v = fut => Some(v),
+        }
+    }
+}
+
+/// The other hosts' leases as last reported, for re-running a full reconcile after
+/// the kernel refused a change.
+#[derive(Default)]
+struct PeerSet(BTreeMap<LeaseKey, Lease>);
+
+impl PeerSet {
+    fn replace(&mut self, all: &[Lease]) {
+        self.0 = all.iter().map(|l| (l.key, l.clone())).collect();
+    }
+    fn apply(&mut self, events: &[LeaseEvent]) {
+        for e in events {
+            match e {
+                LeaseEvent::Added(l) | LeaseEvent::Changed { current: l, .. } => {
+                    self.0.insert(l.key, l.clone());
+                }
+                LeaseEvent::Removed(l) => {
+                    self.0.remove(&l.key);
+                }
+            }
+        }
+    }
+    fn leases(&self) -> Vec<Lease> {
+        self.0.values().cloned().collect()
+    }
+}
+
+fn log_events(events: &[LeaseEvent]) {
+    for e in events {
+        match e {
+            LeaseEvent::Added(l) => {
+                info!(subnet = %l.key, public_ip = %l.attrs.public_ip, "subnet added")
+            }
+            LeaseEvent::Changed { current, .. } => {
+                info!(subnet = %current.key, public_ip = %current.attrs.public_ip, "subnet changed")
+            }
+            LeaseEvent::Removed(l) => info!(subnet = %l.key, "subnet removed"),
+        }
+    }
+}
+
+/// When to renew: `margin` before expiry (None for leases without TTL).
+fn renew_deadline(lease: &Lease, margin: Duration) -> Option<tokio::time::Instant> {
+    let exp = lease.expiration?;
+    let left = exp.duration_since(SystemTime::now()).unwrap_or_default();
+    Some(tokio::time::Instant::now() + left.saturating_sub(margin))
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Upstream refuses to start in iptables mode without br_netfilter, because pod
+/// traffic on the bridge would bypass the masquerade and forward rules.
+fn check_bridge_netfilter(config: &NetworkConfig) -> Result<()> {
+    let mut need = Vec::new();
+    if config.enable_ipv4 {
+        need.push("/proc/sys/net/bridge/bridge-nf-call-iptables");
+    }
+    if config.enable_ipv6 {
+        need.push("/proc/sys/net/bridge/bridge-nf-call-ip6tables");
+    }
+    for p in need {
+        if !std::path::Path::new(p).exists() {
+            bail!("{p} does not exist: load the br_netfilter module (modprobe br_netfilter), or set \"EnableNFTables\": true");
+        }
+    }
+    Ok(())
+}

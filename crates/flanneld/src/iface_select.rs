@@ -1,0 +1,217 @@
+//! Choosing the external interface and public IP (upstream's rules, SPEC §5.1).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use flannel_backend::ExternalInterface;
+use flannel_net::iface::{self, Interface};
+use regex::Regex;
+use rtnetlink::Handle;
+
+use crate::options::Options;
+
+/// What the operator asked for, already parsed.
+#[derive(Debug, Clone, Default)]
+pub struct IfaceRequest {
+    pub iface: Vec<String>,
+    pub iface_regex: Vec<String>,
+    pub can_reach: Option<IpAddr>,
+    pub public_ip: Option<Ipv4Addr>,
+    pub public_ipv6: Option<Ipv6Addr>,
+    pub ipv4: bool,
+    pub ipv6: bool,
+}
+
+impl IfaceRequest {
+    pub fn from_options(o: &Options, ipv4: bool, ipv6: bool) -> Result<Self, String> {
+        Ok(IfaceRequest {
+            iface: o.iface.clone(),
+            iface_regex: o.iface_regex.clone(),
+            can_reach: o.iface_can_reach,
+            public_ip: o.public_ip()?,
+            public_ipv6: o.public_ipv6()?,
+            ipv4,
+            ipv6,
+        })
+    }
+}
+
+/// `--iface` value: an IP selects the interface holding it, anything else is a name.
+pub fn by_spec<'a>(ifaces: &'a [Interface], spec: &str) -> Option<(&'a Interface, Option<IpAddr>)> {
+    match spec.parse::<IpAddr>() {
+        Ok(ip) => ifaces
+            .iter()
+            .find(|i| i.has_addr(ip))
+            .map(|i| (i, Some(ip))),
+        Err(_) => ifaces.iter().find(|i| i.name == spec).map(|i| (i, None)),
+    }
+}
+
+/// `--iface-regex`: the first interface with an address whose text matches, else the
+/// first whose name matches.
+pub fn by_regex<'a>(
+    ifaces: &'a [Interface],
+    re: &Regex,
+    v6: bool,
+) -> Option<(&'a Interface, Option<IpAddr>)> {
+    for i in ifaces {
+        if let Some(a) = i
+            .addrs
+            .iter()
+            .find(|a| a.addr.is_ipv6() == v6 && re.is_match(&a.addr.to_string()))
+        {
+            return Some((i, Some(a.addr)));
+        }
+    }
+    ifaces
+        .iter()
+        .find(|i| re.is_match(&i.name))
+        .map(|i| (i, None))
+}
+
+/// Picks the external interface from the interfaces of this namespace.
+pub async fn select(h: &Handle, req: &IfaceRequest) -> Result<ExternalInterface, String> {
+    let ifaces = iface::interfaces(h).await.map_err(|e| e.to_string())?;
+    let v6_only = req.ipv6 && !req.ipv4;
+    let mut chosen: Option<(&Interface, Option<IpAddr>)> = None;
+
+    if req.iface.is_empty() && req.iface_regex.is_empty() && req.can_reach.is_none() {
+        let owner = req
+            .public_ip
+            .map(IpAddr::V4)
+            .or(req.public_ipv6.map(IpAddr::V6));
+        if let Some(ip) = owner {
+            chosen = Some(
+                ifaces
+                    .iter()
+                    .find(|i| i.has_addr(ip))
+                    .map(|i| (i, None))
+                    .ok_or_else(|| {
+                        format!("no interface holds the public IP {ip}; use --iface to choose one")
+                    })?,
+            );
+        } else {
+            let oif = iface::default_route_oif(h, v6_only)
+                .await
+                .map_err(|e| e.to_string())?;
+            let oif = oif.ok_or("no default route: use --iface, --iface-regex or --iface-can-reach to choose the interface")?;
+            if req.ipv4 && req.ipv6 {
+                let oif6 = iface::default_route_oif(h, true)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if oif6 != Some(oif) {
+                    return Err("dual stack needs the IPv4 and IPv6 default routes on the same interface; use --iface".into());
+                }
+            }
+            chosen = ifaces.iter().find(|i| i.index == oif).map(|i| (i, None));
+        }
+    } else {
+        for spec in &req.iface {
+            if let Some(c) = by_spec(&ifaces, spec) {
+                chosen = Some(c);
+                break;
+            }
+            tracing::warn!(iface = %spec, "no interface matches --iface");
+        }
+        if chosen.is_none() {
+            for pat in &req.iface_regex {
+                let re = Regex::new(pat).map_err(|e| format!("--iface-regex {pat:?}: {e}"))?;
+                if let Some(c) = by_regex(&ifaces, &re, v6_only) {
+                    chosen = Some(c);
+                    break;
+                }
+                tracing::warn!(regex = %pat, "no interface matches --iface-regex");
+            }
+        }
+        if chosen.is_none() {
+            if let Some(dst) = req.can_reach {
+                let r = iface::route_get(h, dst).await.map_err(|e| e.to_string())?;
+                if let Some(oif) = r.oif {
+                    chosen = ifaces
+                        .iter()
+                        .find(|i| i.index == oif)
+                        .map(|i| (i, r.prefsrc));
+                }
+            }
+        }
+    }
+    let (i, given_addr) = chosen.ok_or(
+        "failed to find any interface matching --iface, --iface-regex or --iface-can-reach",
+    )?;
+
+    let addr = match given_addr {
+        Some(IpAddr::V4(a)) => Some(a),
+        _ => i.preferred_v4(),
+    };
+    let addr6 = match given_addr {
+        Some(IpAddr::V6(a)) => Some(a),
+        _ => i.preferred_v6(),
+    };
+    if req.ipv4 && addr.is_none() {
+        return Err(format!("interface {} has no IPv4 address", i.name));
+    }
+    if req.ipv6 && addr6.is_none() {
+        return Err(format!("interface {} has no IPv6 address", i.name));
+    }
+    Ok(ExternalInterface {
+        name: i.name.clone(),
+        index: i.index,
+        mtu: i.mtu,
+        addr: addr.filter(|_| req.ipv4),
+        public_ip: req.public_ip.or(addr).filter(|_| req.ipv4),
+        addr6: addr6.filter(|_| req.ipv6),
+        public_ipv6: req.public_ipv6.or(addr6).filter(|_| req.ipv6),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flannel_net::iface::IfAddr;
+
+    fn iface(index: u32, name: &str, addrs: &[&str]) -> Interface {
+        Interface {
+            index,
+            name: name.into(),
+            mtu: 1500,
+            up: true,
+            loopback: false,
+            addrs: addrs
+                .iter()
+                .map(|a| IfAddr {
+                    addr: a.parse().unwrap(),
+                    prefix_len: 24,
+                    link_local_scope: false,
+                    host_scope: false,
+                    deprecated: false,
+                    permanent: true,
+                    temporary: false,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn spec_by_ip_or_name() {
+        let l = vec![
+            iface(1, "eth0", &["10.0.0.1"]),
+            iface(2, "eth1", &["192.168.5.5"]),
+        ];
+        assert_eq!(by_spec(&l, "eth1").unwrap().0.index, 2);
+        let (i, ip) = by_spec(&l, "192.168.5.5").unwrap();
+        assert_eq!((i.index, ip), (2, Some("192.168.5.5".parse().unwrap())));
+        assert!(by_spec(&l, "eth9").is_none());
+    }
+
+    #[test]
+    fn regex_prefers_addresses_then_names() {
+        let l = vec![
+            iface(1, "eth0", &["10.0.0.1"]),
+            iface(2, "ens5", &["192.168.5.5"]),
+        ];
+        let re = Regex::new(r"^192\.168\.").unwrap();
+        assert_eq!(by_regex(&l, &re, false).unwrap().0.name, "ens5");
+        let re = Regex::new("^eth").unwrap();
+        let (i, ip) = by_regex(&l, &re, false).unwrap();
+        assert_eq!((i.name.as_str(), ip), ("eth0", None));
+    }
+}
