@@ -1,0 +1,256 @@
+//! The lab's etcd: listening on the underlay bridge address inside the underlay
+//! namespace, reached through etcd's v3 JSON gateway (HTTP/1.0, base64 keys).
+//!
+//! Every request runs on a short-lived std thread that first enters the underlay
+//! namespace, so the socket lives there; the root namespace never talks to it.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, SocketAddrV4, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use crate::error::{LabError, Result};
+
+/// How many operations one transaction may hold; the lab's etcd is started with
+/// this as `--max-txn-ops`.
+pub const MAX_TXN_OPS: usize = 10_000;
+/// The lab's etcd `--max-request-bytes` (32 MiB: 10 000 lease puts fit easily).
+pub const MAX_REQUEST_BYTES: usize = 32 << 20;
+
+/// A client for the lab's etcd.
+#[derive(Debug, Clone)]
+pub struct Etcd {
+    netns: PathBuf,
+    addr: SocketAddrV4,
+}
+
+fn err(op: &str, msg: impl ToString) -> LabError {
+    LabError::Etcd {
+        op: op.to_string(),
+        msg: msg.to_string(),
+    }
+}
+
+/// The first key after every key starting with `prefix` (etcd's `range_end`).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff (or empty): "to the end of the keyspace".
+    vec![0]
+}
+
+fn b64(s: &[u8]) -> String {
+    B64.encode(s)
+}
+
+fn unb64(op: &str, v: &Value) -> Result<String> {
+    let s = v.as_str().unwrap_or("");
+    let bytes = B64
+        .decode(s)
+        .map_err(|e| err(op, format!("bad base64 from etcd: {e}")))?;
+    String::from_utf8(bytes).map_err(|e| err(op, format!("non-UTF-8 data: {e}")))
+}
+
+impl Etcd {
+    /// A client for the etcd at `addr` inside the namespace `/run/netns/<netns>`.
+    pub fn new(netns: &str, addr: SocketAddrV4) -> Self {
+        Etcd {
+            netns: Path::new("/run/netns").join(netns),
+            addr,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// One HTTP/1.0 exchange (the server closes the connection, so no chunked
+    /// encoding to undo) from inside the namespace.
+    fn http(&self, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
+        let netns = self.netns.clone();
+        let addr = self.addr;
+        let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
+        if let Some(b) = body {
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                b.len()
+            ));
+        }
+        req.push_str("\r\n");
+        if let Some(b) = body {
+            req.push_str(b);
+        }
+        let op = format!("{method} {path}");
+        let handle = std::thread::Builder::new()
+            .name("flannel-lab-etcd".into())
+            .spawn(move || -> std::io::Result<Vec<u8>> {
+                let ns = File::open(&netns)?;
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)?;
+                let mut s =
+                    TcpStream::connect_timeout(&SocketAddr::V4(addr), Duration::from_secs(5))?;
+                s.set_read_timeout(Some(Duration::from_secs(60)))?;
+                s.set_write_timeout(Some(Duration::from_secs(60)))?;
+                s.write_all(req.as_bytes())?;
+                let mut out = Vec::new();
+                s.read_to_end(&mut out)?;
+                Ok(out)
+            })
+            .map_err(|e| LabError::io("spawn etcd client thread", e))?;
+        let raw = handle
+            .join()
+            .map_err(|_| err(&op, "client thread panicked"))?
+            .map_err(|e| err(&op, e))?;
+        let text = String::from_utf8_lossy(&raw);
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| err(&op, "response without header end"))?;
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| err(&op, format!("bad status line in {head:?}")))?;
+        Ok((status, body.to_string()))
+    }
+
+    fn call(&self, path: &str, body: Value) -> Result<Value> {
+        let (status, text) = self.http("POST", path, Some(&body.to_string()))?;
+        if status != 200 {
+            return Err(err(path, format!("HTTP {status}: {}", text.trim())));
+        }
+        serde_json::from_str(&text).map_err(|e| err(path, format!("{e}: {text}")))
+    }
+
+    /// Whether etcd answers its health check.
+    pub fn healthy(&self) -> bool {
+        matches!(self.http("GET", "/health", None), Ok((200, body)) if body.contains("true"))
+    }
+
+    pub fn put(&self, key: &str, value: &str) -> Result<()> {
+        self.call(
+            "/v3/kv/put",
+            json!({"key": b64(key.as_bytes()), "value": b64(value.as_bytes())}),
+        )?;
+        Ok(())
+    }
+
+    pub fn get(&self, key: &str) -> Result<Option<String>> {
+        let v = self.call("/v3/kv/range", json!({"key": b64(key.as_bytes())}))?;
+        match v
+            .get("kvs")
+            .and_then(|k| k.as_array())
+            .and_then(|a| a.first())
+        {
+            Some(kv) => Ok(Some(unb64("range", &kv["value"])?)),
+            None => Ok(None),
+        }
+    }
+
+    /// All keys starting with `prefix`, in key order, with their values.
+    pub fn get_prefix(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+        let v = self.call(
+            "/v3/kv/range",
+            json!({"key": b64(prefix.as_bytes()), "range_end": b64(&prefix_end(prefix.as_bytes()))}),
+        )?;
+        let mut out = Vec::new();
+        for kv in v
+            .get("kvs")
+            .and_then(|k| k.as_array())
+            .into_iter()
+            .flatten()
+        {
+            out.push((unb64("range", &kv["key"])?, unb64("range", &kv["value"])?));
+        }
+        Ok(out)
+    }
+
+    /// Deletes `key`; returns whether it existed.
+    pub fn delete(&self, key: &str) -> Result<bool> {
+        let v = self.call("/v3/kv/deleterange", json!({"key": b64(key.as_bytes())}))?;
+        Ok(deleted_count(&v) > 0)
+    }
+
+    /// Deletes every key starting with `prefix`; returns how many.
+    pub fn delete_prefix(&self, prefix: &str) -> Result<u64> {
+        let v = self.call(
+            "/v3/kv/deleterange",
+            json!({"key": b64(prefix.as_bytes()), "range_end": b64(&prefix_end(prefix.as_bytes()))}),
+        )?;
+        Ok(deleted_count(&v))
+    }
+
+    /// Puts all pairs in as few transactions as etcd allows ([`MAX_TXN_OPS`] each).
+    pub fn put_many(&self, kvs: &[(String, String)]) -> Result<()> {
+        for chunk in kvs.chunks(MAX_TXN_OPS) {
+            let ops: Vec<Value> = chunk
+                .iter()
+                .map(|(k, v)| {
+                    json!({"requestPut": {"key": b64(k.as_bytes()), "value": b64(v.as_bytes())}})
+                })
+                .collect();
+            let v = self.call("/v3/kv/txn", json!({"success": ops}))?;
+            if v.get("succeeded").and_then(Value::as_bool) != Some(true) {
+                return Err(err("txn", format!("not succeeded: {v}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn deleted_count(v: &Value) -> u64 {
+    // The gateway writes int64 as JSON strings and leaves out zero values.
+    match v.get("deleted") {
+        Some(Value::String(s)) => s.parse().unwrap_or(0),
+        Some(Value::Number(n)) => n.as_u64().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// The etcd command line for a lab: client URL on `addr`, peer URL on the
+/// namespace's loopback, data in `data_dir`.
+pub fn etcd_args(addr: SocketAddrV4, data_dir: &Path) -> Vec<String> {
+    let client = format!("http://{addr}");
+    vec![
+        "--name=lab".into(),
+        format!("--data-dir={}", data_dir.display()),
+        format!("--listen-client-urls={client}"),
+        format!("--advertise-client-urls={client}"),
+        "--listen-peer-urls=http://127.0.0.1:2380".into(),
+        "--initial-advertise-peer-urls=http://127.0.0.1:2380".into(),
+        "--initial-cluster=lab=http://127.0.0.1:2380".into(),
+        "--initial-cluster-state=new".into(),
+        format!("--max-txn-ops={MAX_TXN_OPS}"),
+        format!("--max-request-bytes={MAX_REQUEST_BYTES}"),
+        "--logger=zap".into(),
+        "--log-outputs=stderr".into(),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_increments_last_byte() {
+        assert_eq!(prefix_end(b"/a/b"), b"/a/c".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
+    }
+
+    #[test]
+    fn deleted_counts_read_both_encodings() {
+        assert_eq!(deleted_count(&json!({"deleted": "3"})), 3);
+        assert_eq!(deleted_count(&json!({"deleted": 2})), 2);
+        assert_eq!(deleted_count(&json!({})), 0);
+    }
+}

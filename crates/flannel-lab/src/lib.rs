@@ -1,0 +1,34 @@
+//! flannel-lab: a flannel cluster on one machine, built from network namespaces.
+//!
+//! An underlay namespace holds a bridge (198.18.0.254/24) and etcd; every host is a
+//! namespace with one veth into that bridge (198.18.0.<n>/24), IP forwarding on and
+//! flanneld running inside; pods are namespaces attached by the `flannel` CNI plugin
+//! running in their host's namespace. The demo, the end-to-end tests and the
+//! benchmarks all stand on [`Lab`].
+//!
+//! Safety: nothing is ever created in the root namespace. Namespaces are named
+//! `flab-<pid>-<n>-...`, links are created from inside a lab namespace straight
+//! into another, and everything is removed when the [`Lab`] is dropped (also while
+//! panicking), on SIGINT/SIGTERM/SIGHUP ([`cleanup::install_signal_teardown`]), and
+//! by [`cleanup::down`] for leftovers of a killed run. Processes get SIGKILL when the
+//! thread that started them exits, unless the lab was built
+//! [`keepable`](LabBuilder::keepable).
+
+pub mod bench;
+pub mod bins;
+pub mod cleanup;
+pub mod e2e;
+pub mod error;
+pub mod etcd;
+pub mod lab;
+pub mod measure;
+pub mod process;
+
+pub use error::{LabError, Result};
+pub use lab::{poll_until, Host, Lab, LabBuilder, Monitor, Pod, PodId, SubnetFile};
+pub use measure::PingStats;
+
+/// Whether this process runs as root (the lab needs it).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
