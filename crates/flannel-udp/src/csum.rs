@@ -1,0 +1,104 @@
+//! Internet checksum (RFC 1071) arithmetic.
+//!
+//! Sums are carried unfolded in a `u64` so that a header, a pseudo header and a
+//! payload can be summed separately and added; `fold` reduces to 16 bits at the end.
+
+use std::net::Ipv4Addr;
+
+/// Adds `data` (big-endian 16-bit words; an odd last byte is padded with zero) to
+/// `acc`. `data` must start at an even offset of the checksummed region.
+#[inline]
+pub fn add(acc: u64, data: &[u8]) -> u64 {
+    let mut acc = acc;
+    let mut chunks = data.chunks_exact(8);
+    for c in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        let (s, carry) = acc.overflowing_add(u64::from_be_bytes(w));
+        // 2^64 ≡ 1 (mod 0xffff): the end-around carry keeps the sum exact.
+        acc = s + u64::from(carry);
+    }
+    let rest = chunks.remainder();
+    let mut tail = [0u8; 8];
+    tail[..rest.len()].copy_from_slice(rest);
+    let (s, carry) = acc.overflowing_add(u64::from_be_bytes(tail));
+    s + u64::from(carry)
+}
+
+/// Reduces an unfolded sum to 16 bits (one's complement, not inverted).
+#[inline]
+pub fn fold(acc: u64) -> u16 {
+    let mut s = (acc & 0xffff_ffff) + (acc >> 32);
+    s = (s & 0xffff_ffff) + (s >> 32);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s as u16
+}
+
+/// The checksum field value for data whose unfolded sum is `acc`.
+#[inline]
+pub fn finish(acc: u64) -> u16 {
+    !fold(acc)
+}
+
+/// Unfolded sum of the TCP/UDP pseudo header.
+#[inline]
+pub fn pseudo(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: u32) -> u64 {
+    u64::from(u32::from(src)) + u64::from(u32::from(dst)) + u64::from(proto) + u64::from(len)
+}
+
+/// The IPv4 header checksum of `hdr` (whose checksum field must be zero).
+#[inline]
+pub fn ipv4_header(hdr: &[u8]) -> u16 {
+    finish(add(0, hdr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(data: &[u8]) -> u16 {
+        let mut s: u32 = 0;
+        for c in data.chunks(2) {
+            let w = if c.len() == 2 {
+                u16::from_be_bytes([c[0], c[1]])
+            } else {
+                u16::from_be_bytes([c[0], 0])
+            };
+            s += u32::from(w);
+            s = (s & 0xffff) + (s >> 16);
+        }
+        !(s as u16)
+    }
+
+    #[test]
+    fn matches_word_by_word_reference() {
+        let mut data = Vec::new();
+        for n in 0..300u32 {
+            data.push((n.wrapping_mul(2654435761) >> 13) as u8);
+            assert_eq!(
+                finish(add(0, &data)),
+                reference(&data),
+                "len {}",
+                data.len()
+            );
+        }
+        let ff = vec![0xffu8; 4096];
+        assert_eq!(finish(add(0, &ff)), reference(&ff));
+    }
+
+    #[test]
+    fn rfc1071_example() {
+        // RFC 1071 §3: the words 0001 f203 f4f5 f6f7 sum to ddf2.
+        let d = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
+        assert_eq!(fold(add(0, &d)), 0xddf2);
+    }
+
+    #[test]
+    fn split_sums_add_up() {
+        let d: Vec<u8> = (0..1000u32).map(|n| (n * 7 + 3) as u8).collect();
+        let whole = fold(add(0, &d));
+        let parts = fold(add(add(0, &d[..40]), &d[40..]));
+        assert_eq!(whole, parts);
+    }
+}

@@ -1,0 +1,404 @@
+//! The fd keeper: a small process that holds the open TUN queues and UDP sockets so
+//! that they outlive the agent (even a `kill -9`). While no agent runs, packets
+//! wait in the TUN queues and socket buffers instead of being dropped; the next
+//! agent asks the keeper for the fds (SCM_RIGHTS over an abstract unix socket named
+//! after the device, so it is per network namespace) and carries on.
+//!
+//! The keeper is the agent's own executable re-executed with an environment marker
+//! (a fresh image: a few MB, not a copy of the agent's heap), so the binary must
+//! call [`run_if_requested`] first thing in `main`. It exits when the device is
+//! deleted, when asked to (`Q`), or on SIGTERM. Only root or the keeper's own user
+//! may fetch the fds.
+
+use std::io;
+use std::mem;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+const ENV: &str = "FLANNEL_UDP_KEEPER";
+const MAX_FDS: usize = 128;
+/// The first fd number the keeper finds its fds at.
+const FIRST_FD: RawFd = 3;
+
+static HOOK: AtomicBool = AtomicBool::new(false);
+
+/// Call first thing in `main` of a binary that runs the udp data path with a
+/// keeper. In a keeper process this never returns; otherwise it only records that
+/// the hook is in place.
+pub fn run_if_requested() {
+    HOOK.store(true, Ordering::SeqCst);
+    if let Ok(spec) = std::env::var(ENV) {
+        std::process::exit(run(&spec));
+    }
+}
+
+/// Whether this binary calls [`run_if_requested`] (so a keeper can be spawned).
+pub fn hook_installed() -> bool {
+    HOOK.load(Ordering::SeqCst)
+}
+
+/// The fds a keeper handed over.
+pub struct Inherited {
+    pub tun: Vec<OwnedFd>,
+    pub socks: Vec<OwnedFd>,
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn address(dev: &str) -> (libc::sockaddr_un, libc::socklen_t) {
+    // SAFETY: sockaddr_un is plain old data.
+    let mut a: libc::sockaddr_un = unsafe { mem::zeroed() };
+    a.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    // Abstract namespace: leading NUL, scoped to the network namespace.
+    let name = format!("flannel-udp-keeper/{dev}");
+    let n = name.len().min(a.sun_path.len() - 1);
+    for (d, s) in a.sun_path[1..].iter_mut().zip(&name.as_bytes()[..n]) {
+        *d = *s as libc::c_char;
+    }
+    let len = mem::size_of::<libc::sa_family_t>() + 1 + n;
+    (a, len as libc::socklen_t)
+}
+
+fn unix_socket() -> io::Result<OwnedFd> {
+    // SAFETY: socket(2); result checked and owned.
+    let fd =
+        cvt(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: fresh fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn connect(dev: &str) -> io::Result<Option<OwnedFd>> {
+    let s = unix_socket()?;
+    let (a, len) = address(dev);
+    // SAFETY: a/len describe a valid sockaddr_un.
+    let r = unsafe { libc::connect(s.as_raw_fd(), (&a as *const libc::sockaddr_un).cast(), len) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ECONNREFUSED) | Some(libc::ENOENT) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    let tv = libc::timeval {
+        tv_sec: 5,
+        tv_usec: 0,
+    };
+    // SAFETY: passes a live timeval and its size.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    Ok(Some(s))
+}
+
+fn send_byte(s: RawFd, b: u8) -> io::Result<()> {
+    // SAFETY: sends one byte from a live local.
+    let r = unsafe { libc::send(s, (&b as *const u8).cast(), 1, libc::MSG_NOSIGNAL) };
+    if r == 1 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Whether a keeper for `dev` answers in this network namespace.
+pub fn fetch_probe(dev: &str) -> bool {
+    matches!(connect(dev), Ok(Some(_)))
+}
+
+/// Asks the keeper of `dev` to exit. Ok(false) when there is none.
+pub fn stop(dev: &str) -> io::Result<bool> {
+    let Some(s) = connect(dev)? else {
+        return Ok(false);
+    };
+    send_byte(s.as_raw_fd(), b'Q')?;
+    // Wait for it to close the connection (it exits right after).
+    let mut b = [0u8; 1];
+    // SAFETY: reads into a live 1-byte buffer.
+    unsafe { libc::recv(s.as_raw_fd(), b.as_mut_ptr().cast(), 1, 0) };
+    Ok(true)
+}
+
+/// Fetches the fds the keeper of `dev` holds. Ok(None) when there is no keeper.
+pub fn fetch(dev: &str) -> io::Result<Option<Inherited>> {
+    let Some(s) = connect(dev)? else {
+        return Ok(None);
+    };
+    send_byte(s.as_raw_fd(), b'F')?;
+    let mut data = [0u8; 2];
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: CMSG_SPACE is a size computation.
+    let space = unsafe { libc::CMSG_SPACE((MAX_FDS * mem::size_of::<RawFd>()) as u32) } as usize;
+    let mut control = vec![0u8; space];
+    // SAFETY: zeroed msghdr, then pointers to live buffers.
+    let mut m: libc::msghdr = unsafe { mem::zeroed() };
+    m.msg_iov = &mut iov;
+    m.msg_iovlen = 1;
+    m.msg_control = control.as_mut_ptr().cast();
+    m.msg_controllen = space as _;
+    // SAFETY: m points at live buffers of the stated sizes.
+    let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut m, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    // SAFETY: walks the control data the kernel filled, within msg_controllen.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&m);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let bytes = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                let p = libc::CMSG_DATA(c).cast::<RawFd>();
+                for i in 0..bytes / mem::size_of::<RawFd>() {
+                    // Each received fd is new in this process and ours to own.
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(p.add(i))));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&m, c);
+        }
+    }
+    if n != 2 || m.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "keeper answered with a malformed message",
+        ));
+    }
+    let (ntun, nsock) = (usize::from(data[0]), usize::from(data[1]));
+    if fds.len() != ntun + nsock {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("keeper announced {} fds, sent {}", ntun + nsock, fds.len()),
+        ));
+    }
+    let socks = fds.split_off(ntun);
+    Ok(Some(Inherited { tun: fds, socks }))
+}
+
+/// Starts a keeper for `dev` holding `tuns` and `socks` (in the calling thread's
+/// network namespace). Returns its pid.
+pub fn spawn(dev: &str, tuns: &[RawFd], socks: &[RawFd]) -> io::Result<u32> {
+    if !hook_installed() {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this binary does not call flannel_udp::keeper::run_if_requested()",
+        ));
+    }
+    if tuns.is_empty()
+        || tuns.len() + socks.len() > MAX_FDS
+        || tuns.len() > 255
+        || socks.len() > 255
+    {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad fd count"));
+    }
+    let listener = unix_socket()?;
+    let (a, len) = address(dev);
+    // SAFETY: a/len describe a valid sockaddr_un.
+    cvt(unsafe {
+        libc::bind(
+            listener.as_raw_fd(),
+            (&a as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    })?;
+    // SAFETY: listen(2) on our socket.
+    cvt(unsafe { libc::listen(listener.as_raw_fd(), 8) })?;
+    // Move everything above the range the child will use, so the dup2s in the
+    // child cannot clobber a source.
+    let all: Vec<RawFd> = std::iter::once(listener.as_raw_fd())
+        .chain(tuns.iter().copied())
+        .chain(socks.iter().copied())
+        .collect();
+    let mut high: Vec<OwnedFd> = Vec::with_capacity(all.len());
+    for fd in &all {
+        // SAFETY: F_DUPFD_CLOEXEC duplicates a valid fd; the result is owned.
+        let d = cvt(unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 1024) })?;
+        // SAFETY: fresh fd.
+        high.push(unsafe { OwnedFd::from_raw_fd(d) });
+    }
+    let srcs: Vec<RawFd> = high.iter().map(|f| f.as_raw_fd()).collect();
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.arg0("flannel-udp-keeper")
+        .env(ENV, format!("{}:{}:{}", tuns.len(), socks.len(), dev))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: the closure only calls async-signal-safe functions (dup2, setsid) on
+    // fds that are open in the child, as pre_exec requires.
+    unsafe {
+        cmd.pre_exec(move || {
+            for (i, s) in srcs.iter().enumerate() {
+                if libc::dup2(*s, FIRST_FD + i as RawFd) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    drop(high);
+    drop(listener);
+    Ok(child.id())
+}
+
+/// The keeper's main loop. Returns the exit status.
+fn run(spec: &str) -> i32 {
+    let mut it = spec.splitn(3, ':');
+    let (Some(nt), Some(ns)) = (
+        it.next().and_then(|s| s.parse::<usize>().ok()),
+        it.next().and_then(|s| s.parse::<usize>().ok()),
+    ) else {
+        return 2;
+    };
+    if nt == 0 || nt + ns > MAX_FDS {
+        return 2;
+    }
+    let listener = FIRST_FD;
+    let fds: Vec<RawFd> = (0..(nt + ns) as RawFd).map(|i| FIRST_FD + 1 + i).collect();
+    for fd in std::iter::once(listener).chain(fds.iter().copied()) {
+        // SAFETY: sets FD_CLOEXEC on an fd we inherited.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    // SAFETY: plain getters.
+    let me = unsafe { libc::geteuid() };
+    let tun0 = fds[0];
+    loop {
+        let mut p = [
+            libc::pollfd {
+                fd: listener,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            // No events requested: poll still reports POLLERR/POLLHUP, which the
+            // TUN raises when its device is deleted.
+            libc::pollfd {
+                fd: tun0,
+                events: 0,
+                revents: 0,
+            },
+        ];
+        // SAFETY: valid array of two pollfds.
+        let r = unsafe { libc::poll(p.as_mut_ptr(), 2, 10_000) };
+        if r < 0 {
+            if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return 1;
+        }
+        if p[1].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0
+            || crate::tun::queue_info(tun0).is_err()
+        {
+            return 0;
+        }
+        if p[0].revents & libc::POLLIN == 0 {
+            continue;
+        }
+        // SAFETY: accept4 on our listener; result checked and owned.
+        let c = unsafe {
+            libc::accept4(
+                listener,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if c < 0 {
+            continue;
+        }
+        // SAFETY: fresh fd.
+        let conn = unsafe { OwnedFd::from_raw_fd(c) };
+        if serve(conn.as_raw_fd(), me, &fds, nt, ns) {
+            return 0;
+        }
+    }
+}
+
+/// Serves one request; true when asked to quit.
+fn serve(c: RawFd, me: libc::uid_t, fds: &[RawFd], nt: usize, ns: usize) -> bool {
+    // SAFETY: ucred is plain old data; getsockopt fills it.
+    let mut cred: libc::ucred = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred/len describe a writable ucred.
+    let ok = unsafe {
+        libc::getsockopt(
+            c,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    } == 0;
+    if !ok || (cred.uid != 0 && cred.uid != me) {
+        return false;
+    }
+    let tv = libc::timeval {
+        tv_sec: 2,
+        tv_usec: 0,
+    };
+    // SAFETY: passes a live timeval and its size.
+    unsafe {
+        libc::setsockopt(
+            c,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    let mut b = [0u8; 1];
+    // SAFETY: reads into a live 1-byte buffer.
+    if unsafe { libc::recv(c, b.as_mut_ptr().cast(), 1, 0) } != 1 {
+        return false;
+    }
+    match b[0] {
+        b'Q' => true,
+        b'F' => {
+            let mut data = [nt as u8, ns as u8];
+            let mut iov = libc::iovec {
+                iov_base: data.as_mut_ptr().cast(),
+                iov_len: 2,
+            };
+            let bytes = mem::size_of_val(fds);
+            // SAFETY: CMSG_SPACE is a size computation.
+            let space = unsafe { libc::CMSG_SPACE(bytes as u32) } as usize;
+            let mut control = vec![0u8; space];
+            // SAFETY: zeroed msghdr pointing at live buffers; the cmsg is written
+            // inside `control`, which CMSG_SPACE sized for `fds`.
+            unsafe {
+                let mut m: libc::msghdr = mem::zeroed();
+                m.msg_iov = &mut iov;
+                m.msg_iovlen = 1;
+                m.msg_control = control.as_mut_ptr().cast();
+                m.msg_controllen = space as _;
+                let cm = libc::CMSG_FIRSTHDR(&m);
+                (*cm).cmsg_level = libc::SOL_SOCKET;
+                (*cm).cmsg_type = libc::SCM_RIGHTS;
+                (*cm).cmsg_len = libc::CMSG_LEN(bytes as u32) as _;
+                std::ptr::copy_nonoverlapping(
+                    fds.as_ptr().cast::<u8>(),
+                    libc::CMSG_DATA(cm),
+                    bytes,
+                );
+                libc::sendmsg(c, &m, libc::MSG_NOSIGNAL);
+            }
+            false
+        }
+        _ => false,
+    }
+}
