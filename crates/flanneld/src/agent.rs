@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
+use flannel_backend::BackendOptions;
 use flannel_core::{Lease, LeaseEvent, LeaseKey, LeaseUpdate, NetworkConfig, SubnetEnv};
 use flannel_store::{AcquireRequest, LeaseStore, OwnLeaseEvent};
 use tokio::sync::mpsc;
@@ -63,16 +64,19 @@ impl Agent {
             check_bridge_netfilter(&config)?;
         }
 
-        let (conn, handle, _) = rtnetlink::new_connection().context("opening a netlink socket")?;
-        tokio::spawn(conn);
+        let netlink = flannel_net::Netlink::connect()
+            .await
+            .context("opening a netlink socket")?;
         let req = IfaceRequest::from_options(&self.opts, config.enable_ipv4, config.enable_ipv6)
             .map_err(|e| anyhow!(e))?;
-        let ext = iface_select::select(&handle, &req)
+        let ext = iface_select::select(netlink.handle(), &req)
             .await
             .map_err(|e| anyhow!(e))?;
         info!(iface = %ext.name, addr = ?ext.addr, public_ip = ?ext.public_ip, public_ipv6 = ?ext.public_ipv6, mtu = ext.mtu, "using interface");
 
-        let mut backend = crate::backends::new(&config, ext.clone(), handle.clone()).await?;
+        let mut backend =
+            crate::backends::new(&config, ext.clone(), netlink, BackendOptions::default())?;
+        let resync_every = backend.resync_interval();
         let mut attrs = backend
             .register(&config)
             .await
@@ -151,10 +155,12 @@ impl Agent {
         }
         let mut peers = PeerSet::default();
         let mut retry_at: Option<tokio::time::Instant> = None;
+        let mut resync_at = resync_every.map(|d| tokio::time::Instant::now() + d);
 
         let exit = loop {
             let renew_sleep = sleep_until_opt(renew_at);
             let retry_sleep = sleep_until_opt(retry_at);
+            let resync_sleep = sleep_until_opt(resync_at);
             tokio::select! {
                 _ = self.cancel.cancelled() => break Exit::Signal,
                 Some(update) = upd_rx.recv() => {
@@ -180,6 +186,14 @@ impl Agent {
                         error!(error = %e, "reconcile failed; retrying");
                         retry_at = Some(tokio::time::Instant::now() + APPLY_RETRY);
                     }
+                }
+                _ = resync_sleep => {
+                    // The backend's own periodic check (e.g. host-gw re-adds routes
+                    // someone deleted).
+                    if let Err(e) = backend.resync().await {
+                        warn!(error = %e, "backend resync failed");
+                    }
+                    resync_at = resync_every.map(|d| tokio::time::Instant::now() + d);
                 }
                 Some(ev) = own_rx.recv() => match ev {
                     OwnLeaseEvent::Renewed(l) => {

@@ -1,41 +1,22 @@
 //! Creating the backend the network config names.
 
-use anyhow::{bail, Result};
-use async_trait::async_trait;
-use flannel_backend::{Backend, BackendError, ExternalInterface};
-use flannel_core::{Lease, LeaseAttrs, LeaseEvent, NetworkConfig};
+use anyhow::{Context, Result};
+use flannel_backend::{Backend, BackendOptions, ExternalInterface};
+use flannel_core::NetworkConfig;
+use flannel_net::Netlink;
 
-pub async fn new(
+pub fn new(
     config: &NetworkConfig,
     ext: ExternalInterface,
-    _handle: rtnetlink::Handle,
+    netlink: Netlink,
+    opts: BackendOptions,
 ) -> Result<Box<dyn Backend>> {
-    match config.backend.backend_type.as_str() {
-        "alloc" => Ok(Box::new(Alloc { mtu: ext.mtu })),
-        other => bail!("unknown backend type {other:?}"),
-    }
-}
-
-/// Interim: replaced by flannel-backend's factory.
-struct Alloc {
-    mtu: u32,
-}
-
-#[async_trait]
-impl Backend for Alloc {
-    async fn register(&mut self, _: &NetworkConfig) -> Result<LeaseAttrs, BackendError> {
-        Ok(LeaseAttrs::new(std::net::Ipv4Addr::UNSPECIFIED))
-    }
-    async fn start(&mut self, _: &NetworkConfig, _: &Lease) -> Result<(), BackendError> {
-        Ok(())
-    }
-    fn mtu(&self) -> u32 {
-        self.mtu
-    }
-    async fn reconcile(&mut self, _: &[Lease]) -> Result<(), BackendError> {
-        Ok(())
-    }
-    async fn apply(&mut self, _: &[LeaseEvent]) -> Result<(), BackendError> {
-        Ok(())
-    }
+    flannel_backend::new_backend(
+        &config.backend.backend_type,
+        &config.backend.raw,
+        ext,
+        netlink,
+        opts,
+    )
+    .with_context(|| format!("creating the {:?} backend", config.backend.backend_type))
 }

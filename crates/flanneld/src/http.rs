@@ -237,7 +237,8 @@ mod tests {
         m.lease_event(crate::metrics::LeaseEventKind::Added);
         m.observe_kernel_apply("rules", std::time::Duration::from_millis(2));
         m.reconcile_error("rules");
-        m.backend_counters("udp").packet(crate::metrics::Direction::Tx, 10);
+        m.backend_counters("udp")
+            .packet(crate::metrics::Direction::Tx, 10);
         m.drop_counter("udp", "no_route").inc();
         let (_, _, body) = get(srv.addr, "/metrics").await;
         let s = scrape(body);
