@@ -3,9 +3,21 @@
 //! the set of other hosts' leases.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
 
 use async_trait::async_trait;
-use flannel_core::{Lease, LeaseAttrs, LeaseEvent, NetworkConfig};
+use flannel_core::{Lease, LeaseAttrs, LeaseEvent, MacAddr, NetworkConfig};
+use flannel_net::Netlink;
+use serde_json::value::RawValue;
+
+pub mod alloc;
+mod dataplane;
+pub mod extension;
+pub mod host_gw;
+mod peers;
+pub mod vxlan;
+
+pub use flannel_net::netlink::RTPROT_FLANNEL;
 
 /// The host interface flannel sends encapsulated or routed traffic through.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,7 +36,7 @@ pub struct ExternalInterface {
 /// Why a backend failed. Variant text is the operator's message.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error("unknown backend type {0:?}")]
+    #[error("unknown backend type {0:?} (known types: {known})", known = KNOWN_TYPES.join(", "))]
     UnknownType(String),
     #[error("backend config: {0}")]
     Config(String),
@@ -53,4 +65,62 @@ pub trait Backend: Send {
 
     /// Applies incremental changes.
     async fn apply(&mut self, events: &[LeaseEvent]) -> Result<(), BackendError>;
+
+    /// How often the daemon should call [`resync`](Backend::resync); `None`: never.
+    fn resync_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Re-checks the kernel against the current peer set and repairs drift (routes
+    /// deleted by someone else, a deleted device). Cheap: a few netlink dumps.
+    async fn resync(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
+}
+
+/// Extra inputs some backends use.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackendOptions {
+    /// The VTEP MAC published before (kube mode: the node's `backend-data`
+    /// annotation). Used if the vxlan device has to be created, so peers' entries
+    /// stay valid.
+    pub vtep_mac: Option<MacAddr>,
+}
+
+/// Backend types this build knows, in the order error messages list them.
+pub const KNOWN_TYPES: &[&str] = &["vxlan", "host-gw", "udp", "alloc", "extension"];
+
+/// Types upstream flannel has that flannel-rs does not implement.
+const UNSUPPORTED_TYPES: &[&str] = &["ipip", "wireguard", "ipsec", "tencent-vpc"];
+
+/// Creates the backend named by the config's `Backend.Type` (matched
+/// case-insensitively, as upstream lower-cases it). `raw_config` is the whole
+/// `Backend` object; each backend reads its own keys from it.
+pub fn new_backend(
+    backend_type: &str,
+    raw_config: &RawValue,
+    ext: ExternalInterface,
+    netlink: Netlink,
+    opts: BackendOptions,
+) -> Result<Box<dyn Backend>, BackendError> {
+    let t = backend_type.to_ascii_lowercase();
+    match t.as_str() {
+        "vxlan" => Ok(Box::new(vxlan::VxlanBackend::new(
+            raw_config, ext, netlink, opts,
+        )?)),
+        "host-gw" => Ok(Box::new(host_gw::HostGwBackend::new(
+            raw_config, ext, netlink,
+        )?)),
+        "alloc" => Ok(Box::new(alloc::AllocBackend::new(ext))),
+        "extension" => Ok(Box::new(extension::ExtensionBackend::new(raw_config, ext)?)),
+        // The udp backend lives in its own module (src/udp.rs), added separately.
+        "udp" => Err(BackendError::Other(
+            "backend type \"udp\" is not built into this flannel-rs yet".into(),
+        )),
+        _ if UNSUPPORTED_TYPES.contains(&t.as_str()) => Err(BackendError::Config(format!(
+            "backend type {t:?} is not supported by flannel-rs (supported: {})",
+            KNOWN_TYPES.join(", ")
+        ))),
+        _ => Err(BackendError::UnknownType(backend_type.to_string())),
+    }
 }

@@ -2,4 +2,13 @@
 //! interface lookup, network namespaces and firewall rules.
 
 pub mod iface;
+pub mod netlink;
+pub mod netns;
 pub mod rules;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+pub use netlink::{
+    Address, FdbEntry, IpFamily, LinkInfo, Neighbour, Netlink, NetlinkError, Route, RouteFilter,
+    VxlanInfo, VxlanSpec,
+};

@@ -1,0 +1,284 @@
+//! The `host-gw` backend: per peer a route `<subnet> via <peer public IP> dev <ext>`
+//! (SPEC §4.2, Appendix A.2). Works only when every peer is on a network directly
+//! connected to the external interface; other peers are refused with an error.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use flannel_core::{Lease, LeaseAttrs, LeaseEvent, NetworkConfig};
+use flannel_net::netlink::{Netlink, Route, RTN_UNICAST};
+use ipnet::{IpNet, Ipv4Net};
+use serde_json::value::RawValue;
+
+use crate::dataplane::{self, Desired, Ownership, State};
+use crate::peers::{type_matches, PeerSet, Warnings};
+use crate::{Backend, BackendError, ExternalInterface};
+
+const TYPE: &str = "host-gw";
+/// Upstream re-checks its routes every 10 s.
+const RESYNC: Duration = Duration::from_secs(10);
+
+pub struct HostGwBackend {
+    ext: ExternalInterface,
+    nl: Netlink,
+    network: Option<Ipv4Net>,
+    own: Option<Ipv4Net>,
+    peers: PeerSet,
+    /// Peer subnet → gateway (its public IP), as programmed.
+    programmed: BTreeMap<Ipv4Net, Ipv4Addr>,
+    warnings: Warnings,
+    /// Neighbour/FDB/route writes issued for peers so far.
+    peer_writes: u64,
+}
+
+impl HostGwBackend {
+    /// host-gw has no config keys; any object is accepted.
+    pub fn new(_raw: &RawValue, ext: ExternalInterface, nl: Netlink) -> Result<Self, BackendError> {
+        Ok(HostGwBackend {
+            ext,
+            nl,
+            network: None,
+            own: None,
+            peers: PeerSet::default(),
+            programmed: BTreeMap::new(),
+            warnings: Warnings::default(),
+            peer_writes: 0,
+        })
+    }
+
+    /// Route writes issued for peers since creation (a reconcile over a kernel that
+    /// already matches issues none).
+    pub fn peer_writes(&self) -> u64 {
+        self.peer_writes
+    }
+
+    fn kernel(context: &str) -> impl FnOnce(flannel_net::NetlinkError) -> BackendError + '_ {
+        move |e| BackendError::Kernel {
+            context: context.to_string(),
+            reason: e.to_string(),
+        }
+    }
+
+    /// Which public IPs are directly reachable on the external interface.
+    async fn reachable(&self, ips: HashSet<Ipv4Addr>) -> HashMap<Ipv4Addr, Result<(), String>> {
+        let ext = self.ext.index;
+        let futs: Vec<_> = ips
+            .into_iter()
+            .map(|ip| {
+                let nl = self.nl.clone();
+                let name = self.ext.name.clone();
+                async move {
+                    let verdict = match nl.route_get(IpAddr::V4(ip)).await {
+                        Ok(r) if r.kind != RTN_UNICAST => {
+                            Err(format!("{ip} is not a unicast remote address"))
+                        }
+                        Ok(r) if r.gateway.is_some() => Err(format!(
+                    "{ip} is not on a network directly connected to {name} (reached via {})",
+                    r.gateway.map(|g| g.to_string()).unwrap_or_default()
+                )),
+                        Ok(r) if r.oif != Some(ext) => Err(format!(
+                            "{ip} is reached through another interface (#{:?}), not {name}",
+                            r.oif
+                        )),
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    (ip, verdict)
+                }
+            })
+            .collect();
+        self.nl.run_batch(futs).await.into_iter().collect()
+    }
+
+    async fn plan_peers(&mut self, leases: &[Lease]) -> BTreeMap<Ipv4Net, Ipv4Addr> {
+        let mut usable = Vec::new();
+        for l in leases {
+            if !type_matches(l, TYPE, &mut self.warnings) {
+                continue;
+            }
+            if self.own.is_some_and(|o| o == l.subnet()) {
+                continue;
+            }
+            if l.attrs.public_ip.is_unspecified() {
+                self.warnings
+                    .warn(l.key, "ignored: it has no public IP".into());
+                continue;
+            }
+            usable.push(l);
+        }
+        let verdicts = self
+            .reachable(usable.iter().map(|l| l.attrs.public_ip).collect())
+            .await;
+        let mut out = BTreeMap::new();
+        for l in usable {
+            match verdicts.get(&l.attrs.public_ip) {
+                Some(Ok(())) => {
+                    self.warnings.clear(&l.key);
+                    out.insert(l.subnet().trunc(), l.attrs.public_ip);
+                }
+                Some(Err(why)) => {
+                    // An error, not a warning: this peer's pods are unreachable.
+                    self.warnings
+                        .warn(l.key, format!("host-gw cannot route to it: {why}"));
+                    tracing::error!(
+                        "host-gw: no route for {} (peer {}): {why}",
+                        l.subnet(),
+                        l.attrs.public_ip
+                    );
+                }
+                None => {}
+            }
+        }
+        out
+    }
+
+    fn desired<'a>(&self, peers: impl IntoIterator<Item = (&'a Ipv4Net, &'a Ipv4Addr)>) -> Desired {
+        let mut d = Desired::default();
+        for (subnet, gw) in peers {
+            let dst = IpNet::V4(*subnet);
+            d.routes.insert(
+                dst,
+                Route::new(dst).via(IpAddr::V4(*gw)).dev(self.ext.index),
+            );
+        }
+        d
+    }
+
+    async fn full_reconcile(&mut self) -> Result<(), BackendError> {
+        let network = self.network.ok_or_else(not_started)?;
+        let leases = self.peers.all();
+        let peers = self.plan_peers(&leases).await;
+        self.warnings.retain(|k| self.peers.leases.contains_key(k));
+        let desired = self.desired(&peers);
+        let own = Ownership {
+            network,
+            own: self.own,
+            devices: vec![self.ext.index],
+        };
+        let mut current = State::default();
+        for r in dataplane::owned_routes(&self.nl, &own)
+            .await
+            .map_err(Self::kernel("host-gw: read routes"))?
+        {
+            current.add_route(r);
+        }
+        let plan = dataplane::diff(&desired, &current);
+        self.programmed = peers;
+        if plan.is_empty() {
+            return Ok(());
+        }
+        for r in &plan.route_set {
+            tracing::info!("host-gw: route {} via {:?}", r.dst, r.gateway);
+        }
+        for r in &plan.route_del {
+            tracing::info!("host-gw: removing route {} via {:?}", r.dst, r.gateway);
+        }
+        self.peer_writes += plan.ops() as u64;
+        dataplane::execute(&self.nl, None, &desired, &plan)
+            .await
+            .into_result("host-gw reconcile")
+            .map(|_| ())
+    }
+}
+
+fn not_started() -> BackendError {
+    BackendError::Other("host-gw backend used before start".into())
+}
+
+#[async_trait]
+impl Backend for HostGwBackend {
+    async fn register(&mut self, config: &NetworkConfig) -> Result<LeaseAttrs, BackendError> {
+        if !config.enable_ipv4 || config.enable_ipv6 {
+            return Err(BackendError::Config(
+                "host-gw: only IPv4 is supported by this flannel-rs build (EnableIPv6 must be false)"
+                    .into(),
+            ));
+        }
+        let addr = self.ext.addr.ok_or_else(|| {
+            BackendError::Config(format!(
+                "host-gw: interface {} has no IPv4 address",
+                self.ext.name
+            ))
+        })?;
+        let public = self.ext.public_ip.unwrap_or(addr);
+        if public != addr {
+            return Err(BackendError::Config(format!(
+                "host-gw: the public IP {public} differs from the address {addr} of {}; \
+                 host-gw needs every host reachable at its own interface address (no NAT)",
+                self.ext.name
+            )));
+        }
+        self.network = config.network;
+        let mut attrs = LeaseAttrs::new(public);
+        attrs.backend_type = TYPE.to_string();
+        Ok(attrs)
+    }
+
+    async fn start(&mut self, config: &NetworkConfig, own: &Lease) -> Result<(), BackendError> {
+        self.network = config.network;
+        self.own = Some(own.subnet().trunc());
+        Ok(())
+    }
+
+    fn mtu(&self) -> u32 {
+        self.ext.mtu
+    }
+
+    async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), BackendError> {
+        self.peers.replace_all(peers);
+        self.full_reconcile().await
+    }
+
+    async fn apply(&mut self, events: &[LeaseEvent]) -> Result<(), BackendError> {
+        self.network.ok_or_else(not_started)?;
+        self.peers.apply(events);
+        let mut touched: Vec<Ipv4Net> = events.iter().map(|e| e.key().v4.trunc()).collect();
+        touched.sort();
+        touched.dedup();
+        let mut current = Vec::new();
+        for e in events {
+            match e {
+                LeaseEvent::Added(l) | LeaseEvent::Changed { current: l, .. } => {
+                    if self.peers.leases.get(&l.key) == Some(l) {
+                        current.push(l.clone());
+                    }
+                }
+                LeaseEvent::Removed(l) => {
+                    self.warnings.clear(&l.key);
+                    tracing::info!("host-gw: subnet {} removed", l.subnet());
+                }
+            }
+        }
+        let new_peers = self.plan_peers(&current).await;
+        let old: BTreeMap<Ipv4Net, Ipv4Addr> = touched
+            .iter()
+            .filter_map(|s| self.programmed.get(s).map(|g| (*s, *g)))
+            .collect();
+        for s in &touched {
+            self.programmed.remove(s);
+        }
+        self.programmed
+            .extend(new_peers.iter().map(|(k, v)| (*k, *v)));
+        let desired = self.desired(&new_peers);
+        let plan = dataplane::diff(&desired, &self.desired(&old).as_state());
+        if plan.is_empty() {
+            return Ok(());
+        }
+        self.peer_writes += plan.ops() as u64;
+        dataplane::execute(&self.nl, None, &desired, &plan)
+            .await
+            .into_result("host-gw lease events")
+            .map(|_| ())
+    }
+
+    fn resync_interval(&self) -> Option<Duration> {
+        Some(RESYNC)
+    }
+
+    /// One route dump; re-adds missing routes, fixes wrong ones, removes stale ones.
+    async fn resync(&mut self) -> Result<(), BackendError> {
+        self.full_reconcile().await
+    }
+}

@@ -1,0 +1,549 @@
+//! vxlan backend in two namespaces: real devices, real encapsulation, kernel state
+//! compared with Appendix A.1, reconcile behaviour observed with `ip monitor`.
+
+mod common;
+
+use common::*;
+use flannel_backend::vxlan::VxlanBackend;
+use flannel_backend::{Backend, BackendOptions};
+use flannel_core::{LeaseAttrs, LeaseEvent, VxlanData};
+use flannel_net::testing::privileged;
+use serde_json::value::RawValue;
+
+fn raw(s: &str) -> Box<RawValue> {
+    RawValue::from_string(s.to_string()).unwrap()
+}
+
+async fn backend(h: &Host, cfg: &str) -> (VxlanBackend, LeaseAttrs) {
+    let mut be = VxlanBackend::new(
+        &raw(cfg),
+        h.ext.clone(),
+        h.nl.clone(),
+        BackendOptions::default(),
+    )
+    .unwrap();
+    let attrs = be.register(&config(cfg)).await.unwrap();
+    (be, attrs)
+}
+
+fn mac_of(attrs: &LeaseAttrs) -> String {
+    VxlanData::decode(attrs.backend_data.as_ref().unwrap())
+        .unwrap()
+        .vtep_mac
+        .to_string()
+}
+
+#[tokio::test]
+async fn vxlan_pods_talk_and_kernel_state_matches_flannel() {
+    if !privileged("vxlan_pods_talk_and_kernel_state_matches_flannel") {
+        return;
+    }
+    let cfg = r#"{"Type":"vxlan"}"#;
+    let (a, b) = two_hosts(1, 2).await;
+    let (mut ba, attrs_a) = backend(&a, cfg).await;
+    let (mut bb, attrs_b) = backend(&b, cfg).await;
+    let (la, lb) = (a.lease(&attrs_a), b.lease(&attrs_b));
+    // The lease value is byte-for-byte flannel's.
+    assert_eq!(
+        attrs_a.encode(),
+        format!(
+            r#"{{"PublicIP":"198.18.0.1","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
+            mac_of(&attrs_a)
+        )
+    );
+    assert_eq!(ba.mtu(), 1450);
+    ba.start(&config(cfg), &la).await.unwrap();
+    bb.start(&config(cfg), &lb).await.unwrap();
+    ba.reconcile(std::slice::from_ref(&lb)).await.unwrap();
+    bb.reconcile(std::slice::from_ref(&la)).await.unwrap();
+
+    assert!(pod_ping(&a.pod, &b.pod_ip), "pod a -> pod b over vxlan");
+    assert!(pod_ping(&b.pod, &a.pod_ip), "pod b -> pod a over vxlan");
+    // And the traffic really went through the tunnel device.
+    let link = a.sh(&["ip", "-s", "-j", "link", "show", "flannel.1"]);
+    let v: serde_json::Value = serde_json::from_str(&link).unwrap();
+    assert!(
+        v[0]["stats64"]["tx"]["packets"].as_u64().unwrap() > 0,
+        "{link}"
+    );
+
+    // Appendix A.1, host a.
+    let link = a.sh(&["ip", "-d", "link", "show", "flannel.1"]);
+    assert!(link.contains("mtu 1450"), "{link}");
+    assert!(
+        link.contains(&format!("link/ether {}", mac_of(&attrs_a))),
+        "{link}"
+    );
+    assert!(
+        link.contains("vxlan id 1 local 198.18.0.1 dev ua srcport 0 0 dstport 8472 nolearning ttl auto ageing 300 udpcsum"),
+        "{link}"
+    );
+    assert!(
+        !link.contains("gbp") && !link.contains("l2miss") && !link.contains("l3miss"),
+        "{link}"
+    );
+    let addr = a.sh(&["ip", "-4", "addr", "show", "dev", "flannel.1"]);
+    assert!(
+        addr.contains("inet 10.244.1.0/32 scope global flannel.1"),
+        "{addr}"
+    );
+    assert_eq!(addr.matches("inet ").count(), 1, "{addr}");
+    let routes = a.sh(&[
+        "ip",
+        "-d",
+        "route",
+        "show",
+        "table",
+        "all",
+        "dev",
+        "flannel.1",
+    ]);
+    assert!(
+        routes.contains(
+            "unicast 10.244.2.0/24 via 10.244.2.0 table main proto 70 scope global onlink"
+        ),
+        "{routes}"
+    );
+    let neigh = a.sh(&["ip", "neigh", "show", "dev", "flannel.1"]);
+    assert_eq!(
+        neigh.trim(),
+        format!("10.244.2.0 lladdr {} PERMANENT", mac_of(&attrs_b))
+    );
+    let fdb = a.sh(&["bridge", "fdb", "show", "dev", "flannel.1"]);
+    assert_eq!(
+        fdb.trim(),
+        format!("{} dst 198.18.0.2 self permanent", mac_of(&attrs_b))
+    );
+    assert_eq!(
+        a.sh(&["cat", "/proc/sys/net/ipv6/conf/flannel.1/accept_ra"])
+            .trim(),
+        "0"
+    );
+    // No route for the whole network.
+    assert!(!a.sh(&["ip", "route"]).contains("10.244.0.0/16"));
+
+    // Removing the peer removes route, neighbour and FDB entry; traffic stops.
+    ba.apply(&[LeaseEvent::Removed(lb.clone())]).await.unwrap();
+    assert!(!a.sh(&["ip", "route"]).contains("10.244.2.0/24"));
+    assert!(a
+        .sh(&["ip", "neigh", "show", "dev", "flannel.1"])
+        .trim()
+        .is_empty());
+    assert!(a
+        .sh(&["bridge", "fdb", "show", "dev", "flannel.1"])
+        .trim()
+        .is_empty());
+    assert!(!ping_once(&a.pod, &b.pod_ip));
+    // And an Added event brings it back.
+    ba.apply(&[LeaseEvent::Added(lb.clone())]).await.unwrap();
+    assert!(pod_ping(&a.pod, &b.pod_ip));
+}
+
+#[tokio::test]
+async fn vxlan_options_gbp_port_learning_and_mtu() {
+    if !privileged("vxlan_options_gbp_port_learning_and_mtu") {
+        return;
+    }
+    let cfg = r#"{"Type":"vxlan","VNI":5,"Port":4789,"GBP":true,"Learning":true,"MTU":1400}"#;
+    let (a, _b) = two_hosts(1, 2).await;
+    let (be, attrs) = backend(&a, cfg).await;
+    assert!(attrs
+        .backend_data
+        .as_ref()
+        .unwrap()
+        .get()
+        .starts_with(r#"{"VNI":5,"#));
+    assert_eq!(be.mtu(), 1350);
+    let link = a.sh(&["ip", "-d", "link", "show", "flannel.5"]);
+    assert!(link.contains("mtu 1350"), "{link}");
+    assert!(
+        link.contains("vxlan id 5 local 198.18.0.1 dev ua srcport 0 0 dstport 4789 ttl auto"),
+        "{link}"
+    );
+    assert!(
+        link.contains("gbp") && !link.contains("nolearning"),
+        "{link}"
+    );
+}
+
+#[tokio::test]
+async fn restart_reuses_device_and_changes_nothing() {
+    if !privileged("restart_reuses_device_and_changes_nothing") {
+        return;
+    }
+    let cfg = r#"{"Type":"vxlan"}"#;
+    let (a, b) = two_hosts(1, 2).await;
+    let (_, attrs_b) = backend(&b, cfg).await;
+    let lb = b.lease(&attrs_b);
+    // A third peer, so more than one entry is checked.
+    let mut attrs_c = attrs_b.clone();
+    attrs_c.public_ip = "198.18.0.3".parse().unwrap();
+    attrs_c.backend_data = Some(raw(r#"{"VNI":1,"VtepMAC":"0a:58:0a:f4:03:00"}"#));
+    let mut lc = lb.clone();
+    lc.key = "10.244.3.0-24".parse().unwrap();
+    lc.attrs = attrs_c;
+
+    let (mut first, attrs1) = backend(&a, cfg).await;
+    let la = a.lease(&attrs1);
+    first.start(&config(cfg), &la).await.unwrap();
+    first.reconcile(&[lb.clone(), lc.clone()]).await.unwrap();
+    let before = a.sh(&["ip", "-d", "route", "show", "table", "all"]);
+    drop(first);
+
+    let mut mon = Monitor::start(&a.ns);
+    // "Restart": a new backend over the existing state.
+    let (mut second, attrs2) = backend(&a, cfg).await;
+    assert_eq!(
+        mac_of(&attrs1),
+        mac_of(&attrs2),
+        "the device and its MAC are reused"
+    );
+    second.start(&config(cfg), &la).await.unwrap();
+    second.reconcile(&[lb.clone(), lc.clone()]).await.unwrap();
+    assert_eq!(
+        second.peer_writes(),
+        0,
+        "a restart over correct state writes nothing"
+    );
+    // And a second reconcile of the same set.
+    second.reconcile(&[lb.clone(), lc.clone()]).await.unwrap();
+    second.resync().await.unwrap();
+    assert_eq!(second.peer_writes(), 0);
+    let events = mon.mark();
+    assert!(
+        events.is_empty(),
+        "restart/reconcile touched the kernel: {events:#?}"
+    );
+    assert_eq!(before, a.sh(&["ip", "-d", "route", "show", "table", "all"]));
+}
+
+#[tokio::test]
+async fn reconcile_removes_stale_entries_and_adopts_go_routes() {
+    if !privileged("reconcile_removes_stale_entries_and_adopts_go_routes") {
+        return;
+    }
+    let cfg = r#"{"Type":"vxlan"}"#;
+    let (a, b) = two_hosts(1, 2).await;
+    let (_, attrs_b) = backend(&b, cfg).await;
+    let lb = b.lease(&attrs_b);
+    let (mut be, attrs_a) = backend(&a, cfg).await;
+    be.start(&config(cfg), &a.lease(&attrs_a)).await.unwrap();
+
+    // What Go flanneld left: b's entries with proto boot (correct ones), plus a
+    // peer that is gone (10.244.9.0/24).
+    let mb = mac_of(&attrs_b);
+    for cmd in [
+        vec![
+            "ip",
+            "neigh",
+            "replace",
+            "10.244.2.0",
+            "lladdr",
+            &mb,
+            "dev",
+            "flannel.1",
+            "nud",
+            "permanent",
+        ],
+        vec![
+            "bridge",
+            "fdb",
+            "replace",
+            &mb,
+            "dev",
+            "flannel.1",
+            "dst",
+            "198.18.0.2",
+            "self",
+            "permanent",
+        ],
+        vec![
+            "ip",
+            "route",
+            "replace",
+            "10.244.2.0/24",
+            "via",
+            "10.244.2.0",
+            "dev",
+            "flannel.1",
+            "onlink",
+        ],
+        vec![
+            "ip",
+            "neigh",
+            "replace",
+            "10.244.9.0",
+            "lladdr",
+            "0a:58:00:00:00:09",
+            "dev",
+            "flannel.1",
+            "nud",
+            "permanent",
+        ],
+        vec![
+            "bridge",
+            "fdb",
+            "replace",
+            "0a:58:00:00:00:09",
+            "dev",
+            "flannel.1",
+            "dst",
+            "198.18.0.9",
+            "self",
+            "permanent",
+        ],
+        vec![
+            "ip",
+            "route",
+            "replace",
+            "10.244.9.0/24",
+            "via",
+            "10.244.9.0",
+            "dev",
+            "flannel.1",
+            "onlink",
+        ],
+        // Not ours: an admin's static route in the network, a boot route outside it.
+        vec![
+            "ip",
+            "route",
+            "add",
+            "10.244.50.0/24",
+            "via",
+            "198.18.0.2",
+            "dev",
+            "ua",
+            "proto",
+            "static",
+        ],
+        vec![
+            "ip",
+            "route",
+            "add",
+            "192.0.2.0/24",
+            "via",
+            "198.18.0.2",
+            "dev",
+            "ua",
+        ],
+    ] {
+        a.sh(&cmd);
+    }
+    let mut mon = Monitor::start(&a.ns);
+    be.reconcile(std::slice::from_ref(&lb)).await.unwrap();
+    let events = mon.mark();
+
+    let routes = a.sh(&["ip", "route"]);
+    assert!(
+        routes.contains("10.244.2.0/24 via 10.244.2.0 dev flannel.1 proto 70 onlink"),
+        "{routes}"
+    );
+    assert!(!routes.contains("10.244.9.0"), "{routes}");
+    assert!(
+        routes.contains("10.244.50.0/24 via 198.18.0.2 dev ua proto static"),
+        "{routes}"
+    );
+    assert!(
+        routes.contains("192.0.2.0/24 via 198.18.0.2 dev ua"),
+        "{routes}"
+    );
+    let neigh = a.sh(&["ip", "neigh", "show", "dev", "flannel.1"]);
+    assert_eq!(neigh.trim(), format!("10.244.2.0 lladdr {mb} PERMANENT"));
+    let fdb = a.sh(&["bridge", "fdb", "show", "dev", "flannel.1"]);
+    assert_eq!(fdb.trim(), format!("{mb} dst 198.18.0.2 self permanent"));
+    // b's route was re-marked in place (replace), never deleted; its neighbour and
+    // FDB entries were already right and were not touched.
+    assert!(
+        !events
+            .iter()
+            .any(|l| l.starts_with("Deleted") && l.contains("10.244.2.0")),
+        "{events:#?}"
+    );
+    assert!(!events.iter().any(|l| l.contains(&mb)), "{events:#?}");
+    assert!(
+        events
+            .iter()
+            .any(|l| l.starts_with("Deleted") && l.contains("10.244.9.0/24")),
+        "{events:#?}"
+    );
+}
+
+#[tokio::test]
+async fn changed_peer_is_updated_in_place() {
+    if !privileged("changed_peer_is_updated_in_place") {
+        return;
+    }
+    let cfg = r#"{"Type":"vxlan"}"#;
+    let (a, b) = two_hosts(1, 2).await;
+    let (_, attrs_b) = backend(&b, cfg).await;
+    let lb = b.lease(&attrs_b);
+    let (mut be, attrs_a) = backend(&a, cfg).await;
+    be.start(&config(cfg), &a.lease(&attrs_a)).await.unwrap();
+    be.reconcile(std::slice::from_ref(&lb)).await.unwrap();
+
+    let mut changed = lb.clone();
+    changed.attrs.public_ip = "198.18.0.7".parse().unwrap();
+    changed.attrs.backend_data = Some(raw(r#"{"VNI":1,"VtepMAC":"0a:58:00:00:00:77"}"#));
+    let mut mon = Monitor::start(&a.ns);
+    be.apply(&[LeaseEvent::Changed {
+        previous: lb.clone(),
+        current: changed.clone(),
+    }])
+    .await
+    .unwrap();
+    let events = mon.mark();
+    let neigh = a.sh(&["ip", "neigh", "show", "dev", "flannel.1"]);
+    assert_eq!(
+        neigh.trim(),
+        "10.244.2.0 lladdr 0a:58:00:00:00:77 PERMANENT"
+    );
+    let fdb = a.sh(&["bridge", "fdb", "show", "dev", "flannel.1"]);
+    assert_eq!(
+        fdb.trim(),
+        "0a:58:00:00:00:77 dst 198.18.0.7 self permanent"
+    );
+    assert!(
+        !events.iter().any(|l| l.contains("10.244.2.0/24")),
+        "route untouched: {events:#?}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|l| l.starts_with("Deleted") && l.contains("10.244.2.0 ")),
+        "neighbour replaced, not deleted: {events:#?}"
+    );
+
+    // The same change through a full reconcile (e.g. after a resync) is a no-op.
+    let _ = mon.mark();
+    let writes = be.peer_writes();
+    be.reconcile(&[changed.clone()]).await.unwrap();
+    assert!(mon.mark().is_empty());
+    assert_eq!(be.peer_writes(), writes, "nothing to write");
+}
+
+#[tokio::test]
+async fn bad_and_foreign_leases_are_skipped() {
+    if !privileged("bad_and_foreign_leases_are_skipped") {
+        return;
+    }
+    let cfg = r#"{"Type":"vxlan"}"#;
+    let (a, b) = two_hosts(1, 2).await;
+    let (_, attrs_b) = backend(&b, cfg).await;
+    let lb = b.lease(&attrs_b);
+    let (mut be, attrs_a) = backend(&a, cfg).await;
+    be.start(&config(cfg), &a.lease(&attrs_a)).await.unwrap();
+    let mk = |key: &str, ty: &str, data: Option<&str>| {
+        let mut l = lb.clone();
+        l.key = key.parse().unwrap();
+        l.attrs.backend_type = ty.into();
+        l.attrs.backend_data = data.map(raw);
+        l
+    };
+    let peers = vec![
+        lb.clone(),
+        mk("10.244.3.0-24", "host-gw", None),
+        mk("10.244.4.0-24", "", None),
+        mk(
+            "10.244.5.0-24",
+            "VXLAN",
+            Some(r#"{"VNI":1,"VtepMAC":"0a:58:00:00:00:05"}"#),
+        ),
+        mk(
+            "10.244.6.0-24",
+            "vxlan",
+            Some(r#"{"VNI":1,"VtepMAC":"zz"}"#),
+        ),
+        mk("10.244.7.0-24", "vxlan", Some(r#""just a string""#)),
+        mk("10.244.8.0-24", "vxlan", None),
+    ];
+    be.reconcile(&peers).await.unwrap();
+    let routes = a.sh(&["ip", "route", "show", "dev", "flannel.1"]);
+    assert_eq!(
+        routes.trim(),
+        "10.244.2.0/24 via 10.244.2.0 proto 70 onlink",
+        "{routes}"
+    );
+}
+
+#[tokio::test]
+async fn direct_routing_uses_the_underlay_for_neighbours() {
+    if !privileged("direct_routing_uses_the_underlay_for_neighbours") {
+        return;
+    }
+    let cfg = r#"{"Type":"vxlan","DirectRouting":true}"#;
+    let (a, b) = two_hosts(1, 2).await;
+    let (mut ba, attrs_a) = backend(&a, cfg).await;
+    let (mut bb, attrs_b) = backend(&b, cfg).await;
+    let (la, lb) = (a.lease(&attrs_a), b.lease(&attrs_b));
+    ba.start(&config(cfg), &la).await.unwrap();
+    bb.start(&config(cfg), &lb).await.unwrap();
+    // A third peer that is only reachable through a router: it gets the tunnel.
+    a.sh(&[
+        "ip",
+        "route",
+        "add",
+        "203.0.113.0/24",
+        "via",
+        "198.18.0.2",
+        "dev",
+        "ua",
+    ]);
+    let mut lc = lb.clone();
+    lc.key = "10.244.3.0-24".parse().unwrap();
+    lc.attrs.public_ip = "203.0.113.5".parse().unwrap();
+    lc.attrs.backend_data = Some(raw(r#"{"VNI":1,"VtepMAC":"0a:58:00:00:00:03"}"#));
+    ba.reconcile(&[lb.clone(), lc.clone()]).await.unwrap();
+    bb.reconcile(std::slice::from_ref(&la)).await.unwrap();
+
+    let routes = a.sh(&["ip", "route"]);
+    assert!(
+        routes.contains("10.244.2.0/24 via 198.18.0.2 dev ua proto 70"),
+        "{routes}"
+    );
+    assert!(
+        routes.contains("10.244.3.0/24 via 10.244.3.0 dev flannel.1 proto 70 onlink"),
+        "{routes}"
+    );
+    let neigh = a.sh(&["ip", "neigh", "show", "dev", "flannel.1"]);
+    assert_eq!(
+        neigh.trim(),
+        "10.244.3.0 lladdr 0a:58:00:00:00:03 PERMANENT"
+    );
+    let fdb = a.sh(&["bridge", "fdb", "show", "dev", "flannel.1"]);
+    assert_eq!(
+        fdb.trim(),
+        "0a:58:00:00:00:03 dst 203.0.113.5 self permanent"
+    );
+    assert!(pod_ping(&a.pod, &b.pod_ip));
+    assert!(pod_ping(&b.pod, &a.pod_ip));
+    // The pods' traffic went over the underlay, not the tunnel.
+    let link = a.sh(&["ip", "-s", "-j", "link", "show", "flannel.1"]);
+    let v: serde_json::Value = serde_json::from_str(&link).unwrap();
+    assert_eq!(v[0]["stats64"]["tx"]["packets"], 0, "{link}");
+}
+
+#[tokio::test]
+async fn deleted_device_is_recreated_with_its_entries_on_resync() {
+    if !privileged("deleted_device_is_recreated_with_its_entries_on_resync") {
+        return;
+    }
+    let cfg = r#"{"Type":"vxlan"}"#;
+    let (a, b) = two_hosts(1, 2).await;
+    let (mut ba, attrs_a) = backend(&a, cfg).await;
+    let (mut bb, attrs_b) = backend(&b, cfg).await;
+    let (la, lb) = (a.lease(&attrs_a), b.lease(&attrs_b));
+    ba.start(&config(cfg), &la).await.unwrap();
+    bb.start(&config(cfg), &lb).await.unwrap();
+    ba.reconcile(std::slice::from_ref(&lb)).await.unwrap();
+    bb.reconcile(std::slice::from_ref(&la)).await.unwrap();
+    assert!(pod_ping(&a.pod, &b.pod_ip));
+    a.sh(&["ip", "link", "del", "flannel.1"]);
+    assert!(!ping_once(&a.pod, &b.pod_ip));
+    ba.resync().await.unwrap();
+    let link = a.sh(&["ip", "link", "show", "flannel.1"]);
+    assert!(
+        link.contains(&mac_of(&attrs_a)),
+        "same MAC after recreation: {link}"
+    );
+    assert!(pod_ping(&a.pod, &b.pod_ip));
+}
