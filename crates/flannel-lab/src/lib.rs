@@ -16,6 +16,7 @@
 
 pub mod bench;
 pub mod bins;
+pub mod checks;
 pub mod cleanup;
 pub mod e2e;
 pub mod error;
