@@ -10,6 +10,8 @@ use flannel_core::{Lease, LeaseAttrs, LeaseKey, LeaseUpdate, NetworkConfig, Prev
 use tokio::sync::mpsc;
 
 pub mod etcd;
+#[cfg(feature = "kube")]
+pub mod kube;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -78,6 +80,12 @@ pub trait LeaseStore: Send + Sync {
         lease: &Lease,
         tx: mpsc::Sender<OwnLeaseEvent>,
     ) -> Result<(), StoreError>;
+
+    /// Called once the backend runs (upstream's CompleteLease). The Kubernetes store
+    /// sets the node condition `NetworkUnavailable=False` here; others do nothing.
+    async fn complete_lease(&self, _lease: &Lease) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// The public addresses a lease is looked up by (reuse-by-IP).

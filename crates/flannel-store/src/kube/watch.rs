@@ -1,0 +1,387 @@
+//! One list + watch of all nodes, turned into lease updates.
+//!
+//! The watch resumes from the last resource version it saw (objects and bookmarks),
+//! so a closed connection costs one request and no re-list. Only a 410 Gone (the
+//! version is too old) makes it list again; the list is diffed against what is known,
+//! so nothing is lost and nothing is repeated. Failures back off from 0.5 s to 30 s.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use flannel_core::{LeaseEvent, LeaseKey, LeaseTracker, LeaseUpdate};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{ListParams, WatchEvent, WatchParams};
+use tokio::sync::mpsc;
+
+use super::node::{is_managed, node_to_lease};
+use super::{api_error, describe, KubeError, KubeStore, OwnNode, LIST_NODES, WATCH_NODES};
+
+const PAGE_SIZE: u32 = 500;
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A watch connection silent for longer than its server-side timeout plus this is
+/// taken as dead.
+const IDLE_MARGIN: Duration = Duration::from_secs(60);
+
+/// Logs each distinct failure once, so a lasting outage does not flood the log.
+#[derive(Default)]
+struct Quiet(Option<String>);
+
+impl Quiet {
+    fn warn(&mut self, msg: String) {
+        if self.0.as_deref() != Some(msg.as_str()) {
+            tracing::warn!("{msg}");
+            self.0 = Some(msg);
+        }
+    }
+    fn clear(&mut self) {
+        self.0 = None;
+    }
+}
+
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff(BACKOFF_MIN)
+    }
+    fn next(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(BACKOFF_MAX);
+        d
+    }
+    fn reset(&mut self) {
+        self.0 = BACKOFF_MIN;
+    }
+}
+
+/// The leases known from nodes, by node name, and the tracker that turns node
+/// changes into lease events.
+struct State<'a> {
+    store: &'a KubeStore,
+    own_key: LeaseKey,
+    tracker: LeaseTracker,
+    by_node: HashMap<String, LeaseKey>,
+    skipped: HashMap<String, String>,
+}
+
+impl State<'_> {
+    fn is_own(&self, name: &str) -> bool {
+        name == self.store.node_name
+    }
+
+    /// The lease a node publishes, if it is an annotated flannel node with usable
+    /// data (a skipped node is logged once per distinct reason).
+    fn lease_of(&mut self, node: &Node) -> Option<flannel_core::Lease> {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        if !is_managed(node, &self.store.ann) {
+            self.skipped.remove(&name);
+            return None;
+        }
+        let c = &self.store.config;
+        match node_to_lease(node, &self.store.ann, c.enable_ipv4, c.enable_ipv6) {
+            Ok(l) if l.key == self.own_key => None,
+            Ok(l) => {
+                self.skipped.remove(&name);
+                Some(l)
+            }
+            Err(reason) => {
+                if self.skipped.get(&name) != Some(&reason) {
+                    tracing::warn!("ignoring node {name}: {reason}");
+                    self.skipped.insert(name, reason);
+                }
+                None
+            }
+        }
+    }
+
+    fn own_seen(&self, present: bool) {
+        let s = if present {
+            OwnNode::Present
+        } else {
+            OwnNode::Deleted
+        };
+        self.store.own.send_if_modified(|cur| {
+            let changed = *cur != s;
+            *cur = s;
+            changed
+        });
+    }
+
+    /// A complete node list: the events that bring the known set to it.
+    fn snapshot(&mut self, nodes: &[Node]) -> Vec<LeaseEvent> {
+        let mut leases = Vec::new();
+        let mut by_node = HashMap::new();
+        let mut own_present = false;
+        for n in nodes {
+            let name = n.metadata.name.clone().unwrap_or_default();
+            if self.is_own(&name) {
+                own_present = true;
+                continue;
+            }
+            if let Some(l) = self.lease_of(n) {
+                by_node.insert(name, l.key);
+                leases.push(l);
+            }
+        }
+        self.skipped.retain(|name, _| {
+            nodes
+                .iter()
+                .any(|n| n.metadata.name.as_deref() == Some(name))
+        });
+        self.by_node = by_node;
+        self.own_seen(own_present);
+        self.tracker.snapshot(leases)
+    }
+
+    fn applied(&mut self, node: &Node) -> Vec<LeaseEvent> {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        if self.is_own(&name) {
+            self.own_seen(true);
+            return Vec::new();
+        }
+        let mut events = Vec::new();
+        let lease = self.lease_of(node);
+        let old = self.by_node.get(&name).copied();
+        match (old, lease) {
+            (Some(k), Some(l)) if k == l.key => events.extend(self.tracker.put(l)),
+            (old, Some(l)) => {
+                if let Some(k) = old {
+                    events.extend(self.tracker.delete(&k));
+                }
+                self.by_node.insert(name, l.key);
+                events.extend(self.tracker.put(l));
+            }
+            (Some(k), None) => {
+                self.by_node.remove(&name);
+                events.extend(self.tracker.delete(&k));
+            }
+            (None, None) => {}
+        }
+        events
+    }
+
+    fn deleted(&mut self, node: &Node) -> Vec<LeaseEvent> {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        if self.is_own(&name) {
+            self.own_seen(false);
+            return Vec::new();
+        }
+        self.skipped.remove(&name);
+        match self.by_node.remove(&name) {
+            Some(k) => self.tracker.delete(&k).into_iter().collect(),
+            None => Vec::new(),
+        }
+    }
+}
+
+impl KubeStore {
+    /// All nodes (following continue tokens) and the list's resource version.
+    async fn list_nodes(&self) -> Result<(Vec<Node>, String), kube::Error> {
+        let mut items = Vec::new();
+        let mut token: Option<String> = None;
+        let mut version = None;
+        loop {
+            let mut lp = ListParams::default().limit(PAGE_SIZE);
+            if let Some(t) = token.take() {
+                lp = lp.continue_token(&t);
+            }
+            let page = self.nodes.list(&lp).await?;
+            items.extend(page.items);
+            if version.is_none() {
+                version = page.metadata.resource_version.filter(|v| !v.is_empty());
+            }
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(c) => token = Some(c),
+                None => return Ok((items, version.unwrap_or_default())),
+            }
+        }
+    }
+}
+
+enum WatchEnd {
+    /// The receiver went away.
+    Closed,
+    /// The resource version expired: list again.
+    Gone,
+    /// The connection ended or failed: watch again from the last version.
+    Resume { failed: bool },
+}
+
+pub(crate) async fn run(
+    store: &KubeStore,
+    own: LeaseKey,
+    tx: mpsc::Sender<LeaseUpdate>,
+) -> Result<(), KubeError> {
+    let mut state = State {
+        store,
+        own_key: own,
+        tracker: LeaseTracker::new(None),
+        by_node: HashMap::new(),
+        skipped: HashMap::new(),
+    };
+    let started = Instant::now();
+    let mut synced = false;
+    let mut backoff = Backoff::new();
+    let mut quiet = Quiet::default();
+    loop {
+        // List (first time, or after 410 Gone).
+        let listed = tokio::select! {
+            _ = tx.closed() => return Ok(()),
+            r = store.list_nodes() => r,
+        };
+        let (nodes, mut version) = match listed {
+            Ok((_, v)) if v.is_empty() => {
+                quiet.warn("node list without a resourceVersion; listing again".into());
+                tokio::time::sleep(backoff.next()).await;
+                continue;
+            }
+            Ok(x) => x,
+            Err(e) => {
+                let err = api_error(LIST_NODES, "listing nodes", e);
+                if !synced
+                    && !store.opts.continue_when_cache_not_ready
+                    && started.elapsed() >= store.opts.cache_sync_timeout
+                {
+                    return Err(KubeError::CacheSyncTimeout {
+                        timeout: store.opts.cache_sync_timeout,
+                        last: err.to_string(),
+                    });
+                }
+                quiet.warn(err.to_string());
+                tokio::select! {
+                    _ = tx.closed() => return Ok(()),
+                    _ = tokio::time::sleep(backoff.next()) => {}
+                }
+                continue;
+            }
+        };
+        quiet.clear();
+        backoff.reset();
+        let events = state.snapshot(&nodes);
+        let update = if synced {
+            tracing::info!(
+                "re-listed {} nodes at resourceVersion {version}",
+                nodes.len()
+            );
+            (!events.is_empty()).then_some(LeaseUpdate::Events(events))
+        } else {
+            synced = true;
+            tracing::info!(
+                "listed {} nodes ({} flannel leases) at resourceVersion {version}",
+                nodes.len(),
+                state.tracker.len()
+            );
+            Some(LeaseUpdate::Full(state.tracker.leases().cloned().collect()))
+        };
+        if let Some(u) = update {
+            if tx.send(u).await.is_err() {
+                return Ok(());
+            }
+        }
+        // Watch, resuming from the last version seen, until it expires.
+        loop {
+            match watch_once(&mut state, &mut version, &tx, &mut quiet).await {
+                WatchEnd::Closed => return Ok(()),
+                WatchEnd::Gone => {
+                    tracing::info!(
+                        "node watch at resourceVersion {version} expired (410 Gone); listing again"
+                    );
+                    break;
+                }
+                WatchEnd::Resume { failed: false } => backoff.reset(),
+                WatchEnd::Resume { failed: true } => {
+                    tokio::select! {
+                        _ = tx.closed() => return Ok(()),
+                        _ = tokio::time::sleep(backoff.next()) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn watch_once(
+    state: &mut State<'_>,
+    version: &mut String,
+    tx: &mpsc::Sender<LeaseUpdate>,
+    quiet: &mut Quiet,
+) -> WatchEnd {
+    let store = state.store;
+    let timeout = store.opts.watch_timeout.as_secs().clamp(1, 290) as u32;
+    // Bookmarks are on by default in WatchParams.
+    let wp = WatchParams::default().timeout(timeout);
+    let opened = tokio::select! {
+        _ = tx.closed() => return WatchEnd::Closed,
+        r = store.nodes.watch(&wp, version) => r,
+    };
+    let stream = match opened {
+        Ok(s) => s,
+        Err(kube::Error::Api(s)) if s.code == 410 => return WatchEnd::Gone,
+        Err(e) => {
+            quiet.warn(api_error(WATCH_NODES, "watching nodes", e).to_string());
+            return WatchEnd::Resume { failed: true };
+        }
+    };
+    let idle = Duration::from_secs(u64::from(timeout)) + IDLE_MARGIN;
+    let opened_at = Instant::now();
+    let mut received = false;
+    futures::pin_mut!(stream);
+    loop {
+        let next = tokio::select! {
+            _ = tx.closed() => return WatchEnd::Closed,
+            n = tokio::time::timeout(idle, stream.next()) => n,
+        };
+        let item = match next {
+            Err(_) => {
+                quiet.warn(format!("node watch silent for {idle:?}; reconnecting"));
+                return WatchEnd::Resume { failed: true };
+            }
+            // A watch the server ends at once, over and over, must not spin.
+            Ok(None) => {
+                return WatchEnd::Resume {
+                    failed: !received && opened_at.elapsed() < Duration::from_secs(1),
+                }
+            }
+            Ok(Some(item)) => item,
+        };
+        let events = match item {
+            Ok(WatchEvent::Added(n)) | Ok(WatchEvent::Modified(n)) => {
+                received = true;
+                quiet.clear();
+                if let Some(v) = n.metadata.resource_version.clone() {
+                    *version = v;
+                }
+                state.applied(&n)
+            }
+            Ok(WatchEvent::Deleted(n)) => {
+                received = true;
+                if let Some(v) = n.metadata.resource_version.clone() {
+                    *version = v;
+                }
+                state.deleted(&n)
+            }
+            Ok(WatchEvent::Bookmark(b)) => {
+                received = true;
+                *version = b.metadata.resource_version;
+                continue;
+            }
+            Ok(WatchEvent::Error(s)) if s.code == 410 => return WatchEnd::Gone,
+            Ok(WatchEvent::Error(s)) => {
+                quiet.warn(format!(
+                    "node watch error {} {}: {}",
+                    s.code, s.reason, s.message
+                ));
+                return WatchEnd::Resume { failed: true };
+            }
+            Err(e) => {
+                quiet.warn(format!("node watch: {}", describe(&e)));
+                return WatchEnd::Resume { failed: true };
+            }
+        };
+        if !events.is_empty() && tx.send(LeaseUpdate::Events(events)).await.is_err() {
+            return WatchEnd::Closed;
+        }
+    }
+}
