@@ -57,6 +57,30 @@ pub fn require_etcd() -> bool {
     false
 }
 
+/// Whether a tool a test needs exists; like [`require_etcd`] it prints why the
+/// test is skipped, or panics under `FLANNEL_E2E=1`.
+pub fn require_tool(path: &str, package: &str) -> bool {
+    if Path::new(path).is_file() {
+        return true;
+    }
+    let why = format!("{path} not found (Debian package {package})");
+    if e2e_required() {
+        panic!("{E2E_ENV}=1 and {why}");
+    }
+    eprintln!("SKIPPED: {why}; set {E2E_ENV}=1 to make this a failure");
+    false
+}
+
+/// Client-side TLS files of a TLS test server (PEM).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The CA that signed the server's and the client's certificates.
+    pub ca: PathBuf,
+    /// A client certificate etcd accepts, and its key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// A single-member etcd on 127.0.0.1 with its own ports and data directory,
 /// killed (by PID) when dropped.
 pub struct EtcdServer {
@@ -65,6 +89,9 @@ pub struct EtcdServer {
     data_dir: PathBuf,
     client_port: u16,
     peer_port: u16,
+    /// Plain-HTTP `/health` and `/metrics`, also when clients must use TLS.
+    metrics_port: u16,
+    tls: Option<TlsFiles>,
     child: Option<Child>,
 }
 
@@ -77,34 +104,143 @@ impl std::fmt::Debug for EtcdServer {
     }
 }
 
-/// Two ports that were free a moment ago (the kernel picks them).
-fn free_ports() -> io::Result<(u16, u16)> {
+/// Three ports that were free a moment ago (the kernel picks them).
+fn free_ports() -> io::Result<[u16; 3]> {
     let a = std::net::TcpListener::bind("127.0.0.1:0")?;
     let b = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok((a.local_addr()?.port(), b.local_addr()?.port()))
+    let c = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok([
+        a.local_addr()?.port(),
+        b.local_addr()?.port(),
+        c.local_addr()?.port(),
+    ])
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> io::Result<()> {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "openssl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(())
+}
+
+/// A throw-away CA with a server certificate for 127.0.0.1 and a client
+/// certificate, made with the openssl command (EC P-256, valid one day).
+fn make_certs(dir: &Path) -> io::Result<()> {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=flannel-test-ca",
+    ]);
+    openssl(dir, &ca)?;
+    for (name, usage) in [
+        ("server", "serverAuth,clientAuth"),
+        ("client", "clientAuth"),
+    ] {
+        let mut req = vec!["req"];
+        req.extend(ec);
+        let (key, csr, crt, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+            format!("{name}.ext"),
+        );
+        let subj = format!("/CN=flannel-test-{name}");
+        req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+        openssl(dir, &req)?;
+        std::fs::write(
+            dir.join(&ext),
+            format!("subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\n"),
+        )?;
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                "1",
+                "-extfile",
+                &ext,
+            ],
+        )?;
+    }
+    Ok(())
 }
 
 impl EtcdServer {
     /// Starts etcd and waits until it reports itself healthy.
     pub async fn start() -> io::Result<Self> {
+        Self::start_with(false).await
+    }
+
+    /// Starts etcd serving clients over TLS only, requiring a client certificate
+    /// signed by its CA ([`tls_files`](Self::tls_files)). Needs the openssl command.
+    pub async fn start_tls() -> io::Result<Self> {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(tls: bool) -> io::Result<Self> {
         let bin = etcd_binary()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "etcd binary not found"))?;
         let dir = tempfile::Builder::new().prefix("flannel-etcd-").tempdir()?;
+        let tls = if tls {
+            let certs = dir.path().join("certs");
+            std::fs::create_dir(&certs)?;
+            make_certs(&certs)?;
+            Some(TlsFiles {
+                ca: certs.join("ca.crt"),
+                cert: certs.join("client.crt"),
+                key: certs.join("client.key"),
+            })
+        } else {
+            None
+        };
         let mut server = EtcdServer {
             bin,
             data_dir: dir.path().join("data"),
             dir,
             client_port: 0,
             peer_port: 0,
+            metrics_port: 0,
+            tls,
             child: None,
         };
         // Another process may grab a probed port before etcd binds it: try again
         // with new ports (and a fresh data dir, which remembers its peer URL).
         let mut last = None;
         for attempt in 0..5 {
-            let (c, p) = free_ports()?;
-            server.client_port = c;
-            server.peer_port = p;
+            [server.client_port, server.peer_port, server.metrics_port] = free_ports()?;
             server.data_dir = server.dir.path().join(format!("data-{attempt}"));
             match server.launch().await {
                 Ok(()) => return Ok(server),
@@ -129,19 +265,40 @@ impl EtcdServer {
         }
     }
 
-    /// Client URL, e.g. `http://127.0.0.1:40123`.
+    /// [`start_tls`](Self::start_tls) after checking for etcd and openssl.
+    pub async fn start_tls_or_skip() -> Option<Self> {
+        if !require_etcd() || !require_tool("/usr/bin/openssl", "openssl") {
+            return None;
+        }
+        match Self::start_tls().await {
+            Ok(s) => Some(s),
+            Err(e) => panic!("could not start etcd with TLS: {e}"),
+        }
+    }
+
+    /// Client URL, e.g. `http://127.0.0.1:40123` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// The client's TLS files of a [`start_tls`](Self::start_tls) server.
+    pub fn tls_files(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
     }
 
     fn peer_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.peer_port)
     }
 
-    /// Store options pointing at this server, default prefix.
+    /// Store options pointing at this server (with its client certificate when it
+    /// uses TLS), default prefix.
     pub fn options(&self) -> EtcdOptions {
         EtcdOptions {
             endpoints: vec![self.endpoint()],
+            cafile: self.tls.as_ref().map(|t| t.ca.clone()),
+            certfile: self.tls.as_ref().map(|t| t.cert.clone()),
+            keyfile: self.tls.as_ref().map(|t| t.key.clone()),
             ..EtcdOptions::default()
         }
     }
@@ -194,6 +351,8 @@ impl EtcdServer {
             .arg(self.peer_url())
             .arg("--initial-cluster")
             .arg(format!("{name}={}", self.peer_url()))
+            .arg("--listen-metrics-urls")
+            .arg(format!("http://127.0.0.1:{}", self.metrics_port))
             .args(["--initial-cluster-state", "new"])
             // Tests write thousands of keys in one transaction.
             .args(["--max-txn-ops", "10000", "--snapshot-count", "10000"])
@@ -201,6 +360,16 @@ impl EtcdServer {
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log));
+        if let Some(tls) = &self.tls {
+            let certs = tls.ca.parent().unwrap_or(Path::new("."));
+            cmd.arg("--cert-file")
+                .arg(certs.join("server.crt"))
+                .arg("--key-file")
+                .arg(certs.join("server.key"))
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
         self.child = Some(cmd.spawn()?);
         Ok(())
     }
@@ -235,7 +404,7 @@ impl EtcdServer {
     /// Whether etcd answers `/health` with `"health":"true"` (it has a leader).
     pub async fn healthy(&self) -> bool {
         let probe = async {
-            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.client_port)).await?;
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await?;
             s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
                 .await?;
             let mut body = Vec::new();
@@ -276,7 +445,24 @@ impl EtcdServer {
 
     /// A plain client for this server (to play "another writer" in tests).
     pub async fn client(&self) -> Result<etcd_client::Client, etcd_client::Error> {
-        etcd_client::Client::connect([self.endpoint()], None).await
+        let opts = match &self.tls {
+            None => None,
+            Some(t) => {
+                let read = |p: &Path| {
+                    std::fs::read(p).map_err(|e| {
+                        etcd_client::Error::InvalidArgs(format!("{}: {e}", p.display()))
+                    })
+                };
+                let tls = etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(read(&t.ca)?))
+                    .identity(etcd_client::Identity::from_pem(
+                        read(&t.cert)?,
+                        read(&t.key)?,
+                    ));
+                Some(etcd_client::ConnectOptions::new().with_tls(tls))
+            }
+        };
+        etcd_client::Client::connect([self.endpoint()], opts).await
     }
 
     /// The store's current revision.

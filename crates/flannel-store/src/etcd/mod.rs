@@ -131,7 +131,11 @@ impl EtcdStore {
             co = co.with_tls(tls);
         }
         if let Some(user) = opts.username.as_deref().filter(|u| !u.is_empty()) {
-            co = co.with_user(user, opts.password.clone().unwrap_or_default());
+            // etcd's auth tokens expire (simple tokens after 5 minutes idle); a
+            // long-running agent must log in again by itself.
+            co = co
+                .with_user(user, opts.password.clone().unwrap_or_default())
+                .with_auto_token_refresh(true);
         }
         let client = connect_client(&opts.endpoints, co).await?;
         let (health, _) = health_watch::channel(WatchHealth::Starting);
