@@ -380,3 +380,47 @@ async fn garbage_in_the_subnets_prefix_is_skipped_with_a_log() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn dual_stack_keys_carry_both_subnets_and_reuse_needs_both_addresses() -> Result<()> {
+    let config = r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:5::/48","Backend":{"Type":"vxlan"}}"#;
+    let Some((etcd, cfg)) = setup(config).await? else {
+        return Ok(());
+    };
+    let dual = |v6: &str| {
+        let mut r = request("10.10.0.1", "d6:2d:b9:3b:e2:ab");
+        r.attrs.public_ipv6 = Some(v6.parse().expect("v6"));
+        r
+    };
+    let store = EtcdStore::connect(etcd.options()).await?;
+    let lease = store.acquire(&cfg, &dual("fd01::1")).await?;
+    let v6 = lease.key.v6.context("dual-stack lease has a v6 subnet")?;
+    assert_eq!(v6.prefix_len(), 64);
+    assert!(cfg.window_v6().context("v6 window")?.contains(&v6));
+    let all = stored(&etcd).await?;
+    assert_eq!(all.len(), 1);
+    assert_eq!(
+        all[0].0,
+        format!("{SUBNETS}{}-24&{}-64", lease.key.v4.addr(), v6.addr())
+    );
+    assert_eq!(
+        all[0].1,
+        r#"{"PublicIP":"10.10.0.1","PublicIPv6":"fd01::1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"d6:2d:b9:3b:e2:ab"}}"#
+    );
+
+    // Same addresses: the lease is reused.
+    let again = EtcdStore::connect(etcd.options())
+        .await?
+        .acquire(&cfg, &dual("fd01::1"))
+        .await?;
+    assert_eq!(again.key, lease.key);
+    // Same IPv4 but another IPv6 address is another host: it gets its own lease.
+    let other = EtcdStore::connect(etcd.options())
+        .await?
+        .acquire(&cfg, &dual("fd01::2"))
+        .await?;
+    assert_ne!(other.key.v4, lease.key.v4);
+    assert_ne!(other.key.v6, lease.key.v6);
+    assert_eq!(stored(&etcd).await?.len(), 2);
+    Ok(())
+}

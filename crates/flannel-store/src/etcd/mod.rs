@@ -232,6 +232,9 @@ async fn connect_client(endpoints: &[String], co: ConnectOptions) -> Result<Clie
 
 #[async_trait]
 impl LeaseStore for EtcdStore {
+    /// Reads `<prefix>/config` every second until it holds a valid config; each
+    /// distinct failure is logged once. An IPv6-only config is a fatal
+    /// [`StoreError::Unsupported`].
     async fn network_config(&self) -> Result<NetworkConfig, StoreError> {
         let mut errors = DistinctErrors::new("network config");
         loop {
@@ -248,6 +251,8 @@ impl LeaseStore for EtcdStore {
         }
     }
 
+    /// SPEC §2.1: reuse by public IP, else the previous subnet, else a random free
+    /// one; a lost creation race is retried (up to [`MAX_CREATE_ATTEMPTS`] picks).
     async fn acquire(
         &self,
         config: &NetworkConfig,
@@ -256,10 +261,16 @@ impl LeaseStore for EtcdStore {
         acquire::acquire(&self.ops, &self.keys, config, req).await
     }
 
+    /// New 24 h etcd lease and a put with the same value; a reservation (no
+    /// expiry) is put again without an etcd lease.
     async fn renew(&self, lease: &Lease) -> Result<Lease, StoreError> {
         acquire::renew(&self.ops, &self.keys, lease).await
     }
 
+    /// Listing at revision R (sent as `Full`), then a watch from R+1 on
+    /// `<prefix>/subnets/`; every event of a response goes into one `Events` update.
+    /// Broken streams reconnect with backoff (100 ms doubling to 5 s), compacted
+    /// history forces a new listing diffed into events. Returns only when `tx` closes.
     async fn watch_leases(
         &self,
         own: LeaseKey,
@@ -268,6 +279,10 @@ impl LeaseStore for EtcdStore {
         watch::watch_leases(&self.ops, &self.watch, &self.keys, &self.health, own, tx).await
     }
 
+    /// Watches exactly this host's key. The first event reports the lease as it
+    /// is now (`Renewed`, or `Revoked` if the key is already gone); then every put
+    /// is `Renewed` with the expiry etcd reports, and a delete or expiry is
+    /// `Revoked`, after which the watch ends.
     async fn watch_own_lease(
         &self,
         lease: &Lease,
