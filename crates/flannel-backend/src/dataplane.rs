@@ -159,7 +159,7 @@ pub(crate) fn diff(desired: &Desired, current: &State) -> Plan {
 pub(crate) struct Ownership {
     /// The cluster network: only routes strictly inside it are considered.
     pub network: Ipv4Net,
-    /// Our own subnet: never touched.
+    /// Our own subnet: only our own-protocol routes into it are removed.
     pub own: Option<Ipv4Net>,
     /// Devices on which Go flanneld's `proto boot` routes are adopted.
     pub devices: Vec<u32>,
@@ -174,8 +174,10 @@ impl Ownership {
         if dst.prefix_len() <= self.network.prefix_len() || !self.network.contains(&dst) {
             return false;
         }
+        // A route into our own subnet is only ever a leftover (e.g. the subnet was a
+        // peer's before); remove it only when it is certainly ours.
         if self.own.is_some_and(|o| o.contains(&dst)) {
-            return false;
+            return r.protocol == RTPROT_FLANNEL;
         }
         r.protocol == RTPROT_FLANNEL
             || (r.protocol == RTPROT_BOOT && r.oif.is_some_and(|o| self.devices.contains(&o)))
@@ -488,8 +490,12 @@ mod tests {
             "proto static is the admin's"
         );
         assert!(
-            !own.owns(&r("10.5.1.0/24", RTPROT_FLANNEL, 7)),
-            "own subnet"
+            own.owns(&r("10.5.1.0/24", RTPROT_FLANNEL, 7)),
+            "leftover of ours into the own subnet"
+        );
+        assert!(
+            !own.owns(&r("10.5.1.0/24", RTPROT_BOOT, 7)),
+            "own subnet, maybe not ours"
         );
         assert!(
             !own.owns(&r("10.5.0.0/16", RTPROT_FLANNEL, 7)),

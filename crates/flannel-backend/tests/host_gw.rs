@@ -1,0 +1,213 @@
+//! host-gw backend in two namespaces: routes via the peers' addresses, the periodic
+//! re-check, refusal of peers that are not directly reachable.
+
+mod common;
+
+use common::*;
+use flannel_backend::host_gw::HostGwBackend;
+use flannel_backend::Backend;
+use flannel_core::{LeaseAttrs, LeaseEvent};
+use flannel_net::testing::privileged;
+use serde_json::value::RawValue;
+
+const CFG: &str = r#"{"Type":"host-gw"}"#;
+
+async fn backend(h: &Host) -> (HostGwBackend, LeaseAttrs) {
+    let raw = RawValue::from_string(CFG.to_string()).unwrap();
+    let mut be = HostGwBackend::new(&raw, h.ext.clone(), h.nl.clone()).unwrap();
+    let attrs = be.register(&config(CFG)).await.unwrap();
+    (be, attrs)
+}
+
+#[tokio::test]
+async fn host_gw_pods_talk_with_one_route_per_peer() {
+    if !privileged("host_gw_pods_talk_with_one_route_per_peer") {
+        return;
+    }
+    let (a, b) = two_hosts(1, 2).await;
+    let (mut ba, attrs_a) = backend(&a).await;
+    let (mut bb, attrs_b) = backend(&b).await;
+    assert_eq!(
+        attrs_a.encode(),
+        r#"{"PublicIP":"198.18.0.1","PublicIPv6":null,"BackendType":"host-gw"}"#
+    );
+    assert_eq!(ba.mtu(), 1500);
+    let (la, lb) = (a.lease(&attrs_a), b.lease(&attrs_b));
+    ba.start(&config(CFG), &la).await.unwrap();
+    bb.start(&config(CFG), &lb).await.unwrap();
+    ba.reconcile(std::slice::from_ref(&lb)).await.unwrap();
+    bb.reconcile(std::slice::from_ref(&la)).await.unwrap();
+    assert!(pod_ping(&a.pod, &b.pod_ip));
+    assert!(pod_ping(&b.pod, &a.pod_ip));
+
+    // Appendix A.2: one route, no device, neighbour or FDB entry.
+    let routes = a.sh(&["ip", "-d", "route", "show", "table", "all"]);
+    let ours: Vec<&str> = routes.lines().filter(|l| l.contains("10.244.2.")).collect();
+    assert_eq!(
+        ours,
+        vec!["unicast 10.244.2.0/24 via 198.18.0.2 dev ua table main proto 70 scope global "],
+        "{routes}"
+    );
+    let links = a.sh(&["ip", "-o", "link"]);
+    assert!(!links.contains("flannel"), "{links}");
+
+    ba.apply(&[LeaseEvent::Removed(lb.clone())]).await.unwrap();
+    assert!(!a.sh(&["ip", "route"]).contains("10.244.2.0/24"));
+}
+
+#[tokio::test]
+async fn unreachable_peers_are_refused_others_kept() {
+    if !privileged("unreachable_peers_are_refused_others_kept") {
+        return;
+    }
+    let (a, b) = two_hosts(1, 2).await;
+    let (mut ba, attrs_a) = backend(&a).await;
+    let (_, attrs_b) = backend(&b).await;
+    ba.start(&config(CFG), &a.lease(&attrs_a)).await.unwrap();
+    let lb = b.lease(&attrs_b);
+    a.sh(&[
+        "ip",
+        "route",
+        "add",
+        "203.0.113.0/24",
+        "via",
+        "198.18.0.2",
+        "dev",
+        "ua",
+    ]);
+    let mut far = lb.clone();
+    far.key = "10.244.3.0-24".parse().unwrap();
+    far.attrs.public_ip = "203.0.113.5".parse().unwrap();
+    let mut foreign = lb.clone();
+    foreign.key = "10.244.4.0-24".parse().unwrap();
+    foreign.attrs.backend_type = "vxlan".into();
+    ba.reconcile(&[lb.clone(), far.clone(), foreign])
+        .await
+        .unwrap();
+    let routes = a.sh(&["ip", "route"]);
+    assert!(
+        routes.contains("10.244.2.0/24 via 198.18.0.2 dev ua proto 70"),
+        "{routes}"
+    );
+    assert!(!routes.contains("10.244.3.0"), "{routes}");
+    assert!(!routes.contains("10.244.4.0"), "{routes}");
+    // The same through an event.
+    let mut far2 = far.clone();
+    far2.key = "10.244.5.0-24".parse().unwrap();
+    ba.apply(&[LeaseEvent::Added(far2)]).await.unwrap();
+    assert!(!a.sh(&["ip", "route"]).contains("10.244.5.0"));
+}
+
+#[tokio::test]
+async fn resync_repairs_and_reconcile_cleans_up() {
+    if !privileged("resync_repairs_and_reconcile_cleans_up") {
+        return;
+    }
+    let (a, b) = two_hosts(1, 2).await;
+    let (mut ba, attrs_a) = backend(&a).await;
+    let (_, attrs_b) = backend(&b).await;
+    ba.start(&config(CFG), &a.lease(&attrs_a)).await.unwrap();
+    let lb = b.lease(&attrs_b);
+    // Left over by Go flanneld: a peer that is gone (proto boot, on the
+    // interface); an admin's route must stay.
+    a.sh(&[
+        "ip",
+        "route",
+        "add",
+        "10.244.9.0/24",
+        "via",
+        "198.18.0.9",
+        "dev",
+        "ua",
+    ]);
+    a.sh(&[
+        "ip",
+        "route",
+        "add",
+        "10.244.50.0/24",
+        "via",
+        "198.18.0.9",
+        "dev",
+        "ua",
+        "proto",
+        "static",
+    ]);
+    // b's route as Go made it: adopted without a delete.
+    a.sh(&[
+        "ip",
+        "route",
+        "add",
+        "10.244.2.0/24",
+        "via",
+        "198.18.0.2",
+        "dev",
+        "ua",
+    ]);
+    let mut mon = Monitor::start(&a.ns);
+    ba.reconcile(std::slice::from_ref(&lb)).await.unwrap();
+    let events = mon.mark();
+    let routes = a.sh(&["ip", "route"]);
+    assert!(
+        routes.contains("10.244.2.0/24 via 198.18.0.2 dev ua proto 70"),
+        "{routes}"
+    );
+    assert!(!routes.contains("10.244.9.0"), "{routes}");
+    assert!(
+        routes.contains("10.244.50.0/24 via 198.18.0.9 dev ua proto static"),
+        "{routes}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|l| l.starts_with("Deleted") && l.contains("10.244.2.0")),
+        "{events:#?}"
+    );
+
+    // Nothing to do: no writes.
+    let w = ba.peer_writes();
+    ba.reconcile(std::slice::from_ref(&lb)).await.unwrap();
+    ba.resync().await.unwrap();
+    assert_eq!(ba.peer_writes(), w);
+    assert!(mon.mark().is_empty());
+
+    // Someone deletes the route: the periodic check puts it back.
+    a.sh(&["ip", "route", "del", "10.244.2.0/24"]);
+    ba.resync().await.unwrap();
+    assert!(a
+        .sh(&["ip", "route"])
+        .contains("10.244.2.0/24 via 198.18.0.2 dev ua proto 70"));
+    // A wrong gateway is fixed too (upstream leaves it; we reconcile).
+    a.sh(&[
+        "ip",
+        "route",
+        "replace",
+        "10.244.2.0/24",
+        "via",
+        "198.18.0.7",
+        "dev",
+        "ua",
+        "proto",
+        "70",
+    ]);
+    ba.resync().await.unwrap();
+    let routes = a.sh(&["ip", "route"]);
+    assert!(
+        routes.contains("10.244.2.0/24 via 198.18.0.2 dev ua proto 70"),
+        "{routes}"
+    );
+    assert_eq!(routes.matches("10.244.2.0/24").count(), 1, "{routes}");
+}
+
+#[tokio::test]
+async fn host_gw_refuses_nat() {
+    if !privileged("host_gw_refuses_nat") {
+        return;
+    }
+    let (a, _b) = two_hosts(1, 2).await;
+    let mut ext = a.ext.clone();
+    ext.public_ip = Some("203.0.113.1".parse().unwrap());
+    let raw = RawValue::from_string(CFG.to_string()).unwrap();
+    let mut be = HostGwBackend::new(&raw, ext, a.nl.clone()).unwrap();
+    let e = be.register(&config(CFG)).await.unwrap_err().to_string();
+    assert!(e.contains("203.0.113.1") && e.contains("198.18.0.1"), "{e}");
+}
