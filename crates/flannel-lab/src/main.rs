@@ -1,1 +1,430 @@
-fn main() {}
+//! `flannel-lab`: a flannel cluster in network namespaces on this machine.
+//!
+//! `demo` builds one, shows hosts, pods, a ping matrix and iperf3 figures, then tears
+//! it down (or leaves it up with `--keep`); `bench` measures throughput, convergence
+//! and agent figures against baselines from the same run; `down` removes what a
+//! killed run left behind.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+use flannel_lab::bench::{self, backend_label, BenchOptions};
+use flannel_lab::cleanup::{self, install_signal_teardown};
+use flannel_lab::{Lab, PodId};
+
+#[derive(Parser)]
+#[command(
+    name = "flannel-lab",
+    version,
+    about = "A flannel cluster in network namespaces on this machine (needs root)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build a lab, show pods reaching each other and iperf3 figures, tear it down.
+    Demo {
+        /// Backend: a type (vxlan, host-gw, udp, alloc), `vxlan+direct` for
+        /// DirectRouting, or a Backend JSON object.
+        #[arg(long, default_value = "vxlan")]
+        backend: String,
+        /// Number of hosts.
+        #[arg(long, default_value_t = 3)]
+        hosts: usize,
+        /// Pods per host.
+        #[arg(long, default_value_t = 1)]
+        pods: usize,
+        /// iperf3 duration in seconds (0 skips iperf3).
+        #[arg(long, default_value_t = 3)]
+        iperf_secs: u32,
+        /// Leave the lab running; remove it later with `flannel-lab down <prefix>`.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Throughput per backend against the underlay, convergence for N leases,
+    /// join/leave latency, agent start time and RSS.
+    Bench {
+        /// Comma-separated backends (as for `demo --backend`, JSON not allowed here).
+        #[arg(long, value_delimiter = ',', default_value = "vxlan,host-gw")]
+        backends: Vec<String>,
+        /// Write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// iperf3 duration in seconds.
+        #[arg(long, default_value_t = 3)]
+        secs: u32,
+        /// Comma-separated iperf3 stream counts.
+        #[arg(long, value_delimiter = ',', default_value = "1,4")]
+        streams: Vec<u32>,
+        /// Comma-separated lease counts for the convergence runs.
+        #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+        leases: Vec<usize>,
+        /// Join/leave samples.
+        #[arg(long, default_value_t = 20)]
+        joins: usize,
+        /// Timed agent (re)starts.
+        #[arg(long, default_value_t = 5)]
+        starts: usize,
+    },
+    /// Remove the namespaces, processes and run directories of labs whose process
+    /// is gone (or of the named lab, e.g. one left by `demo --keep`).
+    Down {
+        /// A lab prefix (`flab-<pid>-<n>`); default: every lab of a dead process.
+        prefix: Option<String>,
+    },
+}
+
+fn parse_backend(s: &str) -> Result<Value> {
+    let s = s.trim();
+    if s.starts_with('{') {
+        let v: Value = serde_json::from_str(s).context("backend JSON")?;
+        if !v.is_object() {
+            bail!("backend JSON must be an object");
+        }
+        return Ok(v);
+    }
+    Ok(match s {
+        "vxlan+direct" => json!({"Type": "vxlan", "DirectRouting": true}),
+        "" => bail!("empty backend name"),
+        ty => json!({ "Type": ty }),
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Cmd::Down { prefix } => down(prefix.as_deref()),
+        cmd => {
+            if !flannel_lab::is_root() {
+                eprintln!("flannel-lab: needs root (network namespaces)");
+                return ExitCode::from(2);
+            }
+            install_signal_teardown()
+                .map_err(anyhow::Error::from)
+                .and_then(|()| match cmd {
+                    Cmd::Demo {
+                        backend,
+                        hosts,
+                        pods,
+                        iperf_secs,
+                        keep,
+                    } => demo(&backend, hosts, pods, iperf_secs, keep),
+                    Cmd::Bench {
+                        backends,
+                        json,
+                        secs,
+                        streams,
+                        leases,
+                        joins,
+                        starts,
+                    } => {
+                        let opts = BenchOptions {
+                            backends: match backends
+                                .iter()
+                                .map(|b| parse_backend(b))
+                                .collect::<Result<Vec<_>>>()
+                            {
+                                Ok(b) => b,
+                                Err(e) => return Err(e),
+                            },
+                            secs,
+                            streams,
+                            lease_counts: leases,
+                            joins,
+                            starts,
+                            ..BenchOptions::default()
+                        };
+                        run_bench(&opts, json)
+                    }
+                    Cmd::Down { .. } => unreachable!("handled above"),
+                })
+        }
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("flannel-lab: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn stepper() -> impl Fn(&str) + Copy + 'static {
+    let t0 = Instant::now();
+    move |s: &str| println!("[{:>5.1}s] {s}", t0.elapsed().as_secs_f64())
+}
+
+fn demo(backend: &str, hosts: usize, pods_per_host: usize, secs: u32, keep: bool) -> Result<()> {
+    let backend = parse_backend(backend)?;
+    let label = backend_label(&backend);
+    let say = stepper();
+    println!("flannel-lab demo: {hosts} hosts, backend {label}");
+    let mut lab = Lab::builder()
+        .hosts(hosts)
+        .backend_json(&backend.to_string())
+        .keepable(keep)
+        .on_progress(say)
+        .build()?;
+    let mut pods: Vec<PodId> = Vec::new();
+    for h in 0..hosts {
+        for _ in 0..pods_per_host {
+            let id = lab.add_pod(h)?;
+            let p = lab.pod(id)?;
+            say(&format!(
+                "pod {} on {} -> {}",
+                p.ns,
+                lab.hosts()[h].ns,
+                p.ip
+            ));
+            pods.push(id);
+        }
+    }
+    let data_plane = label != "alloc";
+    if data_plane {
+        say("waiting until every pod reaches every other pod");
+        let t = Instant::now();
+        let mut unreachable = 0;
+        for &a in &pods {
+            for &b in &pods {
+                if a != b && lab.wait_reachable(a, lab.pod(b)?.ip).is_err() {
+                    unreachable += 1;
+                }
+            }
+        }
+        say(&format!(
+            "mesh ready after {:.1} s ({unreachable} pair(s) unreachable)",
+            t.elapsed().as_secs_f64()
+        ));
+    }
+
+    println!("\nHosts");
+    println!(
+        "  {:<22} {:<14} {:<18} {:>5}",
+        "NAME", "PUBLIC IP", "SUBNET", "MTU"
+    );
+    for (h, host) in lab.hosts().iter().enumerate() {
+        let sf = lab.subnet_file(h)?;
+        println!(
+            "  {:<22} {:<14} {:<18} {:>5}",
+            host.ns,
+            host.ip.to_string(),
+            sf.as_ref().map_or("-".into(), |s| s.subnet.to_string()),
+            sf.as_ref().map_or("-".into(), |s| s.mtu.to_string()),
+        );
+    }
+    println!("\nPods");
+    println!("  {:<22} {:<22} {:<14}", "NAME", "HOST", "IP");
+    for p in lab.pods() {
+        println!(
+            "  {:<22} {:<22} {:<14}",
+            p.ns,
+            lab.hosts()[p.host].ns,
+            p.ip.to_string()
+        );
+    }
+
+    if data_plane {
+        println!("\nPing matrix (3 pings each, 0.2 s apart; row pings column)");
+        let ips: Vec<_> = pods
+            .iter()
+            .map(|p| lab.pod(*p).map(|p| p.ip))
+            .collect::<Result<_, _>>()?;
+        print!("  {:<14}", "from \\ to");
+        for ip in &ips {
+            print!(" {:<12}", ip.to_string());
+        }
+        println!();
+        let mut failures = 0;
+        for (i, &a) in pods.iter().enumerate() {
+            print!("  {:<14}", ips[i].to_string());
+            for (j, ip) in ips.iter().enumerate() {
+                if i == j {
+                    print!(" {:<12}", "-");
+                    continue;
+                }
+                let s = lab.ping(a, *ip, 3)?;
+                let mark = if s.all_replied() { "✓" } else { "✗" };
+                if !s.all_replied() {
+                    failures += 1;
+                }
+                print!(" {:<12}", format!("{mark} {:.0}% loss", s.loss() * 100.0));
+            }
+            println!();
+        }
+        println!(
+            "  {} of {} pairs reachable without loss",
+            pods.len() * (pods.len() - 1) - failures,
+            pods.len() * (pods.len() - 1)
+        );
+
+        if secs > 0 && hosts >= 2 && pods.len() >= 2 {
+            let (a, b) = (pods[0], pods[pods_per_host]);
+            println!("\nThroughput (iperf3, {secs} s, single stream)");
+            say("iperf3 host -> host over the underlay");
+            let host = lab.iperf_hosts(0, 1, secs, 1)?;
+            say("iperf3 pod -> pod across the hosts");
+            let pod = lab.iperf_pods(a, b, secs, 1)?;
+            println!("  {:<40} {:>8}", "PATH", "Gbit/s");
+            println!(
+                "  {:<40} {:>8.2}",
+                format!("host {} -> host {}", lab.hosts()[0].ip, lab.hosts()[1].ip),
+                host
+            );
+            println!(
+                "  {:<40} {:>8.2}",
+                format!("pod {} -> pod {}", lab.pod(a)?.ip, lab.pod(b)?.ip),
+                pod
+            );
+            println!(
+                "  {:<40} {:>8.2}",
+                "ratio pod / host",
+                if host > 0.0 { pod / host } else { 0.0 }
+            );
+        }
+    }
+
+    let rss: Vec<String> = (0..hosts)
+        .map(|h| {
+            lab.agent_rss_kib(h)
+                .map(|r| format!("{r}"))
+                .unwrap_or_else(|_| "-".into())
+        })
+        .collect();
+    println!("\nflanneld RSS (KiB) per host: {}", rss.join(", "));
+    println!();
+    if keep {
+        let first_pod = lab.pods().next().map(|p| p.ns.clone());
+        let (prefix, run_dir) = lab.into_kept()?;
+        say(&format!("lab {prefix} left running"));
+        if let Some(p) = first_pod {
+            println!("  enter a pod:       ip netns exec {p} bash");
+        }
+        println!("  agent logs etc.:   {}", run_dir.display());
+        println!("  remove it later:   flannel-lab down {prefix}");
+    } else {
+        say("tearing down");
+        let prefix = lab.prefix().to_string();
+        lab.teardown()?;
+        say(&format!("{prefix} removed"));
+    }
+    Ok(())
+}
+
+fn run_bench(opts: &BenchOptions, json_out: Option<PathBuf>) -> Result<()> {
+    let say = stepper();
+    let t0 = Instant::now();
+    let report = bench::run(opts, say);
+    println!(
+        "\nflannel-lab bench ({} CPUs, kernel {}, load {}), {:.0} s",
+        report.machine.cpus,
+        report.machine.kernel,
+        report.machine.load_avg,
+        t0.elapsed().as_secs_f64()
+    );
+    if !report.throughput.is_empty() {
+        println!(
+            "\nThroughput: pod-to-pod across hosts vs underlay host-to-host (iperf3, same run)"
+        );
+        println!(
+            "  {:<28} {:>7} {:>10} {:>10} {:>7}",
+            "BACKEND", "STREAMS", "POD Gb/s", "HOST Gb/s", "RATIO"
+        );
+        for t in &report.throughput {
+            println!(
+                "  {:<28} {:>7} {:>10.2} {:>10.2} {:>7.2}",
+                t.backend, t.streams, t.pod_gbps, t.host_gbps, t.ratio
+            );
+        }
+    }
+    if !report.convergence.is_empty() {
+        println!("\nConvergence: agent start -> all N routes present");
+        println!(
+            "  {:<28} {:>7} {:>9} {:>10}",
+            "BACKEND", "LEASES", "SECONDS", "RSS KiB"
+        );
+        for c in &report.convergence {
+            println!(
+                "  {:<28} {:>7} {:>9.2} {:>10}",
+                c.backend, c.leases, c.seconds, c.agent_rss_kib
+            );
+        }
+    }
+    if !report.churn.is_empty() {
+        println!("\nChurn: one lease put/deleted in etcd -> route added/removed (ip monitor)");
+        println!(
+            "  {:<28} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9}",
+            "BACKEND", "PRESENT", "SAMPLES", "JOIN p50", "JOIN max", "LEAVE p50", "LEAVE max"
+        );
+        for c in &report.churn {
+            println!(
+                "  {:<28} {:>8} {:>8} {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>7.1}ms",
+                c.backend,
+                c.leases_present,
+                c.samples,
+                c.join_p50_ms,
+                c.join_max_ms,
+                c.leave_p50_ms,
+                c.leave_max_ms
+            );
+        }
+    }
+    if !report.startup.is_empty() {
+        println!("\nAgent: start -> subnet.env written (median), RSS with one peer");
+        println!(
+            "  {:<28} {:>8} {:>10} {:>10}",
+            "BACKEND", "SAMPLES", "MEDIAN ms", "RSS KiB"
+        );
+        for s in &report.startup {
+            println!(
+                "  {:<28} {:>8} {:>10.1} {:>10}",
+                s.backend, s.samples, s.median_ms, s.agent_rss_kib
+            );
+        }
+    }
+    for e in &report.errors {
+        println!("\nerror: {e}");
+    }
+    if let Some(path) = json_out {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(&path, text + "\n").with_context(|| format!("write {}", path.display()))?;
+        println!("\nresults written to {}", path.display());
+    }
+    if !report.errors.is_empty() {
+        bail!("{} measurement(s) failed", report.errors.len());
+    }
+    Ok(())
+}
+
+fn down(prefix: Option<&str>) -> Result<()> {
+    if !flannel_lab::is_root() {
+        bail!("needs root");
+    }
+    let r = cleanup::down(prefix)?;
+    for (pid, comm) in &r.killed {
+        println!("killed {pid} ({comm})");
+    }
+    for ns in &r.removed_namespaces {
+        println!("removed namespace {ns}");
+    }
+    for d in &r.removed_dirs {
+        println!("removed {}", d.display());
+    }
+    for (p, why) in &r.skipped {
+        println!("left {p}: {why}");
+    }
+    if r.removed_namespaces.is_empty() && r.removed_dirs.is_empty() && r.skipped.is_empty() {
+        println!("nothing to remove");
+    }
+    if !r.errors.is_empty() {
+        bail!("{}", r.errors.join("; "));
+    }
+    Ok(())
+}
