@@ -14,6 +14,20 @@ const WAIT: Duration = Duration::from_secs(60);
 /// Long enough for the one-second retry loop to have gone round more than once.
 const SEVERAL_RETRIES: Duration = Duration::from_millis(2500);
 
+/// Waits until a line with all `needles` was logged, then lets the retry loop go
+/// round a few more times and returns how many such lines there are.
+async fn logged_after_retries(logs: &LogCapture, needles: &[&str]) -> Result<usize> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while logs.count(needles) == 0 {
+        if tokio::time::Instant::now() > deadline {
+            bail!("never logged {needles:?}: {:#?}", logs.lines());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(SEVERAL_RETRIES).await;
+    Ok(logs.count(needles))
+}
+
 #[tokio::test]
 async fn bad_configs_are_logged_once_and_retried_until_a_good_one_appears() -> Result<()> {
     let Some(etcd) = EtcdServer::start_or_skip().await else {
@@ -27,43 +41,21 @@ async fn bad_configs_are_logged_once_and_retried_until_a_good_one_appears() -> R
         tokio::spawn(async move { store.network_config().await })
     };
 
-    // No config at all yet.
-    tokio::time::sleep(SEVERAL_RETRIES).await;
-    assert!(!reader.is_finished());
-    assert_eq!(
-        logs.count(&["ERROR", CONFIG_KEY, "does not exist"]),
-        1,
-        "{:#?}",
-        logs.lines()
-    );
-
-    // Malformed JSON.
+    // No config at all yet; then malformed JSON; then well-formed configs whose
+    // SubnetLen does not fit the network. Each problem is logged exactly once
+    // however often the loop retries.
+    let missing = ["ERROR", CONFIG_KEY, "does not exist"];
+    assert_eq!(logged_after_retries(&logs, &missing).await?, 1);
     put_config(&mut c, r#"{"Network":"10.5.0.0/16""#).await?;
-    tokio::time::sleep(SEVERAL_RETRIES).await;
-    assert!(!reader.is_finished());
-    assert_eq!(
-        logs.count(&["ERROR", CONFIG_KEY, "not a JSON object"]),
-        1,
-        "{:#?}",
-        logs.lines()
-    );
-
-    // Well-formed, but SubnetLen does not fit the network.
+    let malformed = ["ERROR", CONFIG_KEY, "not a JSON object"];
+    assert_eq!(logged_after_retries(&logs, &malformed).await?, 1);
     put_config(&mut c, r#"{"Network":"10.5.0.0/16","SubnetLen":15}"#).await?;
-    tokio::time::sleep(SEVERAL_RETRIES).await;
-    assert!(!reader.is_finished());
-    assert_eq!(
-        logs.count(&["ERROR", CONFIG_KEY, "SubnetLen /15"]),
-        1,
-        "{:#?}",
-        logs.lines()
-    );
+    let too_short = ["ERROR", CONFIG_KEY, "SubnetLen /15"];
+    assert_eq!(logged_after_retries(&logs, &too_short).await?, 1);
     put_config(&mut c, r#"{"Network":"10.5.0.0/16","SubnetLen":31}"#).await?;
-    tokio::time::sleep(SEVERAL_RETRIES).await;
-    assert_eq!(
-        logs.count(&["ERROR", CONFIG_KEY, "SubnetLen /31 is too long"]),
-        1
-    );
+    let too_long = ["ERROR", CONFIG_KEY, "SubnetLen /31 is too long"];
+    assert_eq!(logged_after_retries(&logs, &too_long).await?, 1);
+    assert!(!reader.is_finished());
 
     put_config(
         &mut c,
@@ -113,11 +105,11 @@ async fn an_unreachable_etcd_is_waited_for() -> Result<()> {
         let store = store.clone();
         tokio::spawn(async move { store.network_config().await })
     };
-    tokio::time::sleep(SEVERAL_RETRIES * 2).await;
+    let unreachable = ["WARN", "network config", CONFIG_KEY];
+    let failures = logged_after_retries(&logs, &unreachable).await?;
     assert!(!reader.is_finished());
-    let failures = logs.count(&["WARN", "network config", CONFIG_KEY]);
-    // Five seconds of one-second retries: logging each attempt would give about
-    // five lines; the connection can fail in a couple of distinct ways.
+    // Logging every one-second attempt would give a line per retry; the connection
+    // can fail in a couple of distinct ways.
     assert!(
         (1..=3).contains(&failures),
         "each distinct failure logged once, not every second: {:#?}",
