@@ -13,7 +13,8 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::cmd::Runner;
-use super::nfnl::{NfNetlink, Scope, NFPROTO_IPV4, NFPROTO_IPV6};
+use super::nfnl::{Fnv, NfNetlink, Scope, NFPROTO_IPV4, NFPROTO_IPV6};
+use super::xtlegacy::XtLegacy;
 use super::{EngineKind, EngineOptions, RuleEngine, RuleSet, RulesError};
 
 pub(crate) const MASQ_CHAIN: &str = "FLANNEL-POSTRTG";
@@ -49,13 +50,23 @@ impl IptablesVariant {
 pub struct IptablesEngine {
     runner: Runner,
     variant: IptablesVariant,
-    /// The binaries drive nf_tables (`iptables v1.8.9 (nf_tables)`): changes show in the
-    /// nf_tables generation, so the cheap netlink check works.
-    nl: Option<NfNetlink>,
+    /// How `check` sees changes without forking.
+    probe: Probe,
     random_fully: bool,
     wait: bool,
     applied: Option<RuleSet>,
     baseline: Option<(u64, u32)>,
+}
+
+/// The cheap way to notice changes, by iptables backend.
+enum Probe {
+    /// `iptables v1.8.9 (nf_tables)`: the nf_tables generation, then a fingerprint of our
+    /// chains over netlink.
+    Nft(NfNetlink),
+    /// Legacy x_tables: a fingerprint of the nat and filter tables via getsockopt.
+    Legacy(XtLegacy),
+    /// Neither could be opened: fork `iptables-save` every check, as upstream does.
+    None,
 }
 
 /// One address family's wanted state.
@@ -103,21 +114,21 @@ impl IptablesEngine {
             detail: out.trim().to_string(),
         })?;
         let modern = version >= (1, 6, 2);
-        let nl = if out.contains("nf_tables") {
-            match NfNetlink::open(runner.netns()) {
-                Ok(nl) => Some(nl),
-                Err(e) => {
-                    tracing::warn!("nf_tables netlink unavailable, iptables resync will fork iptables-save: {e}");
-                    None
-                }
-            }
+        let probe = if out.contains("nf_tables") {
+            NfNetlink::open(runner.netns()).map(Probe::Nft)
         } else {
-            None
-        };
+            XtLegacy::open(runner.netns()).map(Probe::Legacy)
+        }
+        .unwrap_or_else(|e| {
+            tracing::warn!(
+                "no in-process rule check, iptables resync will fork iptables-save: {e}"
+            );
+            Probe::None
+        });
         Ok(IptablesEngine {
             runner,
             variant,
-            nl,
+            probe,
             random_fully: modern && opts.fully_random,
             wait: modern,
             applied: None,
@@ -193,20 +204,49 @@ impl IptablesEngine {
         s
     }
 
+    /// A cheap snapshot `(fingerprint, generation)` of everything our sets live in.
+    fn snapshot(&mut self, rules: &RuleSet) -> Result<Option<(u64, u32)>, RulesError> {
+        match &mut self.probe {
+            Probe::Nft(nl) => nl.fingerprint(&Self::scopes(rules)).map(Some),
+            Probe::Legacy(x) => {
+                let mut h = Fnv::new();
+                for fam in Self::families(rules) {
+                    x.fingerprint(fam.v6, &[MASQ_SET.table, FWD_SET.table], &mut h)?;
+                }
+                Ok(Some((h.finish(), 0)))
+            }
+            Probe::None => Ok(None),
+        }
+    }
+
+    /// If nothing changed since `snap` was taken: the snapshot as of now (for nf_tables
+    /// with the generation the fingerprint was verified at).
+    fn unchanged_since(
+        &mut self,
+        rules: &RuleSet,
+        snap: (u64, u32),
+    ) -> Result<Option<(u64, u32)>, RulesError> {
+        if let Probe::Nft(nl) = &mut self.probe {
+            if nl.generation()? == snap.1 {
+                return Ok(Some(snap));
+            }
+        }
+        Ok(self.snapshot(rules)?.filter(|now| now.0 == snap.0))
+    }
+
     /// Record what the kernel holds now as the known-good state, if `iptables-save`
     /// confirms it and nothing changed while both were read.
     fn take_baseline(&mut self, rules: &RuleSet) -> Result<bool, RulesError> {
         self.baseline = None;
-        let Some(nl) = self.nl.as_mut() else {
-            return self.full_check(rules);
-        };
-        let (fp, gen) = nl.fingerprint(&Self::scopes(rules))?;
+        let snap = self.snapshot(rules)?;
         let ok = self.full_check(rules)?;
-        if ok {
-            if let Some(nl) = self.nl.as_mut() {
-                if nl.generation()? == gen {
-                    self.baseline = Some((fp, gen));
+        if let (true, Some(snap)) = (ok, snap) {
+            if let Probe::Nft(nl) = &mut self.probe {
+                if nl.generation()? == snap.1 {
+                    self.baseline = Some(snap);
                 }
+            } else if self.snapshot(rules)? == Some(snap) {
+                self.baseline = Some(snap);
             }
         }
         Ok(ok)
@@ -267,14 +307,10 @@ impl RuleEngine for IptablesEngine {
         if self.applied.as_ref() != Some(rules) {
             return Ok(false);
         }
-        if let (Some(nl), Some((fp, gen))) = (self.nl.as_mut(), self.baseline) {
-            let now = nl.generation()?;
-            if now == gen {
-                return Ok(true);
-            }
-            let (fp_now, gen_now) = nl.fingerprint(&Self::scopes(rules))?;
-            if fp_now == fp {
-                self.baseline = Some((fp, gen_now));
+        if let Some(base) = self.baseline {
+            if let Some(now) = self.unchanged_since(rules, base)? {
+                // The newest verified generation, so the next check takes the shortcut.
+                self.baseline = Some(now);
                 return Ok(true);
             }
         }
@@ -294,7 +330,7 @@ impl RuleEngine for IptablesEngine {
     }
 
     fn cheap_check(&self) -> bool {
-        self.nl.is_some()
+        !matches!(self.probe, Probe::None)
     }
 }
 

@@ -24,6 +24,7 @@ mod iptables;
 mod nfnl;
 mod nft;
 mod resync;
+mod xtlegacy;
 
 #[cfg(test)]
 mod tests;

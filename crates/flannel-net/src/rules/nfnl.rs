@@ -76,28 +76,7 @@ impl NfNetlink {
     /// The socket stays bound to the namespace it was created in, so a short-lived thread
     /// enters the namespace, creates it and exits; no long-lived thread ever switches.
     pub(crate) fn open(netns: Option<&str>) -> Result<Self, RulesError> {
-        let fd = match netns {
-            None => open_socket().map_err(RulesError::Netlink)?,
-            Some(name) => {
-                let name = name.to_string();
-                let path = format!("/run/netns/{name}");
-                let res = std::thread::Builder::new()
-                    .name("nfnl-netns".into())
-                    .spawn(move || -> io::Result<OwnedFd> {
-                        let ns = std::fs::File::open(&path)?;
-                        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                            .map_err(io::Error::from)?;
-                        open_socket()
-                    })
-                    .map_err(RulesError::Thread)?
-                    .join()
-                    .map_err(|_| RulesError::Netns {
-                        name: name.clone(),
-                        source: io::Error::other("namespace thread panicked"),
-                    })?;
-                res.map_err(|source| RulesError::Netns { name, source })?
-            }
-        };
+        let fd = in_netns(netns, open_socket)?.map_err(RulesError::Netlink)?;
         Ok(NfNetlink {
             fd,
             seq: 0,
@@ -313,6 +292,34 @@ impl NfNetlink {
     }
 }
 
+/// Run `f` in `netns` (a name under /run/netns) on a short-lived thread, or right here
+/// when `None`. Sockets created by `f` stay bound to that namespace.
+pub(crate) fn in_netns<T: Send + 'static>(
+    netns: Option<&str>,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, RulesError> {
+    let Some(name) = netns else {
+        return Ok(f());
+    };
+    let name = name.to_string();
+    let path = format!("/run/netns/{name}");
+    std::thread::Builder::new()
+        .name("rules-netns".into())
+        .spawn(move || -> io::Result<T> {
+            let ns = std::fs::File::open(&path)?;
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(io::Error::from)?;
+            Ok(f())
+        })
+        .map_err(RulesError::Thread)?
+        .join()
+        .map_err(|_| RulesError::Netns {
+            name: name.clone(),
+            source: io::Error::other("namespace thread panicked"),
+        })?
+        .map_err(|source| RulesError::Netns { name, source })
+}
+
 fn open_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2) call; the result is checked before use.
     let fd = unsafe {
@@ -430,19 +437,19 @@ fn align4(n: usize) -> usize {
 }
 
 /// FNV-1a, 64 bit: deterministic across runs, no dependency.
-struct Fnv(u64);
+pub(crate) struct Fnv(u64);
 
 impl Fnv {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Fnv(0xcbf29ce484222325)
     }
-    fn write(&mut self, bytes: &[u8]) {
+    pub(crate) fn write(&mut self, bytes: &[u8]) {
         for b in bytes {
             self.0 ^= u64::from(*b);
             self.0 = self.0.wrapping_mul(0x100000001b3);
         }
     }
-    fn finish(&self) -> u64 {
+    pub(crate) fn finish(&self) -> u64 {
         self.0
     }
 }

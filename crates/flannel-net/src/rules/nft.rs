@@ -70,6 +70,9 @@ impl NftEngine {
     }
 
     fn run_batch(&self, cmds: Vec<NfObject<'static>>) -> Result<(), RulesError> {
+        if cmds.is_empty() {
+            return Ok(());
+        }
         let doc = Nftables {
             objects: Cow::Owned(cmds),
         };

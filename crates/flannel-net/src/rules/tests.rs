@@ -409,7 +409,7 @@ fn iptables_apply_writes_the_expected_rules_and_is_idempotent() {
             "iptables{infix} -A FORWARD -s 192.0.2.0/24 -j DROP"
         ));
         let mut e = IptablesEngine::new(ns.ipt_opts(variant)).unwrap();
-        assert_eq!(e.cheap_check(), variant == IptablesVariant::Nft);
+        assert!(e.cheap_check(), "{variant:?}");
         let rs = rules_dual();
         for _ in 0..3 {
             e.apply(&rs).unwrap();
@@ -606,6 +606,39 @@ fn iptables_masq_off_removes_the_masq_set() {
         "{s}"
     );
     assert!(e.check(&old).unwrap());
+}
+
+#[test]
+fn legacy_fingerprint_sees_rule_changes_but_not_counters() {
+    if !require(&["ip", "iptables-legacy", "ip6tables-legacy"]) {
+        return;
+    }
+    let ns = Ns::new("xt");
+    let x = super::xtlegacy::XtLegacy::open(Some(&ns.name)).unwrap();
+    let fp = |v6: bool| {
+        let mut h = super::nfnl::Fnv::new();
+        x.fingerprint(v6, &["nat", "filter"], &mut h).unwrap();
+        h.finish()
+    };
+    let empty = fp(false);
+    // Counters set at insert, then zeroed: a change of counters only.
+    ns.sh("iptables-legacy -A FORWARD -s 192.0.2.0/24 -j ACCEPT -c 5 100");
+    let with_rule = fp(false);
+    assert_ne!(empty, with_rule);
+    ns.sh("iptables-legacy -Z");
+    assert_eq!(
+        fp(false),
+        with_rule,
+        "zeroed counters must not change the fingerprint"
+    );
+    ns.sh("iptables-legacy -t nat -A POSTROUTING -s 192.0.2.0/24 -j ACCEPT");
+    assert_ne!(fp(false), with_rule);
+    let v6 = fp(true);
+    ns.sh("ip6tables-legacy -A FORWARD -s 2001:db8::/32 -j ACCEPT -c 3 300");
+    let v6_rule = fp(true);
+    assert_ne!(v6, v6_rule);
+    ns.sh("ip6tables-legacy -Z");
+    assert_eq!(fp(true), v6_rule);
 }
 
 // ------------------------------------------------------- other engine's artifacts
@@ -826,4 +859,152 @@ fn masquerade_behaviour_iptables() {
     let mut e = IptablesEngine::new(lab.host.opts()).unwrap();
     e.apply(&rules_v4()).unwrap();
     lab.check_sources("iptables");
+}
+
+// ------------------------------------------------------- idle cost (a measurement, not a test)
+
+/// CPU time (user + system) of this process and its reaped children.
+fn cpu_time() -> Duration {
+    let get = |who| {
+        // SAFETY: rusage is plain old data; getrusage fills it and we check the result.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `ru` is a valid, writable rusage.
+        let r = unsafe { libc::getrusage(who, &mut ru) };
+        assert_eq!(r, 0, "getrusage");
+        let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+        tv(ru.ru_utime) + tv(ru.ru_stime)
+    };
+    get(libc::RUSAGE_SELF) + get(libc::RUSAGE_CHILDREN)
+}
+
+/// Prints the CPU cost of the periodic check for each engine, next to the cost of the
+/// fork-based check upstream's approach needs, measured in the same run. Run alone:
+/// `cargo test -p flannel-net --lib rules::tests::idle_cpu -- --ignored --nocapture --test-threads=1`
+#[test]
+#[ignore = "measurement; prints figures, asserts nothing about time"]
+fn idle_cpu_of_the_rule_resync() {
+    if !require(&["ip", "nft", "iptables", "iptables-legacy"]) {
+        return;
+    }
+    const N: u32 = 200;
+    let per_minute = |d: Duration| d / N * 12; // 12 checks per minute at --iptables-resync=5
+    let ns = Ns::new("idle");
+    let rs = rules_dual();
+    let mut engines: Vec<(&str, Box<dyn RuleEngine>)> = vec![
+        ("nftables", Box::new(NftEngine::new(ns.opts()).unwrap())),
+        (
+            "iptables (nf_tables backend)",
+            Box::new(IptablesEngine::new(ns.ipt_opts(IptablesVariant::Nft)).unwrap()),
+        ),
+        (
+            "iptables (legacy backend)",
+            Box::new(IptablesEngine::new(ns.ipt_opts(IptablesVariant::Legacy)).unwrap()),
+        ),
+    ];
+    for (name, e) in engines.iter_mut() {
+        e.apply(&rs).unwrap();
+        let t0 = cpu_time();
+        for _ in 0..N {
+            assert!(e.check(&rs).unwrap());
+        }
+        let took = cpu_time() - t0;
+        println!(
+            "{name}: check() {:?} CPU each, {:?} per 60 s at 5 s interval (cheap: {})",
+            took / N,
+            per_minute(took),
+            e.cheap_check()
+        );
+    }
+    // Baselines in the same run: what a fork-per-tick check costs.
+    let runner = Runner::new(Some(ns.name.clone()));
+    for (label, prog, args) in [
+        (
+            "baseline: fork `iptables-nft-save` per tick (v4 only)",
+            "iptables-nft-save",
+            vec![],
+        ),
+        (
+            "baseline: fork `nft -j list table ip flannel-ipv4` per tick",
+            "nft",
+            vec!["-j", "list", "table", "ip", "flannel-ipv4"],
+        ),
+    ] {
+        let t0 = cpu_time();
+        for _ in 0..N / 4 {
+            runner.run(prog, &args, None).unwrap();
+        }
+        let took = (cpu_time() - t0) * 4;
+        println!(
+            "{label}: {:?} CPU each, {:?} per 60 s",
+            took / N,
+            per_minute(took)
+        );
+    }
+    // Upstream's check: one `iptables -C` fork per rule (10 rules in v4) every tick.
+    let checks: Vec<Vec<String>> = ipt_expected_v4(" --random-fully")
+        .iter()
+        .filter_map(|l| l.strip_prefix("-A "))
+        .map(|rest| {
+            let table = if rest.contains("forward") {
+                "filter"
+            } else {
+                "nat"
+            };
+            let mut args = vec!["-t".to_string(), table.to_string(), "-C".to_string()];
+            // The comment is the only quoted, space-holding argument.
+            let (before, after) = rest.split_once('"').unwrap_or((rest, ""));
+            args.extend(before.split_whitespace().map(str::to_string));
+            let (comment, tail) = after.split_once('"').unwrap_or(("", after));
+            args.push(comment.to_string());
+            args.extend(tail.split_whitespace().map(str::to_string));
+            args
+        })
+        .collect();
+    let t0 = cpu_time();
+    for _ in 0..N / 20 {
+        for c in &checks {
+            let args: Vec<&str> = c.iter().map(String::as_str).collect();
+            runner.run("iptables-nft", &args, None).unwrap();
+        }
+    }
+    let took = (cpu_time() - t0) * 20;
+    println!(
+        "baseline: upstream-style `iptables -C` per rule ({} forks) per tick: {:?} CPU per tick, {:?} per 60 s",
+        checks.len(),
+        took / N,
+        per_minute(took)
+    );
+
+    // Unrelated nf_tables commits (e.g. kube-proxy) every tick: the fingerprint path.
+    let (_, e) = &mut engines[0];
+    let t0 = cpu_time();
+    let mut extra = Duration::ZERO;
+    for i in 0..N / 4 {
+        let c0 = cpu_time();
+        runner
+            .run(
+                "nft",
+                &["add", "table", "inet", &format!("churn{}", i % 2)],
+                None,
+            )
+            .unwrap();
+        extra += cpu_time() - c0;
+        assert!(e.check(&rs).unwrap());
+    }
+    let took = (cpu_time() - t0 - extra) * 4;
+    println!(
+        "nftables check() after an unrelated commit: {:?} CPU each",
+        took / N
+    );
+
+    // The real thing: the resync thread at 5 s for 60 s.
+    let (_, e) = engines.remove(0);
+    let t0 = cpu_time();
+    let h = spawn_resync(e, rs, Duration::from_secs(5), |_| {}).unwrap();
+    std::thread::sleep(Duration::from_secs(60));
+    drop(h);
+    println!(
+        "nftables resync thread, 60 s idle at 5 s interval: {:?} CPU (whole test process)",
+        cpu_time() - t0
+    );
 }
