@@ -547,3 +547,64 @@ async fn deleted_device_is_recreated_with_its_entries_on_resync() {
     );
     assert!(pod_ping(&a.pod, &b.pod_ip));
 }
+
+#[tokio::test]
+async fn incompatible_device_is_recreated_with_the_published_mac() {
+    if !privileged("incompatible_device_is_recreated_with_the_published_mac") {
+        return;
+    }
+    let cfg = r#"{"Type":"vxlan"}"#;
+    let (a, _b) = two_hosts(1, 2).await;
+    // A flannel.1 on another port (and learning on) cannot talk to the cluster.
+    a.sh(&[
+        "ip",
+        "link",
+        "add",
+        "flannel.1",
+        "address",
+        "0a:58:11:11:11:11",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "dev",
+        "ua",
+        "dstport",
+        "4789",
+    ]);
+    let published = "0a:58:22:22:22:22".parse().unwrap();
+    let opts = BackendOptions {
+        vtep_mac: Some(published),
+    };
+    let mut be = VxlanBackend::new(&raw(cfg), a.ext.clone(), a.nl.clone(), opts).unwrap();
+    let attrs = be.register(&config(cfg)).await.unwrap();
+    assert_eq!(mac_of(&attrs), "0a:58:22:22:22:22");
+    let link = a.sh(&["ip", "-d", "link", "show", "flannel.1"]);
+    assert!(link.contains("link/ether 0a:58:22:22:22:22"), "{link}");
+    assert!(link.contains("dstport 8472 nolearning"), "{link}");
+
+    // A compatible device is kept as it is, whatever MAC was published before.
+    let mut be = VxlanBackend::new(
+        &raw(cfg),
+        a.ext.clone(),
+        a.nl.clone(),
+        BackendOptions::default(),
+    )
+    .unwrap();
+    let attrs = be.register(&config(cfg)).await.unwrap();
+    assert_eq!(mac_of(&attrs), "0a:58:22:22:22:22");
+    // A non-vxlan device of that name is replaced too.
+    a.sh(&["ip", "link", "del", "flannel.1"]);
+    a.sh(&["ip", "link", "add", "flannel.1", "type", "bridge"]);
+    let mut be = VxlanBackend::new(
+        &raw(cfg),
+        a.ext.clone(),
+        a.nl.clone(),
+        BackendOptions::default(),
+    )
+    .unwrap();
+    be.register(&config(cfg)).await.unwrap();
+    assert!(a
+        .sh(&["ip", "-d", "link", "show", "flannel.1"])
+        .contains("vxlan id 1"));
+}
