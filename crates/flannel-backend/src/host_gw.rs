@@ -2,7 +2,7 @@
 //! (SPEC §4.2, Appendix A.2). Works only when every peer is on a network directly
 //! connected to the external interface; other peers are refused with an error.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use ipnet::{IpNet, Ipv4Net};
 use serde_json::value::RawValue;
 
 use crate::dataplane::{self, Desired, Ownership, State};
-use crate::peers::{type_matches, PeerSet, Warnings};
+use crate::peers::{type_matches, PeerSet, RouteLookups, Warnings};
 use crate::{Backend, BackendError, ExternalInterface};
 
 const TYPE: &str = "host-gw";
@@ -31,6 +31,7 @@ pub struct HostGwBackend {
     warnings: Warnings,
     /// Neighbour/FDB/route writes issued for peers so far.
     peer_writes: u64,
+    lookups: RouteLookups,
 }
 
 impl HostGwBackend {
@@ -45,6 +46,7 @@ impl HostGwBackend {
             programmed: BTreeMap::new(),
             warnings: Warnings::default(),
             peer_writes: 0,
+            lookups: RouteLookups::default(),
         })
     }
 
@@ -61,38 +63,31 @@ impl HostGwBackend {
         }
     }
 
-    /// Which public IPs are directly reachable on the external interface.
-    async fn reachable(&self, ips: HashSet<Ipv4Addr>) -> HashMap<Ipv4Addr, Result<(), String>> {
-        let ext = self.ext.index;
-        let futs: Vec<_> = ips
-            .into_iter()
-            .map(|ip| {
-                let nl = self.nl.clone();
-                let name = self.ext.name.clone();
-                async move {
-                    let verdict = match nl.route_get(IpAddr::V4(ip)).await {
-                        Ok(r) if r.kind != RTN_UNICAST => {
-                            Err(format!("{ip} is not a unicast remote address"))
-                        }
-                        Ok(r) if r.gateway.is_some() => Err(format!(
-                    "{ip} is not on a network directly connected to {name} (reached via {})",
-                    r.gateway.map(|g| g.to_string()).unwrap_or_default()
-                )),
-                        Ok(r) if r.oif != Some(ext) => Err(format!(
-                            "{ip} is reached through another interface (#{:?}), not {name}",
-                            r.oif
-                        )),
-                        Ok(_) => Ok(()),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    (ip, verdict)
-                }
-            })
-            .collect();
-        self.nl.run_batch(futs).await.into_iter().collect()
+    /// Whether the kernel's answer for a peer's public IP lets host-gw route to it:
+    /// a unicast route without gateway out of the external interface.
+    fn verdict(&self, ip: Ipv4Addr, answer: &Result<Route, String>) -> Result<(), String> {
+        let name = &self.ext.name;
+        match answer {
+            Ok(r) if r.kind != RTN_UNICAST => Err(format!("{ip} is not a unicast remote address")),
+            Ok(r) if r.gateway.is_some() => Err(format!(
+                "{ip} is not on a network directly connected to {name} (reached via {})",
+                r.gateway.map(|g| g.to_string()).unwrap_or_default()
+            )),
+            Ok(r) if r.oif != Some(self.ext.index) => Err(format!(
+                "{ip} is reached through another interface (#{:?}), not {name}",
+                r.oif
+            )),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.clone()),
+        }
     }
 
-    async fn plan_peers(&mut self, leases: &[Lease]) -> BTreeMap<Ipv4Net, Ipv4Addr> {
+    /// Decides which leases get a route. `refresh` picks cached lookups to redo.
+    async fn plan_peers(
+        &mut self,
+        leases: &[Lease],
+        refresh: impl Fn(&Result<Route, String>) -> bool,
+    ) -> BTreeMap<Ipv4Net, Ipv4Addr> {
         let mut usable = Vec::new();
         for l in leases {
             if !type_matches(l, TYPE, &mut self.warnings) {
@@ -108,27 +103,26 @@ impl HostGwBackend {
             }
             usable.push(l);
         }
-        let verdicts = self
-            .reachable(usable.iter().map(|l| l.attrs.public_ip).collect())
+        self.lookups
+            .update(&self.nl, usable.iter().map(|l| l.attrs.public_ip), refresh)
             .await;
         let mut out = BTreeMap::new();
         for l in usable {
-            match verdicts.get(&l.attrs.public_ip) {
-                Some(Ok(())) => {
+            let ip = l.attrs.public_ip;
+            let verdict = match self.lookups.get(&ip) {
+                Some(answer) => self.verdict(ip, answer),
+                None => Err(format!("no route lookup for {ip}")),
+            };
+            match verdict {
+                Ok(()) => {
                     self.warnings.clear(&l.key);
-                    out.insert(l.subnet().trunc(), l.attrs.public_ip);
+                    out.insert(l.subnet().trunc(), ip);
                 }
-                Some(Err(why)) => {
-                    // An error, not a warning: this peer's pods are unreachable.
-                    self.warnings
-                        .warn(l.key, format!("host-gw cannot route to it: {why}"));
-                    tracing::error!(
-                        "host-gw: no route for {} (peer {}): {why}",
-                        l.subnet(),
-                        l.attrs.public_ip
-                    );
-                }
-                None => {}
+                // An error, not a warning: this peer's pods are unreachable.
+                Err(why) => self.warnings.error(
+                    l.key,
+                    format!("host-gw: no route for {} via {ip}: {why}", l.subnet()),
+                ),
             }
         }
         out
@@ -146,10 +140,15 @@ impl HostGwBackend {
         d
     }
 
-    async fn full_reconcile(&mut self) -> Result<(), BackendError> {
+    async fn full_reconcile(
+        &mut self,
+        refresh: impl Fn(&Result<Route, String>) -> bool,
+    ) -> Result<(), BackendError> {
         let network = self.network.ok_or_else(not_started)?;
         let leases = self.peers.all();
-        let peers = self.plan_peers(&leases).await;
+        let peers = self.plan_peers(&leases, refresh).await;
+        let used: HashSet<Ipv4Addr> = leases.iter().map(|l| l.attrs.public_ip).collect();
+        self.lookups.retain(&used);
         self.warnings.retain(|k| self.peers.leases.contains_key(k));
         let desired = self.desired(&peers);
         let own = Ownership {
@@ -228,7 +227,8 @@ impl Backend for HostGwBackend {
 
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), BackendError> {
         self.peers.replace_all(peers);
-        self.full_reconcile().await
+        // A full update re-asks the kernel about every peer.
+        self.full_reconcile(|_| true).await
     }
 
     async fn apply(&mut self, events: &[LeaseEvent]) -> Result<(), BackendError> {
@@ -251,7 +251,7 @@ impl Backend for HostGwBackend {
                 }
             }
         }
-        let new_peers = self.plan_peers(&current).await;
+        let new_peers = self.plan_peers(&current, |_| false).await;
         let old: BTreeMap<Ipv4Net, Ipv4Addr> = touched
             .iter()
             .filter_map(|s| self.programmed.get(s).map(|g| (*s, *g)))
@@ -279,6 +279,12 @@ impl Backend for HostGwBackend {
 
     /// One route dump; re-adds missing routes, fixes wrong ones, removes stale ones.
     async fn resync(&mut self) -> Result<(), BackendError> {
-        self.full_reconcile().await
+        // Peers refused before are asked about again (their network may have
+        // come up); the others keep their answer.
+        let ext = self.ext.index;
+        self.full_reconcile(move |a| {
+            !matches!(a, Ok(r) if r.kind == RTN_UNICAST && r.gateway.is_none() && r.oif == Some(ext))
+        })
+        .await
     }
 }

@@ -1,9 +1,11 @@
 //! Bookkeeping shared by backends: which leases to use, warnings given once per lease,
 //! the current set of peers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
 
 use flannel_core::{Lease, LeaseEvent, LeaseKey};
+use flannel_net::netlink::{Netlink, Route};
 
 /// Remembers the warning last logged for each lease so a bad lease is reported once
 /// (and again only if what is wrong with it changes), not on every resync.
@@ -16,6 +18,14 @@ impl Warnings {
     pub fn warn(&mut self, key: LeaseKey, msg: String) {
         if self.given.get(&key) != Some(&msg) {
             tracing::warn!("lease {key}: {msg}");
+            self.given.insert(key, msg);
+        }
+    }
+
+    /// Like [`warn`](Self::warn), at error level (the peer is unreachable).
+    pub fn error(&mut self, key: LeaseKey, msg: String) {
+        if self.given.get(&key) != Some(&msg) {
+            tracing::error!("lease {key}: {msg}");
             self.given.insert(key, msg);
         }
     }
@@ -72,5 +82,51 @@ impl PeerSet {
 
     pub fn all(&self) -> Vec<Lease> {
         self.leases.values().cloned().collect()
+    }
+}
+
+/// The kernel's route lookup (`ip route get`) for peers' public IPs, cached so a
+/// periodic resync costs no lookups for peers already decided.
+#[derive(Debug, Default)]
+pub(crate) struct RouteLookups {
+    answers: HashMap<Ipv4Addr, Result<Route, String>>,
+}
+
+impl RouteLookups {
+    /// Looks up every IP that is not cached yet or whose cached answer `refresh`
+    /// selects, all at once on the pipelined socket.
+    pub async fn update(
+        &mut self,
+        nl: &Netlink,
+        ips: impl IntoIterator<Item = Ipv4Addr>,
+        refresh: impl Fn(&Result<Route, String>) -> bool,
+    ) {
+        let todo: HashSet<Ipv4Addr> = ips
+            .into_iter()
+            .filter(|ip| self.answers.get(ip).is_none_or(&refresh))
+            .collect();
+        let futs: Vec<_> = todo
+            .into_iter()
+            .map(|ip| {
+                let nl = nl.clone();
+                async move {
+                    let r = nl
+                        .route_get(IpAddr::V4(ip))
+                        .await
+                        .map_err(|e| e.to_string());
+                    (ip, r)
+                }
+            })
+            .collect();
+        self.answers.extend(nl.run_batch(futs).await);
+    }
+
+    pub fn get(&self, ip: &Ipv4Addr) -> Option<&Result<Route, String>> {
+        self.answers.get(ip)
+    }
+
+    /// Forgets IPs no peer uses any more.
+    pub fn retain(&mut self, used: &HashSet<Ipv4Addr>) {
+        self.answers.retain(|ip, _| used.contains(ip));
     }
 }

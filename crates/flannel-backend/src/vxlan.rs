@@ -16,7 +16,7 @@ use ipnet::{IpNet, Ipv4Net};
 use serde_json::value::RawValue;
 
 use crate::dataplane::{self, Desired, Ownership, State};
-use crate::peers::{type_matches, PeerSet, Warnings};
+use crate::peers::{type_matches, PeerSet, RouteLookups, Warnings};
 use crate::{Backend, BackendError, BackendOptions, ExternalInterface};
 
 /// The port the kernel uses when none is configured (Linux's historical VXLAN port).
@@ -137,6 +137,7 @@ pub struct VxlanBackend {
     warnings: Warnings,
     /// Neighbour/FDB/route writes issued for peers so far.
     peer_writes: u64,
+    lookups: RouteLookups,
 }
 
 impl VxlanBackend {
@@ -159,6 +160,7 @@ impl VxlanBackend {
             programmed: BTreeMap::new(),
             warnings: Warnings::default(),
             peer_writes: 0,
+            lookups: RouteLookups::default(),
         })
     }
 
@@ -378,34 +380,13 @@ impl VxlanBackend {
         })
     }
 
-    /// How to reach each public IP directly, for DirectRouting (`None` = not
-    /// directly connected).
-    async fn direct_routes(&self, ips: HashSet<Ipv4Addr>) -> HashMap<Ipv4Addr, Option<u32>> {
-        let dev = self.device_index();
-        let futs: Vec<_> = ips
-            .into_iter()
-            .map(|ip| {
-                let nl = self.nl.clone();
-                async move {
-                    let direct = match nl.route_get(IpAddr::V4(ip)).await {
-                        Ok(r) if r.gateway.is_none() && r.kind == RTN_UNICAST && r.oif != dev => {
-                            r.oif
-                        }
-                        Ok(_) => None,
-                        Err(e) => {
-                            tracing::warn!("{e}; using the tunnel");
-                            None
-                        }
-                    };
-                    (ip, direct)
-                }
-            })
-            .collect();
-        self.nl.run_batch(futs).await.into_iter().collect()
-    }
-
-    /// Decides how to reach each usable lease.
-    async fn plan_peers(&mut self, leases: &[Lease]) -> BTreeMap<Ipv4Net, Peer> {
+    /// Decides how to reach each usable lease. `refresh` picks cached route lookups
+    /// (DirectRouting) to redo.
+    async fn plan_peers(
+        &mut self,
+        leases: &[Lease],
+        refresh: impl Fn(&Result<Route, String>) -> bool,
+    ) -> BTreeMap<Ipv4Net, Peer> {
         let mut usable = Vec::new();
         for l in leases {
             if !type_matches(l, TYPE, &mut self.warnings) {
@@ -431,30 +412,52 @@ impl VxlanBackend {
                 Err(e) => self.warnings.warn(l.key, format!("ignored: {e}")),
             }
         }
-        let direct = if self.cfg.direct_routing {
-            self.direct_routes(usable.iter().map(|(l, _)| l.attrs.public_ip).collect())
-                .await
-        } else {
-            HashMap::new()
-        };
-        usable
-            .into_iter()
-            .map(|(l, d)| {
-                let subnet = l.subnet().trunc();
-                let peer = match direct.get(&l.attrs.public_ip) {
-                    Some(Some(oif)) => Peer::Direct {
-                        gw: l.attrs.public_ip,
-                        oif: *oif,
-                    },
-                    _ => Peer::Tunnel {
+        if self.cfg.direct_routing {
+            self.lookups
+                .update(
+                    &self.nl,
+                    usable.iter().map(|(l, _)| l.attrs.public_ip),
+                    refresh,
+                )
+                .await;
+        }
+        let dev = self.device_index();
+        let mut macs: HashMap<MacAddr, Ipv4Addr> = HashMap::new();
+        let mut out = BTreeMap::new();
+        for (l, d) in usable {
+            let subnet = l.subnet().trunc();
+            let ip = l.attrs.public_ip;
+            // DirectRouting: a peer whose address the kernel reaches without a
+            // gateway gets a plain route over the underlay (SPEC 4.1).
+            let direct = match self.lookups.get(&ip) {
+                Some(Ok(r)) if self.cfg.direct_routing => r
+                    .oif
+                    .filter(|o| r.gateway.is_none() && r.kind == RTN_UNICAST && Some(*o) != dev),
+                _ => None,
+            };
+            let peer = match direct {
+                Some(oif) => Peer::Direct { gw: ip, oif },
+                None => {
+                    if let Some(other) = macs.insert(d.vtep_mac, ip).filter(|o| *o != ip) {
+                        self.warnings.warn(
+                            l.key,
+                            format!(
+                                "its VTEP MAC {} is also published by {other}; traffic for one \
+                                 of them goes to the other",
+                                d.vtep_mac
+                            ),
+                        );
+                    }
+                    Peer::Tunnel {
                         gw: subnet.network(),
                         mac: d.vtep_mac,
-                        vtep: l.attrs.public_ip,
-                    },
-                };
-                (subnet, peer)
-            })
-            .collect()
+                        vtep: ip,
+                    }
+                }
+            };
+            out.insert(subnet, peer);
+        }
+        out
     }
 
     fn desired<'a>(
@@ -468,14 +471,7 @@ impl VxlanBackend {
             match *peer {
                 Peer::Tunnel { gw, mac, vtep } => {
                     let gw = IpAddr::V4(gw);
-                    if let Some(prev) = d.fdb.insert(mac, IpAddr::V4(vtep)) {
-                        if prev != IpAddr::V4(vtep) {
-                            tracing::warn!(
-                                "VTEP MAC {mac} is published by two hosts ({prev} and {vtep}); \
-                                 traffic for one of them will go to the other"
-                            );
-                        }
-                    }
+                    d.fdb.insert(mac, IpAddr::V4(vtep));
                     d.neigh.insert(gw, mac);
                     d.deps.insert(dst, (gw, mac));
                     d.routes
@@ -510,10 +506,15 @@ impl VxlanBackend {
         Ok(s)
     }
 
-    async fn full_reconcile(&mut self) -> Result<(), BackendError> {
+    async fn full_reconcile(
+        &mut self,
+        refresh: impl Fn(&Result<Route, String>) -> bool,
+    ) -> Result<(), BackendError> {
         let dev = self.device_index().ok_or_else(not_started)?;
         let leases = self.peers.all();
-        let peers = self.plan_peers(&leases).await;
+        let peers = self.plan_peers(&leases, refresh).await;
+        let used: HashSet<Ipv4Addr> = leases.iter().map(|l| l.attrs.public_ip).collect();
+        self.lookups.retain(&used);
         self.warnings.retain(|k| self.peers.leases.contains_key(k));
         let desired = self.desired(dev, &peers);
         let current = self.kernel_state(dev).await?;
@@ -633,7 +634,8 @@ impl Backend for VxlanBackend {
 
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), BackendError> {
         self.peers.replace_all(peers);
-        self.full_reconcile().await
+        // A full update re-asks the kernel about every peer (DirectRouting).
+        self.full_reconcile(|_| true).await
     }
 
     async fn apply(&mut self, events: &[LeaseEvent]) -> Result<(), BackendError> {
@@ -655,7 +657,7 @@ impl Backend for VxlanBackend {
             }
         }
         current.dedup_by(|a, b| a.key == b.key);
-        let new_peers = self.plan_peers(&current).await;
+        let new_peers = self.plan_peers(&current, |_| false).await;
         let old: BTreeMap<Ipv4Net, Peer> = touched
             .iter()
             .filter_map(|s| self.programmed.get(s).map(|p| (*s, *p)))
@@ -696,7 +698,7 @@ impl Backend for VxlanBackend {
 
     async fn resync(&mut self) -> Result<(), BackendError> {
         self.ensure_device_alive().await?;
-        self.full_reconcile().await
+        self.full_reconcile(|_| false).await
     }
 }
 

@@ -96,6 +96,21 @@ async fn unreachable_peers_are_refused_others_kept() {
     far2.key = "10.244.5.0-24".parse().unwrap();
     ba.apply(&[LeaseEvent::Added(far2)]).await.unwrap();
     assert!(!a.sh(&["ip", "route"]).contains("10.244.5.0"));
+
+    // The far network becomes directly connected: the next periodic check
+    // routes to the peers it refused before.
+    a.sh(&["ip", "route", "del", "203.0.113.0/24"]);
+    a.sh(&["ip", "addr", "add", "203.0.113.1/24", "dev", "ua"]);
+    ba.resync().await.unwrap();
+    let routes = a.sh(&["ip", "route"]);
+    assert!(
+        routes.contains("10.244.3.0/24 via 203.0.113.5 dev ua proto 70"),
+        "{routes}"
+    );
+    assert!(
+        routes.contains("10.244.5.0/24 via 203.0.113.5 dev ua proto 70"),
+        "{routes}"
+    );
 }
 
 #[tokio::test]
