@@ -31,6 +31,9 @@ pub struct BenchOptions {
     pub secs: u32,
     /// Stream counts for the throughput runs.
     pub streams: Vec<u32>,
+    /// Host/pod iperf3 pairs per stream count, run alternately (A/B/A/B...);
+    /// medians are reported.
+    pub rounds: usize,
     /// Lease counts for the convergence runs.
     pub lease_counts: Vec<usize>,
     /// Number of join/leave samples.
@@ -47,6 +50,7 @@ impl Default for BenchOptions {
             backends: vec![json!({"Type":"vxlan"}), json!({"Type":"host-gw"})],
             secs: 3,
             streams: vec![1, 4],
+            rounds: 3,
             lease_counts: vec![1000, 5000],
             joins: 20,
             starts: 5,
@@ -60,12 +64,14 @@ pub struct Throughput {
     pub backend: String,
     pub streams: u32,
     pub secs: u32,
-    /// Underlay host-to-host, Gbit/s (the baseline).
+    /// Underlay host-to-host, Gbit/s (the baseline), median of the rounds.
     pub host_gbps: f64,
-    /// Pod-to-pod across the two hosts, Gbit/s.
+    /// Pod-to-pod across the two hosts, Gbit/s, median of the rounds.
     pub pod_gbps: f64,
-    /// pod / host.
+    /// pod / host of the medians.
     pub ratio: f64,
+    /// Every round, in order: (host, pod) Gbit/s.
+    pub rounds: Vec<(f64, f64)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -219,8 +225,14 @@ fn throughput_and_startup(
     lab.wait_reachable(a, ib)?;
     lab.wait_reachable(b, ia)?;
     for &streams in &opts.streams {
-        let host = lab.iperf_hosts(0, 1, opts.secs, streams)?;
-        let pod = lab.iperf_pods(a, b, opts.secs, streams)?;
+        let mut rounds = Vec::new();
+        for _ in 0..opts.rounds.max(1) {
+            let host = lab.iperf_hosts(0, 1, opts.secs, streams)?;
+            let pod = lab.iperf_pods(a, b, opts.secs, streams)?;
+            rounds.push((host, pod));
+        }
+        let host = median_f64(rounds.iter().map(|r| r.0));
+        let pod = median_f64(rounds.iter().map(|r| r.1));
         let t = Throughput {
             backend: label.to_string(),
             streams,
@@ -228,10 +240,12 @@ fn throughput_and_startup(
             host_gbps: host,
             pod_gbps: pod,
             ratio: if host > 0.0 { pod / host } else { 0.0 },
+            rounds,
         };
         say(&format!(
-            "  {streams} stream(s): pod {pod:.2} Gbit/s, host {host:.2} Gbit/s, ratio {:.2}",
-            t.ratio
+            "  {streams} stream(s): pod {pod:.2} Gbit/s, host {host:.2} Gbit/s, ratio {:.2} (median of {})",
+            t.ratio,
+            t.rounds.len()
         ));
         report.throughput.push(t);
     }
@@ -259,6 +273,21 @@ fn throughput_and_startup(
         agent_rss_kib: rss,
     });
     Ok(())
+}
+
+/// The median of some numbers (mean of the middle two for an even count).
+fn median_f64(v: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = v.collect();
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -420,6 +449,13 @@ mod tests {
             fake_lease_value("host-gw", 248),
             r#"{"PublicIP":"198.18.0.250","PublicIPv6":null,"BackendType":"host-gw"}"#
         );
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median_f64([3.0, 1.0, 2.0].into_iter()), 2.0);
+        assert_eq!(median_f64([4.0, 1.0].into_iter()), 2.5);
+        assert_eq!(median_f64(std::iter::empty()), 0.0);
     }
 
     #[test]

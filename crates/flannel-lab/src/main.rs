@@ -64,6 +64,9 @@ enum Cmd {
         /// Comma-separated iperf3 stream counts.
         #[arg(long, value_delimiter = ',', default_value = "1,4")]
         streams: Vec<u32>,
+        /// Alternating host/pod iperf3 pairs per stream count (medians reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
         /// Comma-separated lease counts for the convergence runs.
         #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
         leases: Vec<usize>,
@@ -122,6 +125,7 @@ fn main() -> ExitCode {
                         json,
                         secs,
                         streams,
+                        rounds,
                         leases,
                         joins,
                         starts,
@@ -137,6 +141,7 @@ fn main() -> ExitCode {
                             },
                             secs,
                             streams,
+                            rounds,
                             lease_counts: leases,
                             joins,
                             starts,
@@ -267,11 +272,12 @@ fn demo(backend: &str, hosts: usize, pods_per_host: usize, secs: u32, keep: bool
 
         if secs > 0 && hosts >= 2 && pods.len() >= 2 {
             let (a, b) = (pods[0], pods[pods_per_host]);
-            println!("\nThroughput (iperf3, {secs} s, single stream)");
+            println!();
             say("iperf3 host -> host over the underlay");
             let host = lab.iperf_hosts(0, 1, secs, 1)?;
             say("iperf3 pod -> pod across the hosts");
             let pod = lab.iperf_pods(a, b, secs, 1)?;
+            println!("\nThroughput (iperf3, {secs} s, single stream)");
             println!("  {:<40} {:>8}", "PATH", "Gbit/s");
             println!(
                 "  {:<40} {:>8.2}",
