@@ -337,7 +337,9 @@ fn run_bench(opts: &BenchOptions, json_out: Option<PathBuf>) -> Result<()> {
     );
     if !report.throughput.is_empty() {
         println!(
-            "\nThroughput: pod-to-pod across hosts vs underlay host-to-host (iperf3, same run)"
+            "\nThroughput: pod-to-pod across hosts vs underlay host-to-host \
+             (iperf3 {} s, same run, median of {} alternating rounds)",
+            opts.secs, opts.rounds
         );
         println!(
             "  {:<28} {:>7} {:>10} {:>10} {:>7}",
