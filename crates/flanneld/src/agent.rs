@@ -6,16 +6,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
-use flannel_backend::BackendOptions;
+use flannel_backend::{Backend, BackendOptions};
 use flannel_core::{Lease, LeaseEvent, LeaseKey, LeaseUpdate, NetworkConfig, SubnetEnv};
-use flannel_store::{AcquireRequest, LeaseStore, OwnLeaseEvent};
+use flannel_store::etcd::WatchHealth;
+use flannel_store::{AcquireRequest, OwnLeaseEvent};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::http::Readiness;
 use crate::iface_select::{self, IfaceRequest};
+use crate::metrics::{LeaseEventKind, Metrics};
 use crate::options::Options;
-use crate::subnet_file;
+use crate::stores::OpenedStore;
+use crate::{subnet_file, traffic_rules};
 
 /// How the agent ended (both exit 0: a supervisor restarts it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,26 +36,22 @@ const RENEW_RETRY: Duration = Duration::from_secs(60);
 const APPLY_RETRY: Duration = Duration::from_secs(1);
 
 pub struct Agent {
-    opts: Options,
-    store: Arc<dyn LeaseStore>,
-    cancel: CancellationToken,
+    pub opts: Options,
+    pub store: OpenedStore,
+    pub cancel: CancellationToken,
+    pub readiness: Arc<Readiness>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Agent {
-    pub fn new(opts: Options, store: Arc<dyn LeaseStore>, cancel: CancellationToken) -> Self {
-        Agent {
-            opts,
-            store,
-            cancel,
-        }
-    }
-
     pub async fn run(self) -> Result<Exit> {
         let started = Instant::now();
-        let Some(config) = self.until_cancelled(self.store.network_config()).await else {
+        let store = self.store.store.clone();
+        let Some(config) = self.until_cancelled(store.network_config()).await else {
             return Ok(Exit::Signal);
         };
         let config = config.context("reading the network config")?;
+        self.metrics.set_store_connected(true);
         if config.backend_defaulted {
             warn!(
                 "the network config has no \"Backend\": using {:?} as upstream flannel does; \
@@ -67,15 +67,21 @@ impl Agent {
         let netlink = flannel_net::Netlink::connect()
             .await
             .context("opening a netlink socket")?;
-        let req = IfaceRequest::from_options(&self.opts, config.enable_ipv4, config.enable_ipv6)
-            .map_err(|e| anyhow!(e))?;
+        let mut req =
+            IfaceRequest::from_options(&self.opts, config.enable_ipv4, config.enable_ipv6)
+                .map_err(|e| anyhow!(e))?;
+        let overrides = &self.store.overrides;
+        req.public_ip = overrides.public_ip.or(req.public_ip);
+        req.public_ipv6 = overrides.public_ipv6.or(req.public_ipv6);
         let ext = iface_select::select(netlink.handle(), &req)
             .await
             .map_err(|e| anyhow!(e))?;
         info!(iface = %ext.name, addr = ?ext.addr, public_ip = ?ext.public_ip, public_ipv6 = ?ext.public_ipv6, mtu = ext.mtu, "using interface");
 
-        let mut backend =
-            crate::backends::new(&config, ext.clone(), netlink, BackendOptions::default())?;
+        let backend_opts = BackendOptions {
+            vtep_mac: overrides.vtep_mac,
+        };
+        let mut backend = crate::backends::new(&config, ext.clone(), netlink, backend_opts)?;
         let resync_every = backend.resync_interval();
         let mut attrs = backend
             .register(&config)
@@ -92,19 +98,27 @@ impl Agent {
             None => info!("no previous subnet in {}", self.opts.subnet_file.display()),
         }
         let request = AcquireRequest { attrs, previous };
-        let Some(lease) = self
-            .until_cancelled(self.store.acquire(&config, &request))
-            .await
-        else {
+        let Some(lease) = self.until_cancelled(store.acquire(&config, &request)).await else {
             return Ok(Exit::Signal);
         };
         let mut lease = lease.context("acquiring a subnet lease")?;
         info!(key = %lease.key, expiration = ?lease.expiration, "lease acquired");
+        self.metrics.set_lease(true, lease.expiration);
+        self.readiness.set_lease_held(true);
 
         backend
             .start(&config, &lease)
             .await
             .context("starting the backend")?;
+        self.readiness.set_backend_ready(true);
+
+        let rules = traffic_rules::wanted(&self.opts, &config, &lease);
+        let _rules_resync =
+            traffic_rules::install(&self.opts, &config, rules, self.metrics.clone()).await?;
+        self.readiness.set_rules_in_place(true);
+        if self.opts.ip_blackhole_route {
+            warn!("--ip-blackhole-route is not supported by flannel-rs yet; no blackhole route was added");
+        }
 
         let env = SubnetEnv {
             network: config.network.filter(|_| config.enable_ipv4),
@@ -116,7 +130,8 @@ impl Agent {
         };
         match subnet_file::write(&self.opts.subnet_file, &env) {
             Ok(()) => {
-                info!(path = %self.opts.subnet_file.display(), elapsed_ms = started.elapsed().as_millis() as u64, "subnet file written")
+                info!(path = %self.opts.subnet_file.display(), elapsed_ms = started.elapsed().as_millis() as u64, "subnet file written");
+                self.readiness.set_subnet_file_written(true);
             }
             // Upstream only logs this: the data plane still works for existing pods.
             Err(e) => {
@@ -126,7 +141,7 @@ impl Agent {
         crate::sd_notify_ready();
 
         let (upd_tx, mut upd_rx) = mpsc::channel::<LeaseUpdate>(256);
-        let watch_store = self.store.clone();
+        let watch_store = store.clone();
         let own_key = lease.key;
         let watcher = tokio::spawn(async move {
             if let Err(e) = watch_store.watch_leases(own_key, upd_tx).await {
@@ -134,14 +149,23 @@ impl Agent {
             }
         });
         let (own_tx, mut own_rx) = mpsc::channel::<OwnLeaseEvent>(16);
-        let own_store = self.store.clone();
+        let own_store = store.clone();
         let own_lease = lease.clone();
         let own_watcher = tokio::spawn(async move {
             if let Err(e) = own_store.watch_own_lease(&own_lease, own_tx).await {
                 error!(error = %e, "own lease watch ended");
             }
         });
+        let health_task = self
+            .store
+            .watch_health
+            .clone()
+            .map(|rx| tokio::spawn(report_watch_health(rx, self.metrics.clone())));
         info!("watching for new subnet leases");
+        if let Err(e) = store.complete_lease(&lease).await {
+            // Upstream only logs a failed node-condition update.
+            warn!(error = %e, "completing the lease (node condition) failed");
+        }
 
         let margin = Duration::from_secs(u64::from(self.opts.subnet_lease_renew_margin) * 60);
         let mut renew_at = renew_deadline(&lease, margin);
@@ -164,27 +188,24 @@ impl Agent {
             tokio::select! {
                 _ = self.cancel.cancelled() => break Exit::Signal,
                 Some(update) = upd_rx.recv() => {
-                    let result = match update {
-                        LeaseUpdate::Full(all) => {
-                            peers.replace(&all);
-                            backend.reconcile(&all).await
-                        }
-                        LeaseUpdate::Events(events) => {
-                            peers.apply(&events);
-                            log_events(&events);
-                            backend.apply(&events).await
-                        }
-                    };
-                    if let Err(e) = result {
-                        error!(error = %e, "applying lease changes to the kernel failed; will reconcile again");
+                    if self.store.watch_health.is_none() {
+                        self.metrics.set_watch_active(true);
+                    }
+                    let ok = self.apply_update(&mut *backend, &mut peers, update).await;
+                    if !ok {
                         retry_at = Some(tokio::time::Instant::now() + APPLY_RETRY);
                     }
                 }
                 _ = retry_sleep => {
                     retry_at = None;
-                    if let Err(e) = backend.reconcile(&peers.leases()).await {
-                        error!(error = %e, "reconcile failed; retrying");
-                        retry_at = Some(tokio::time::Instant::now() + APPLY_RETRY);
+                    let t = Instant::now();
+                    match backend.reconcile(&peers.leases()).await {
+                        Ok(()) => self.metrics.observe_kernel_apply("reconcile", t.elapsed()),
+                        Err(e) => {
+                            error!(error = %e, "reconcile failed; retrying");
+                            self.metrics.reconcile_error("reconcile");
+                            retry_at = Some(tokio::time::Instant::now() + APPLY_RETRY);
+                        }
                     }
                 }
                 _ = resync_sleep => {
@@ -192,28 +213,35 @@ impl Agent {
                     // someone deleted).
                     if let Err(e) = backend.resync().await {
                         warn!(error = %e, "backend resync failed");
+                        self.metrics.reconcile_error("resync");
                     }
                     resync_at = resync_every.map(|d| tokio::time::Instant::now() + d);
                 }
                 Some(ev) = own_rx.recv() => match ev {
                     OwnLeaseEvent::Renewed(l) => {
                         lease = l;
+                        self.metrics.set_lease(true, lease.expiration);
                         renew_at = renew_deadline(&lease, margin);
                     }
                     OwnLeaseEvent::Revoked => {
                         error!(key = %lease.key, "our lease was revoked (deleted or expired); exiting so the supervisor restarts us");
+                        self.metrics.set_lease(false, None);
+                        self.readiness.set_lease_held(false);
                         break Exit::LeaseRevoked;
                     }
                 },
                 _ = renew_sleep => {
-                    match self.store.renew(&lease).await {
+                    match store.renew(&lease).await {
                         Ok(l) => {
                             info!(key = %l.key, expiration = ?l.expiration, "lease renewed");
                             lease = l;
+                            self.metrics.set_lease(true, lease.expiration);
+                            self.metrics.set_store_connected(true);
                             renew_at = renew_deadline(&lease, margin);
                         }
                         Err(e) => {
                             error!(error = %e, "lease renewal failed; retrying in a minute");
+                            self.metrics.set_store_connected(false);
                             renew_at = Some(tokio::time::Instant::now() + RENEW_RETRY);
                         }
                     }
@@ -222,13 +250,71 @@ impl Agent {
         };
         watcher.abort();
         own_watcher.abort();
+        if let Some(t) = health_task {
+            t.abort();
+        }
         Ok(exit)
+    }
+
+    /// Hands one watch update to the backend; false when the kernel refused it.
+    async fn apply_update(
+        &self,
+        backend: &mut dyn Backend,
+        peers: &mut PeerSet,
+        update: LeaseUpdate,
+    ) -> bool {
+        let t = Instant::now();
+        let (what, result) = match update {
+            LeaseUpdate::Full(all) => {
+                peers.replace(&all);
+                info!(peers = all.len(), "full lease set received");
+                ("reconcile", backend.reconcile(&all).await)
+            }
+            LeaseUpdate::Events(events) => {
+                peers.apply(&events);
+                for e in &events {
+                    self.metrics.lease_event(match e {
+                        LeaseEvent::Added(_) => LeaseEventKind::Added,
+                        LeaseEvent::Changed { .. } => LeaseEventKind::Changed,
+                        LeaseEvent::Removed(_) => LeaseEventKind::Removed,
+                    });
+                }
+                log_events(&events);
+                ("events", backend.apply(&events).await)
+            }
+        };
+        self.metrics.set_peers(peers.0.len());
+        match result {
+            Ok(()) => {
+                self.metrics.observe_kernel_apply(what, t.elapsed());
+                true
+            }
+            Err(e) => {
+                error!(error = %e, "applying lease changes to the kernel failed; will reconcile again");
+                self.metrics.reconcile_error(what);
+                false
+            }
+        }
     }
 
     async fn until_cancelled<T>(&self, fut: impl std::future::Future<Output = T>) -> Option<T> {
         tokio::select! {
             _ = self.cancel.cancelled() => None,
             v = fut => Some(v),
+        }
+    }
+}
+
+async fn report_watch_health(
+    mut rx: tokio::sync::watch::Receiver<WatchHealth>,
+    metrics: Arc<Metrics>,
+) {
+    loop {
+        let up = matches!(*rx.borrow_and_update(), WatchHealth::Watching);
+        metrics.set_watch_active(up);
+        metrics.set_store_connected(up);
+        if rx.changed().await.is_err() {
+            return;
         }
     }
 }
@@ -260,6 +346,11 @@ impl PeerSet {
 }
 
 fn log_events(events: &[LeaseEvent]) {
+    // A thousand leases in one etcd transaction should not mean a thousand log lines.
+    if events.len() > 20 {
+        info!(count = events.len(), "subnet changes received");
+        return;
+    }
     for e in events {
         match e {
             LeaseEvent::Added(l) => {

@@ -3,7 +3,6 @@
 //! `flanneld is not ready yet: <what is missing>`; `/metrics` → OpenMetrics text.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -63,10 +62,6 @@ impl Readiness {
         .map(|(_, what)| what)
         .collect()
     }
-
-    pub fn is_ready(&self) -> bool {
-        self.missing().is_empty()
-    }
 }
 
 #[derive(Clone)]
@@ -82,17 +77,6 @@ pub fn router(readiness: Arc<Readiness>, metrics: Arc<Metrics>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_page))
         .with_state(AppState { readiness, metrics })
-}
-
-/// Bind `addr` and serve until `shutdown` completes.
-pub async fn serve(
-    addr: SocketAddr,
-    readiness: Arc<Readiness>,
-    metrics: Arc<Metrics>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
-    serve_listener(listener, readiness, metrics, shutdown).await
 }
 
 /// Serve on an already bound listener (e.g. `127.0.0.1:0` in tests) until `shutdown`
@@ -131,6 +115,7 @@ async fn metrics_page(State(st): State<AppState>) -> impl IntoResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 

@@ -2,12 +2,18 @@
 
 mod agent;
 mod backends;
+mod cleanup;
+mod http;
 mod iface_select;
+mod metrics;
 mod options;
 mod stores;
 mod subnet_file;
+mod traffic_rules;
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -31,8 +37,9 @@ fn main() -> ExitCode {
     init_logging(opts.verbosity);
     info!(options = ?RedactedOptions(&opts), "flanneld {} starting", env!("CARGO_PKG_VERSION"));
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread is plenty for the control plane (hot data paths run on their own
+    // threads) and keeps the agent's memory small.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -55,10 +62,49 @@ fn main() -> ExitCode {
 }
 
 async fn run(opts: Options) -> anyhow::Result<agent::Exit> {
+    if opts.cleanup {
+        cleanup::run(&opts).await?;
+        return Ok(agent::Exit::Signal);
+    }
     let cancel = CancellationToken::new();
     watch_signals(cancel.clone())?;
     let store = stores::open(&opts).await?;
-    agent::Agent::new(opts, store, cancel).run().await
+    let readiness = Arc::new(http::Readiness::new());
+    let metrics = Arc::new(metrics::Metrics::new());
+    let health = if opts.healthz_port > 0 {
+        let addr = SocketAddr::new(opts.healthz_ip, opts.healthz_port);
+        let (r, m, stop) = (readiness.clone(), metrics.clone(), cancel.clone());
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("healthz listener on {addr}: {e}"))?;
+        info!(%addr, "serving /healthz, /readyz and /metrics");
+        Some(tokio::spawn(async move {
+            // Upstream gives the health server a short grace period at shutdown.
+            let shutdown = async move {
+                stop.cancelled().await;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            };
+            if let Err(e) = http::serve_listener(listener, r, m, shutdown).await {
+                error!(error = %e, "health server failed");
+            }
+        }))
+    } else {
+        None
+    };
+    let exit = agent::Agent {
+        opts,
+        store,
+        cancel: cancel.clone(),
+        readiness,
+        metrics,
+    }
+    .run()
+    .await;
+    cancel.cancel();
+    if let Some(h) = health {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), h).await;
+    }
+    exit
 }
 
 /// First SIGTERM/SIGINT: stop cleanly (exit 0, state left for a hitless restart).

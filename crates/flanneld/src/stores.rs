@@ -1,16 +1,37 @@
-//! Opening the lease store the options ask for.
+//! Opening the lease store the options ask for (etcd, or the Kubernetes API).
 
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
-use flannel_store::etcd::{EtcdOptions, EtcdStore};
+use anyhow::{Context, Result};
+use flannel_core::MacAddr;
+use flannel_store::etcd::{EtcdOptions, EtcdStore, WatchHealth};
+use flannel_store::kube::{KubeOptions, KubeStore};
 use flannel_store::LeaseStore;
+use tokio::sync::watch;
 
 use crate::options::Options;
 
-pub async fn open(o: &Options) -> Result<Arc<dyn LeaseStore>> {
+/// A store plus what the agent needs from its particular kind.
+pub struct OpenedStore {
+    pub store: Arc<dyn LeaseStore>,
+    /// etcd: the state of the lease watch, for metrics.
+    pub watch_health: Option<watch::Receiver<WatchHealth>>,
+    /// Kubernetes: values the own node's annotations override.
+    pub overrides: NodeOverrides,
+}
+
+/// Kubernetes mode reads these from the own node at start (SPEC §3).
+#[derive(Debug, Default, Clone)]
+pub struct NodeOverrides {
+    pub public_ip: Option<std::net::Ipv4Addr>,
+    pub public_ipv6: Option<std::net::Ipv6Addr>,
+    /// The VTEP MAC published before, reused when the vxlan device is recreated.
+    pub vtep_mac: Option<MacAddr>,
+}
+
+pub async fn open(o: &Options) -> Result<OpenedStore> {
     if o.kube_subnet_mgr {
-        bail!("--kube-subnet-mgr is not wired into this build yet");
+        return open_kube(o).await;
     }
     let nonempty = |s: &str| Some(s.to_string()).filter(|s| !s.is_empty());
     if o.etcd_certfile.is_empty() || o.etcd_keyfile.is_empty() {
@@ -36,5 +57,37 @@ pub async fn open(o: &Options) -> Result<Arc<dyn LeaseStore>> {
     let store = EtcdStore::connect(opts)
         .await
         .context("connecting to etcd")?;
-    Ok(Arc::new(store))
+    Ok(OpenedStore {
+        watch_health: Some(store.watch_health()),
+        store: Arc::new(store),
+        overrides: NodeOverrides::default(),
+    })
+}
+
+async fn open_kube(o: &Options) -> Result<OpenedStore> {
+    let opts = KubeOptions {
+        api_url: o.kube_api_url.clone(),
+        kubeconfig_file: o.kubeconfig_file.clone(),
+        net_config_path: o.net_config_path.clone(),
+        annotation_prefix: o.kube_annotation_prefix.clone(),
+        set_node_network_unavailable: o.set_node_network_unavailable,
+        ..KubeOptions::default()
+    }
+    .with_env();
+    let store = KubeStore::new(opts)
+        .await
+        .context("connecting to the Kubernetes API")?;
+    let info = store
+        .startup_info()
+        .await
+        .context("reading this node from the Kubernetes API")?;
+    Ok(OpenedStore {
+        store: Arc::new(store),
+        watch_health: None,
+        overrides: NodeOverrides {
+            public_ip: info.public_ip,
+            public_ipv6: info.public_ipv6,
+            vtep_mac: info.vtep_mac,
+        },
+    })
 }
