@@ -319,6 +319,9 @@ pub struct Netlink {
     handle: rtnetlink::Handle,
     netns: Option<Arc<PathBuf>>,
     window: usize,
+    /// The kernel runs one dump per socket at a time (a second one fails with
+    /// EBUSY); dumps through this connection take turns.
+    dump_turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Netlink {
@@ -601,10 +604,13 @@ impl Netlink {
             handle,
             netns: netns.map(Arc::new),
             window: DEFAULT_WINDOW,
+            dump_turn: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
     /// The underlying rtnetlink handle (same socket), for requests not wrapped here.
+    /// The kernel allows one dump per socket at a time: do not run a dump through
+    /// it while this connection may be dumping (open another connection instead).
     pub fn handle(&self) -> &rtnetlink::Handle {
         &self.handle
     }
@@ -667,6 +673,7 @@ impl Netlink {
     }
 
     async fn dump(&self, payload: RouteNetlinkMessage) -> Result<Vec<RouteNetlinkMessage>, Cause> {
+        let _turn = self.dump_turn.lock().await;
         self.exchange(payload, NLM_F_REQUEST | NLM_F_DUMP).await
     }
 

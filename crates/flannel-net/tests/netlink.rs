@@ -329,3 +329,47 @@ async fn five_thousand_routes_pipelined() {
         .unwrap();
     assert!(left.is_empty());
 }
+
+/// The kernel refuses a second dump on a socket while one runs (EBUSY); dumps of
+/// one connection must take turns even when callers run them concurrently. (The
+/// multi-thread runtime is where the race shows: there the socket's readiness can
+/// lag, so the connection may send the next request before draining a dump.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_dumps_on_one_connection() {
+    if !privileged("concurrent_dumps_on_one_connection") {
+        return;
+    }
+    let (_a, _b, nl, ua) = pair().await;
+    // Enough entries that each dump spans many reads.
+    let futs: Vec<_> = (0..3000u32)
+        .map(|i| {
+            let nl = nl.clone();
+            async move {
+                let sub = format!("10.{}.{}.0", 100 + i / 256, i % 256);
+                let mac = MacAddr([2, 0, 0, 0, (i >> 8) as u8, i as u8]);
+                nl.neigh_replace(ua, ip(&sub), mac).await?;
+                nl.route_replace(
+                    &Route::new(format!("{sub}/24").parse().unwrap())
+                        .via(ip(&sub))
+                        .dev(ua)
+                        .onlink(),
+                )
+                .await
+            }
+        })
+        .collect();
+    assert!(nl.run_batch(futs).await.iter().all(|r| r.is_ok()));
+    for _ in 0..20 {
+        let f = RouteFilter::default();
+        let (r, n, l, a) = futures::join!(
+            nl.routes(IpFamily::V4, &f),
+            nl.neighbours(IpFamily::V4, Some(ua)),
+            nl.links(),
+            nl.addresses(IpFamily::V4, None)
+        );
+        assert!(r.unwrap().len() >= 3000);
+        assert_eq!(n.unwrap().len(), 3000);
+        assert!(l.unwrap().len() >= 2);
+        assert!(!a.unwrap().is_empty());
+    }
+}
