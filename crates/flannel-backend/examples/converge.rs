@@ -128,14 +128,19 @@ async fn run(ty: &str, n: usize) {
         lat.push(t.elapsed());
     }
     let (p50, p99) = (percentile(&mut lat, 0.5), percentile(&mut lat, 0.99));
+    // The periodic check over N + JOINS peers (nothing to repair).
+    let t = Instant::now();
+    be.resync().await.unwrap();
+    let resync = t.elapsed();
     let kernel = ip_batch_baseline(ty, n);
     println!(
-        "{ty:8} N={n:5}: program {:>9} | ip -batch baseline {:>9} | restart reconcile {:>8} | join p50 {:>7} p99 {:>7}",
+        "{ty:8} N={n:5}: program {:>9} | ip -batch baseline {:>9} | restart reconcile {:>8} | join p50 {:>7} p99 {:>7} | resync {:>7}",
         ms(full),
         ms(kernel),
         ms(restart),
         ms(p50),
-        ms(p99)
+        ms(p99),
+        ms(resync)
     );
 }
 
