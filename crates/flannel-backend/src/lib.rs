@@ -46,6 +46,21 @@ pub enum BackendError {
     Other(String),
 }
 
+/// Counters of a backend that carries packets itself (udp): totals since start.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PacketStats {
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    /// Dropped packets by reason.
+    pub drops: Vec<(&'static str, u64)>,
+}
+
+/// Reads a backend's [`PacketStats`]; cheap, callable from any thread (the metrics
+/// endpoint calls it on each scrape).
+pub type PacketStatsSource = std::sync::Arc<dyn Fn() -> PacketStats + Send + Sync>;
+
 /// One backend instance for the life of the agent.
 #[async_trait]
 pub trait Backend: Send {
@@ -65,6 +80,11 @@ pub trait Backend: Send {
 
     /// Applies incremental changes.
     async fn apply(&mut self, events: &[LeaseEvent]) -> Result<(), BackendError>;
+
+    /// For backends that see packets: where to read their counters.
+    fn packet_stats(&self) -> Option<PacketStatsSource> {
+        None
+    }
 
     /// How often the daemon should call [`resync`](Backend::resync); `None`: never.
     fn resync_interval(&self) -> Option<Duration> {

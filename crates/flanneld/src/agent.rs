@@ -83,6 +83,10 @@ impl Agent {
         };
         let mut backend = crate::backends::new(&config, ext.clone(), netlink, backend_opts)?;
         let resync_every = backend.resync_interval();
+        if let Some(source) = backend.packet_stats() {
+            self.metrics
+                .set_packet_source(&config.backend.backend_type, source);
+        }
         let mut attrs = backend
             .register(&config)
             .await

@@ -222,9 +222,15 @@ mod tests {
         m.lease_event(crate::metrics::LeaseEventKind::Added);
         m.observe_kernel_apply("rules", std::time::Duration::from_millis(2));
         m.reconcile_error("rules");
-        m.backend_counters("udp")
-            .packet(crate::metrics::Direction::Tx, 10);
-        m.drop_counter("udp", "no_route").inc();
+        m.set_packet_source(
+            "udp",
+            Arc::new(|| flannel_backend::PacketStats {
+                tx_packets: 1,
+                tx_bytes: 10,
+                drops: vec![("no_route", 1)],
+                ..Default::default()
+            }),
+        );
         let (_, _, body) = get(srv.addr, "/metrics").await;
         let s = scrape(body);
         assert_eq!(peers(&s), Some(7.0));

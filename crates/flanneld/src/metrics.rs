@@ -7,9 +7,12 @@
 //! clones of the registry's counters, i.e. one relaxed atomic add per update.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+#[cfg(test)]
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use flannel_backend::{PacketStats, PacketStatsSource};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -35,24 +38,6 @@ impl LeaseEventKind {
             LeaseEventKind::Added => "added",
             LeaseEventKind::Changed => "changed",
             LeaseEventKind::Removed => "removed",
-        }
-    }
-}
-
-/// Packet direction for backend traffic counters.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
-    /// Encapsulated and sent to a peer.
-    Tx,
-    /// Received from a peer and delivered.
-    Rx,
-}
-
-impl Direction {
-    fn label(self) -> &'static str {
-        match self {
-            Direction::Tx => "tx",
-            Direction::Rx => "rx",
         }
     }
 }
@@ -135,6 +120,15 @@ pub struct Metrics {
     drops: Family<DropLabels, Counter>,
     /// Every counter handed out to a backend, to tell whether any moved.
     handed_out: Mutex<Vec<(&'static str, Counter)>>,
+    /// A backend's own packet counters, copied into the families on each scrape.
+    packet_source: Mutex<Option<PacketSource>>,
+}
+
+struct PacketSource {
+    backend: String,
+    read: PacketStatsSource,
+    counters: BackendCounters,
+    last: PacketStats,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -280,6 +274,7 @@ impl Metrics {
             bytes,
             drops,
             handed_out: Mutex::new(Vec::new()),
+            packet_source: Mutex::new(None),
         }
     }
 
@@ -353,19 +348,17 @@ impl Metrics {
     /// Counters for a backend that sees packets (udp). Clone the handle into each
     /// data-path thread; updates are single relaxed atomic adds.
     pub fn backend_counters(&self, backend: &str) -> BackendCounters {
-        let traffic = |fam: &Family<TrafficLabels, Counter>, d: Direction| {
+        let traffic = |fam: &Family<TrafficLabels, Counter>, direction: &'static str| {
             fam.get_or_create_owned(&TrafficLabels {
                 backend: backend.to_string(),
-                direction: d.label(),
+                direction,
             })
         };
         let c = BackendCounters {
-            tx_packets: traffic(&self.packets, Direction::Tx),
-            rx_packets: traffic(&self.packets, Direction::Rx),
-            tx_bytes: traffic(&self.bytes, Direction::Tx),
-            rx_bytes: traffic(&self.bytes, Direction::Rx),
-            backend: backend.to_string(),
-            drops: self.drops.clone(),
+            tx_packets: traffic(&self.packets, "tx"),
+            rx_packets: traffic(&self.packets, "rx"),
+            tx_bytes: traffic(&self.bytes, "tx"),
+            rx_bytes: traffic(&self.bytes, "rx"),
         };
         if let Ok(mut h) = self.handed_out.lock() {
             h.push((PACKETS, c.tx_packets.clone()));
@@ -388,8 +381,52 @@ impl Metrics {
         c
     }
 
+    /// Reads the backend's packet counters at every scrape (rather than on a timer, so
+    /// an idle agent does no work for them).
+    pub fn set_packet_source(&self, backend: &str, read: PacketStatsSource) {
+        let counters = self.backend_counters(backend);
+        if let Ok(mut s) = self.packet_source.lock() {
+            *s = Some(PacketSource {
+                backend: backend.to_string(),
+                read,
+                counters,
+                last: PacketStats::default(),
+            });
+        }
+    }
+
+    fn pull_packet_stats(&self) {
+        let Ok(mut guard) = self.packet_source.lock() else {
+            return;
+        };
+        let Some(src) = guard.as_mut() else { return };
+        let now = (src.read)();
+        let c = &src.counters;
+        c.tx_packets
+            .inc_by(now.tx_packets.saturating_sub(src.last.tx_packets));
+        c.tx_bytes
+            .inc_by(now.tx_bytes.saturating_sub(src.last.tx_bytes));
+        c.rx_packets
+            .inc_by(now.rx_packets.saturating_sub(src.last.rx_packets));
+        c.rx_bytes
+            .inc_by(now.rx_bytes.saturating_sub(src.last.rx_bytes));
+        for (reason, n) in &now.drops {
+            let before = src
+                .last
+                .drops
+                .iter()
+                .find(|(r, _)| r == reason)
+                .map_or(0, |(_, v)| *v);
+            if *n > before {
+                self.drop_counter(&src.backend, reason).inc_by(n - before);
+            }
+        }
+        src.last = now;
+    }
+
     /// The text exposition (OpenMetrics) of every family.
     pub fn encode(&self) -> String {
+        self.pull_packet_stats();
         let mut out = String::new();
         // Writing into a String cannot fail; an error would only come from a broken
         // metric implementation, and then a partial page beats none.
@@ -400,6 +437,7 @@ impl Metrics {
     }
 
     /// Names (as registered, without `_total`) of all families.
+    #[cfg(test)]
     pub fn families(&self) -> &[&'static str] {
         &self.declared
     }
@@ -407,6 +445,7 @@ impl Metrics {
     /// Families that were declared but never updated since start: for update-method
     /// families "never called", for backend traffic families "no handed-out counter moved"
     /// (build info counts as updated at start).
+    #[cfg(test)]
     pub fn families_never_updated(&self) -> Vec<String> {
         let handed = self
             .handed_out
@@ -436,31 +475,6 @@ pub struct BackendCounters {
     pub rx_packets: Counter,
     pub tx_bytes: Counter,
     pub rx_bytes: Counter,
-    backend: String,
-    drops: Family<DropLabels, Counter>,
-}
-
-impl BackendCounters {
-    /// Count one packet of `len` bytes in `dir`.
-    pub fn packet(&self, dir: Direction, len: usize) {
-        let (p, b) = match dir {
-            Direction::Tx => (&self.tx_packets, &self.tx_bytes),
-            Direction::Rx => (&self.rx_packets, &self.rx_bytes),
-        };
-        p.inc();
-        b.inc_by(len as u64);
-    }
-
-    /// Count one dropped packet. Looks the reason up each time: for per-packet drops in
-    /// a hot loop, keep a counter from [`Metrics::drop_counter`] instead.
-    pub fn dropped(&self, reason: &str) {
-        self.drops
-            .get_or_create(&DropLabels {
-                backend: self.backend.clone(),
-                reason: reason.to_string(),
-            })
-            .inc();
-    }
 }
 
 #[cfg(test)]
@@ -500,11 +514,36 @@ mod tests {
         m.observe_kernel_apply("rules", Duration::from_millis(3));
         m.reconcile_error("routes");
         m.rules_restored();
-        let c = m.backend_counters("udp");
-        c.packet(Direction::Tx, 100);
-        c.packet(Direction::Rx, 60);
-        m.drop_counter("udp", "no_route").inc();
-        c.dropped("bad_packet");
+        // The udp backend's counters as the data path would advance them.
+        let mut src = m.packet_source.lock().unwrap();
+        if src.is_none() {
+            drop(src);
+            let stats = Arc::new(Mutex::new(PacketStats::default()));
+            let read = stats.clone();
+            m.set_packet_source("udp", Arc::new(move || read.lock().unwrap().clone()));
+            src = m.packet_source.lock().unwrap();
+            STATS.with(|s| *s.borrow_mut() = Some(stats));
+        }
+        drop(src);
+        STATS.with(|s| {
+            let stats = s.borrow();
+            let mut st = stats.as_ref().unwrap().lock().unwrap();
+            st.tx_packets += 1;
+            st.tx_bytes += 100;
+            st.rx_packets += 1;
+            st.rx_bytes += 60;
+            for reason in ["no_route", "bad_packet"] {
+                match st.drops.iter_mut().find(|(r, _)| *r == reason) {
+                    Some((_, n)) => *n += 1,
+                    None => st.drops.push((reason, 1)),
+                }
+            }
+        });
+        m.pull_packet_stats();
+    }
+
+    thread_local! {
+        static STATS: std::cell::RefCell<Option<Arc<Mutex<PacketStats>>>> = const { std::cell::RefCell::new(None) };
     }
 
     #[test]
@@ -525,7 +564,7 @@ mod tests {
         assert_eq!(m.families_never_updated(), Vec::<String>::new());
         // A backend handle that never counted anything does not count as an update.
         let m = Metrics::new();
-        let _idle = m.backend_counters("udp");
+        m.set_packet_source("udp", Arc::new(PacketStats::default));
         assert!(m
             .families_never_updated()
             .contains(&"flanneld_backend_packets".to_string()));
