@@ -196,16 +196,30 @@ impl LeaseAttrs {
     }
 }
 
-/// Go's `json.Marshal` compacts an embedded `RawMessage`; so do we.
+/// Go's `json.Marshal` compacts an embedded `RawMessage` (drops insignificant
+/// whitespace) and otherwise keeps its bytes, escapes included; so do we.
 fn compact(raw: &RawValue) -> String {
     let text = raw.get();
-    if !text.contains([' ', '\n', '\t', '\r']) {
-        return text.to_string();
+    let mut out = String::with_capacity(text.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    for c in text.chars() {
+        if in_string {
+            out.push(c);
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+        } else if c == '"' {
+            in_string = true;
+            out.push(c);
+        } else if !matches!(c, ' ' | '\n' | '\t' | '\r') {
+            out.push(c);
+        }
     }
-    match serde_json::from_str::<serde_json::Value>(text) {
-        Ok(v) => v.to_string(),
-        Err(_) => text.to_string(),
-    }
+    out
 }
 
 /// One host's lease: its subnet(s), attributes and (where the store knows it) expiry.
@@ -364,6 +378,29 @@ mod tests {
         );
         a.public_ipv6 = Some("fd00::1".parse().unwrap());
         assert!(a.encode().contains(r#""PublicIPv6":"fd00::1""#));
+    }
+
+    #[test]
+    fn embedded_data_is_compacted_but_keeps_go_escapes() {
+        let mut a = LeaseAttrs::new("10.10.0.1".parse().unwrap());
+        a.backend_type = "extension".into();
+        a.backend_data =
+            Some(RawValue::from_string(r#" "ca:fe \u003c\u0026 x" "#.trim().into()).unwrap());
+        assert!(
+            a.encode()
+                .ends_with(r#""BackendData":"ca:fe \u003c\u0026 x"}"#),
+            "{}",
+            a.encode()
+        );
+        a.backend_data = Some(
+            RawValue::from_string("{ \"VNI\" : 1,\n \"VtepMAC\": \"a b\\\" c\" }".into()).unwrap(),
+        );
+        assert!(
+            a.encode()
+                .ends_with(r#""BackendData":{"VNI":1,"VtepMAC":"a b\" c"}}"#),
+            "{}",
+            a.encode()
+        );
     }
 
     #[test]
