@@ -19,7 +19,9 @@ pub fn missing(needs: Needs) -> Option<String> {
     if !crate::is_root() {
         return Some("not running as root".into());
     }
-    for tool in ["ip", "bridge", "ping", "iperf3", "sysctl", "etcdctl", ETCD_BIN] {
+    for tool in [
+        "ip", "bridge", "ping", "iperf3", "sysctl", "etcdctl", ETCD_BIN,
+    ] {
         if let Err(e) = find_tool(tool) {
             return Some(e.to_string());
         }
