@@ -9,20 +9,32 @@ use std::net::Ipv4Addr;
 /// `acc`. `data` must start at an even offset of the checksummed region.
 #[inline]
 pub fn add(acc: u64, data: &[u8]) -> u64 {
-    let mut acc = acc;
-    let mut chunks = data.chunks_exact(8);
+    // Native-endian 32-bit words into four independent u64 lanes: no carry
+    // handling (2^32 words would be needed to overflow) and room for the CPU to
+    // add in parallel. A one's complement sum is byte-order independent up to a
+    // final byte swap.
+    let (mut a0, mut a1, mut a2, mut a3) = (0u64, 0u64, 0u64, 0u64);
+    let word =
+        |c: &[u8], i: usize| u64::from(u32::from_ne_bytes([c[i], c[i + 1], c[i + 2], c[i + 3]]));
+    let mut chunks = data.chunks_exact(16);
     for c in &mut chunks {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(c);
-        let (s, carry) = acc.overflowing_add(u64::from_be_bytes(w));
-        // 2^64 ≡ 1 (mod 0xffff): the end-around carry keeps the sum exact.
-        acc = s + u64::from(carry);
+        a0 += word(c, 0);
+        a1 += word(c, 4);
+        a2 += word(c, 8);
+        a3 += word(c, 12);
     }
     let rest = chunks.remainder();
-    let mut tail = [0u8; 8];
+    let mut tail = [0u8; 16];
     tail[..rest.len()].copy_from_slice(rest);
-    let (s, carry) = acc.overflowing_add(u64::from_be_bytes(tail));
-    s + u64::from(carry)
+    a0 += word(&tail, 0) + word(&tail, 4);
+    a1 += word(&tail, 8) + word(&tail, 12);
+    let v = fold(a0 + a1 + a2 + a3);
+    let be = if cfg!(target_endian = "little") {
+        v.swap_bytes()
+    } else {
+        v
+    };
+    acc + u64::from(be)
 }
 
 /// Reduces an unfolded sum to 16 bits (one's complement, not inverted).

@@ -63,6 +63,8 @@ pub struct Features {
     pub queues: usize,
     /// The queues and sockets came from a keeper (restart without a gap).
     pub inherited: bool,
+    /// The keeper this data path started (None when inherited or disabled).
+    pub keeper_pid: Option<u32>,
 }
 
 struct Queue {
@@ -203,13 +205,17 @@ impl DataPath {
             udp_gro: false,
             queues: qs.len(),
             inherited: false,
+            keeper_pid: None,
         };
         Self::probe_udp(&cfg, &mut f, &qs);
         if cfg.keeper {
             let tuns: Vec<RawFd> = qs.iter().map(|q| q.tun.as_raw_fd()).collect();
             let socks: Vec<RawFd> = qs.iter().map(|q| q.sock.as_raw_fd()).collect();
-            if let Err(e) = keeper::spawn(&name, &tuns, &socks) {
-                warn!(error = %e, "cannot start the fd keeper; a restart will drop packets until the new agent is up");
+            match keeper::spawn(&name, &tuns, &socks) {
+                Ok(pid) => f.keeper_pid = Some(pid),
+                Err(e) => {
+                    warn!(error = %e, "cannot start the fd keeper; a restart will drop packets until the new agent is up")
+                }
             }
         }
         Self::log_features(&name, &cfg, &f);
@@ -311,6 +317,7 @@ impl DataPath {
             udp_gro: false,
             queues: qs.len(),
             inherited: true,
+            keeper_pid: None,
         };
         if vnet {
             f.vnet_le = tun::set_vnet_le(qs[0].tun.as_raw_fd());
@@ -449,7 +456,10 @@ pub fn remove_device(name: &str) -> Result<bool, UdpError> {
             break;
         }
     }
-    let exists = std::path::Path::new("/sys/class/net").join(name).exists();
+    let exists = std::ffi::CString::new(name)
+        // SAFETY: a valid NUL-terminated name; if_nametoindex only reads it.
+        .map(|c| unsafe { libc::if_nametoindex(c.as_ptr()) } != 0)
+        .unwrap_or(false);
     if exists {
         remove_link_by_name(name);
     }

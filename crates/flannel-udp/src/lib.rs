@@ -24,6 +24,7 @@ pub mod datapath;
 pub mod engine;
 pub mod keeper;
 pub mod netconf;
+pub mod node;
 pub mod packet;
 pub mod peers;
 pub mod rx;

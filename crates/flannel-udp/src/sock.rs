@@ -74,7 +74,7 @@ pub fn bind(addr: SocketAddrV4, reuseport: bool) -> io::Result<OwnedFd> {
         (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
         (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
     ] {
-        let size = 4 << 20;
+        let size = 16 << 20;
         if setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, force, size).is_err() {
             let _ = setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, plain, size);
         }

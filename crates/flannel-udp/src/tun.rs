@@ -137,24 +137,17 @@ pub fn set_persist(fd: RawFd, on: bool) -> io::Result<()> {
     cvt(unsafe { libc::ioctl(fd, libc::TUNSETPERSIST, libc::c_ulong::from(on)) }).map(drop)
 }
 
-/// Sets the device's transmit queue length (packets the kernel holds for us while
-/// no one reads, e.g. across a restart).
-pub fn set_txqueuelen(name: &str, len: u32) -> io::Result<()> {
-    let mut r = ifreq(name)?;
-    r.ifr_ifru.ifru_metric = len as libc::c_int;
-    // SAFETY: plain datagram socket for the ioctl; closed by OwnedFd.
-    let s = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
-    // SAFETY: s is a fresh fd we own.
-    let s = unsafe { OwnedFd::from_raw_fd(s) };
-    // SAFETY: SIOCSIFTXQLEN reads a struct ifreq (ifr_qlen aliases ifr_metric).
-    cvt(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFTXQLEN, &r) }).map(drop)
-}
-
 /// The offloads we ask for, best first: checksum + TSO (with ECN) + USO, then
-/// without USO (kernels before 6.2), then checksum only.
+/// without USO (kernels before 6.2), then checksum only. The kernel accepts USO
+/// only for both families at once; IPv6 packets are dropped by the encapsulator
+/// anyway (flannel's udp backend is IPv4 only).
 pub const OFFLOAD_CHOICES: [(libc::c_uint, &str); 3] = [
     (
-        libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO_ECN | libc::TUN_F_USO4,
+        libc::TUN_F_CSUM
+            | libc::TUN_F_TSO4
+            | libc::TUN_F_TSO_ECN
+            | libc::TUN_F_USO4
+            | libc::TUN_F_USO6,
         "csum+tso4+uso4",
     ),
     (
