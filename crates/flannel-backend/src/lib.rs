@@ -15,6 +15,7 @@ mod dataplane;
 pub mod extension;
 pub mod host_gw;
 mod peers;
+pub mod udp;
 pub mod vxlan;
 
 pub use flannel_net::netlink::RTPROT_FLANNEL;
@@ -133,10 +134,7 @@ pub fn new_backend(
         )?)),
         "alloc" => Ok(Box::new(alloc::AllocBackend::new(ext))),
         "extension" => Ok(Box::new(extension::ExtensionBackend::new(raw_config, ext)?)),
-        // The udp backend lives in its own module (src/udp.rs), added separately.
-        "udp" => Err(BackendError::Other(
-            "backend type \"udp\" is not built into this flannel-rs yet".into(),
-        )),
+        "udp" => Ok(Box::new(udp::UdpBackend::new(raw_config, ext, netlink)?)),
         _ if UNSUPPORTED_TYPES.contains(&t.as_str()) => Err(BackendError::Config(format!(
             "backend type {t:?} is not supported by flannel-rs (supported: {})",
             KNOWN_TYPES.join(", ")

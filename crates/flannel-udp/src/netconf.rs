@@ -1,6 +1,7 @@
 //! Device configuration over rtnetlink, as upstream leaves flannel0: MTU, up,
 //! `<subnet IP>/32` scope global as the only address from the network, and the route
-//! `<Network> dev flannel0` (scope global, proto boot, main table). Idempotent, so a
+//! `<Network> dev flannel0` (scope global, main table; upstream's protocol is `boot`,
+//! the agent passes its own so its routes are recognisable). Idempotent, so a
 //! restarted agent re-applies it over a persistent device without disturbing it.
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -14,6 +15,9 @@ use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
 use crate::UdpError;
+
+/// The route protocol upstream's udp backend leaves (netlink's default).
+pub const RTPROT_BOOT: u8 = 3;
 
 fn nl(what: &str, e: rtnetlink::Error) -> UdpError {
     UdpError::Netlink {
@@ -33,13 +37,15 @@ pub async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>, UdpError>
     }
 }
 
-/// Applies MTU, state, address and route to device `name`.
+/// Applies MTU, state, address and route to device `name`; the route gets
+/// protocol `proto` (upstream: [`RTPROT_BOOT`]).
 pub async fn configure(
     h: &Handle,
     name: &str,
     addr: Ipv4Addr,
     mtu: u32,
     network: Ipv4Net,
+    proto: u8,
 ) -> Result<u32, UdpError> {
     let network = network.trunc();
     let mut s = h.link().get().match_name(name.to_string()).execute();
@@ -116,7 +122,7 @@ pub async fn configure(
     let route = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(network.network(), network.prefix_len())
         .output_interface(index)
-        .protocol(RouteProtocol::Boot)
+        .protocol(RouteProtocol::from(proto))
         .scope(RouteScope::Universe)
         .build();
     h.route()

@@ -106,7 +106,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async {
         let h = netconf::connect()?;
-        netconf::configure(&h, dp.name(), addr, args.mtu, args.network).await?;
+        netconf::configure(
+            &h,
+            dp.name(),
+            addr,
+            args.mtu,
+            args.network,
+            netconf::RTPROT_BOOT,
+        )
+        .await?;
         anyhow::Ok(())
     })?;
     dp.set_peers(peers);

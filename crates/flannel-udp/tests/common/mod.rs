@@ -346,9 +346,16 @@ pub fn start_datapath(ns: &str, cfg: Config, peers: Vec<Peer>) -> DataPath {
             .expect("runtime");
         rt.block_on(async {
             let h = netconf::connect().expect("netlink");
-            netconf::configure(&h, dp.name(), cfg.tun_addr, MTU, NETWORK.parse().unwrap())
-                .await
-                .expect("configure flannel0");
+            netconf::configure(
+                &h,
+                dp.name(),
+                cfg.tun_addr,
+                MTU,
+                NETWORK.parse().unwrap(),
+                netconf::RTPROT_BOOT,
+            )
+            .await
+            .expect("configure flannel0");
         });
         dp.set_peers(peers);
         dp.start().expect("start workers");
