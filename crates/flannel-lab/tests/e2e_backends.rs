@@ -48,6 +48,7 @@ backend_matrix! {
     vxlan => r#"{"Type":"vxlan"}"#;
     host_gw => r#"{"Type":"host-gw"}"#;
     vxlan_direct_routing => r#"{"Type":"vxlan","DirectRouting":true}"#;
+    udp => r#"{"Type":"udp"}"#;
 }
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -324,6 +325,10 @@ fn deleted_lease_goes_and_restored_lease_comes_back(name: &str, backend: &str) {
     assert!(st.success(), "exit after lease revocation: {st}");
 
     c.lab.etcd().put(&key, &value).unwrap();
+    if c.model == PeerModel::Tunnel {
+        // udp forwards in the agent process: the peer needs its agent back.
+        c.lab.start_agent(peer).unwrap();
+    }
     c.wait_peer_present(peer, subnet);
     for &p in &c.pods[..2] {
         c.lab.wait_reachable(p, c.ip(c.pods[peer])).unwrap();
