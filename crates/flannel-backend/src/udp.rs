@@ -39,6 +39,25 @@ use crate::{Backend, BackendError, ExternalInterface, PacketStats, PacketStatsSo
 /// new `flannel1`).
 pub const DEVICE: &str = "flannel0";
 
+/// Call first thing in `main` of the agent: the udp backend's fd keeper (which
+/// holds the TUN queues and sockets across an agent restart) is the agent binary
+/// re-executed, and this is where it takes over. In a normal start it only notes
+/// that the hook exists; without it no keeper is started (the device still
+/// persists, but packets are dropped, not queued, while the agent is down).
+pub fn keeper_entry() {
+    flannel_udp::keeper::run_if_requested();
+}
+
+/// For `flanneld --cleanup`: removes flannel0 (persistent, so it outlives the
+/// agent) and its keeper, in the calling thread's network namespace. Ok(false)
+/// when there was nothing to remove.
+pub fn cleanup() -> Result<bool, BackendError> {
+    flannel_udp::remove_device(DEVICE).map_err(|e| BackendError::Kernel {
+        context: format!("remove {DEVICE}"),
+        reason: e.to_string(),
+    })
+}
+
 /// Parsed backend config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UdpConfig {

@@ -1,6 +1,6 @@
 //! udp backend in two namespaces, through the `Backend` trait: lease attributes,
-//! flannel0 as upstream leaves it, pods talking, peer removal, and recreation of a
-//! deleted device by resync.
+//! flannel0 as upstream leaves it, pods talking, peer removal, recreation of a
+//! deleted device by resync, persistence and cleanup.
 
 mod common;
 
@@ -80,4 +80,13 @@ async fn udp_pods_talk_through_flannel0() {
     let addr = a.sh(&["ip", "-4", "addr", "show", "flannel0"]);
     assert!(addr.contains("10.244.1.0/32"), "{addr}");
     assert!(pod_ping(&a.pod, &b.pod_ip));
+
+    // The device outlives the backend (restart without a gap); cleanup removes it.
+    drop(ba);
+    assert!(a.sh(&["ip", "-o", "link"]).contains("flannel0"));
+    let removed = flannel_net::netns::run_in_netns(&a.ns.path(), flannel_backend::udp::cleanup)
+        .unwrap()
+        .unwrap();
+    assert!(removed);
+    assert!(!a.sh(&["ip", "-o", "link"]).contains("flannel0"));
 }
