@@ -125,11 +125,19 @@ pub fn decap_loop(c: &WorkerConfig) {
     let mut decap = Decap::new(c.vnet, c.vnet_le);
     let mut view = PeerView::new(c.peers.clone());
     let mut iov: Vec<libc::iovec> = Vec::with_capacity(80);
+    let mut warned = false;
     loop {
         let n = match rx.recv(c.sock) {
             Ok(n) => n,
             Err(e) => {
-                warn!(error = %e, "UDP receive failed");
+                if !warned {
+                    warn!(error = %e, "UDP receive failed (further failures logged at debug)");
+                    warned = true;
+                } else {
+                    debug!(error = %e, "UDP receive failed");
+                }
+                // Do not spin on a persistent error.
+                std::thread::sleep(std::time::Duration::from_millis(10));
                 0
             }
         };

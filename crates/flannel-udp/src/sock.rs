@@ -264,9 +264,6 @@ impl Sender {
             let r =
                 unsafe { libc::sendmmsg(fd, self.msgs[done..].as_mut_ptr(), (n - done) as u32, 0) };
             if r > 0 {
-                for g in &self.groups[done..done + r as usize] {
-                    let _ = g;
-                }
                 done += r as usize;
                 continue;
             }

@@ -209,10 +209,12 @@ impl Encap<'_> {
         };
         let mss = usize::from(hdr.gso_size);
         let hlen = ihl + l4len;
+        let min_l4 = if tcp { 20 } else { 8 };
         if pkt[9] != want
-            || l4len < 8
+            || l4len < min_l4
             || hlen > pkt.len()
             || mss == 0
+            || hlen + mss > usize::from(u16::MAX)
             || packet::is_later_fragment(pkt)
         {
             tally.tx_drop_malformed += 1;

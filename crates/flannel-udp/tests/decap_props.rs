@@ -119,3 +119,69 @@ proptest! {
         check(&mut buf, stride, PEER, vnet);
     }
 }
+
+fn encap_check(read: &mut [u8], vnet: bool) {
+    use flannel_udp::tx::{Encap, TxBatch};
+    let t = PeerTable::new(
+        [Peer {
+            subnet: "10.244.2.0/24".parse().unwrap(),
+            public_ip: Ipv4Addr::new(198, 18, 0, 2),
+        }],
+        8285,
+    );
+    let e = Encap {
+        peers: &t,
+        tun_addr: Ipv4Addr::new(10, 244, 1, 0),
+        vnet,
+        vnet_le: true,
+    };
+    let mut b = TxBatch::default();
+    let mut tally = CounterValues::default();
+    e.packet(0, read, &mut b, &mut tally);
+    for d in &b.dgrams {
+        let bytes = b.materialize(d, &[read]);
+        assert!(bytes.len() >= 20 && bytes.len() <= 65535);
+        assert_eq!(bytes[0] >> 4, 4);
+    }
+    for (r, n) in &b.icmp {
+        assert_eq!(packet::validate(&r[..*n]).map(|_| ()), Ok(()));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Whatever the TUN hands over (offload header included), encapsulation never
+    /// panics and only emits IPv4 datagrams.
+    #[test]
+    fn random_tun_reads_never_panic(
+        flags in any::<u8>(),
+        gso_type in prop_oneof![Just(0u8), Just(1u8), Just(4u8), Just(5u8), Just(0x81u8), any::<u8>()],
+        gso_size in prop_oneof![Just(0u16), 1u16..2000, any::<u16>()],
+        csum_start in prop_oneof![Just(20u16), any::<u16>()],
+        csum_offset in prop_oneof![Just(16u16), Just(6u16), any::<u16>()],
+        ihl_byte in prop_oneof![Just(0x45u8), 0x40u8..0x50, any::<u8>()],
+        proto in prop_oneof![Just(6u8), Just(17u8), Just(1u8), any::<u8>()],
+        doff in any::<u8>(),
+        body in proptest::collection::vec(any::<u8>(), 0..4000),
+        vnet in any::<bool>(),
+    ) {
+        let mut read = Vec::new();
+        if vnet {
+            let mut h = [0u8; 10];
+            VnetHdr { flags, gso_type, hdr_len: 0, gso_size, csum_start, csum_offset }
+                .encode(&mut h, true);
+            read.extend_from_slice(&h);
+        }
+        let mut ip = vec![ihl_byte, 0, 0, 0, 0, 1, 0x40, 0, 64, proto, 0, 0, 10, 244, 1, 2, 10, 244, 2, 2];
+        let tot = (20 + body.len()) as u16;
+        packet::put16(&mut ip, 2, tot);
+        read.extend_from_slice(&ip);
+        let mut body = body;
+        if body.len() > 12 {
+            body[12] = doff;
+        }
+        read.extend_from_slice(&body);
+        encap_check(&mut read, vnet);
+    }
+}
