@@ -13,7 +13,9 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::cmd::Runner;
-use super::nfnl::{Fnv, NfNetlink, Scope, NFPROTO_IPV4, NFPROTO_IPV6};
+use super::nfnl::{
+    contains_bytes, is_plain_jump, CommitWatch, Fnv, NfNetlink, Scope, NFPROTO_IPV4, NFPROTO_IPV6,
+};
 use super::xtlegacy::XtLegacy;
 use super::{EngineKind, EngineOptions, RuleEngine, RuleSet, RulesError};
 
@@ -50,8 +52,10 @@ impl IptablesVariant {
 pub struct IptablesEngine {
     runner: Runner,
     variant: IptablesVariant,
-    /// How `check` sees changes without forking.
+    /// How `check` sees changes, and `apply` the current state, without forking.
     probe: Probe,
+    /// Tells when an `iptables-restore` batch is committed (nf_tables backend only).
+    commits: Option<CommitWatch>,
     random_fully: bool,
     wait: bool,
     applied: Option<RuleSet>,
@@ -101,23 +105,41 @@ const FWD_SET: Set = Set {
     comment: FWD_COMMENT,
 };
 
+/// The kernel side an `iptables` binary writes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    NfTables,
+    Legacy,
+}
+
 impl IptablesEngine {
-    /// Runs `iptables --version` once: it decides `--random-fully` / `--wait` support
-    /// (iptables ≥ 1.6.2, as upstream) and whether the backend is nf_tables.
+    /// Learns the iptables version and backend: they decide `--random-fully` / `--wait`
+    /// support (iptables ≥ 1.6.2, as upstream) and how to look at rules in-process. When
+    /// the binary resolves to one of iptables' multi-call binaries, its name says both;
+    /// otherwise (e.g. a wrapper script) `iptables --version` is asked.
     pub fn new(opts: EngineOptions) -> Result<Self, RulesError> {
         let runner = Runner::new(opts.netns.clone());
         let variant = opts.iptables_variant;
         let bin = variant.bin(false, "");
-        let out = runner.run(&bin, &["--version"], None)?;
-        let version = parse_version(&out).ok_or_else(|| RulesError::Output {
-            command: format!("{bin} --version"),
-            detail: out.trim().to_string(),
-        })?;
-        let modern = version >= (1, 6, 2);
-        let probe = if out.contains("nf_tables") {
-            NfNetlink::open(runner.netns()).map(Probe::Nft)
-        } else {
-            XtLegacy::open(runner.netns()).map(Probe::Legacy)
+        let (backend, modern) = match backend_from_binary(&bin) {
+            Some(b) => (b, true),
+            None => {
+                let out = runner.run(&bin, &["--version"], None)?;
+                let version = parse_version(&out).ok_or_else(|| RulesError::Output {
+                    command: format!("{bin} --version"),
+                    detail: out.trim().to_string(),
+                })?;
+                let backend = if out.contains("nf_tables") {
+                    Backend::NfTables
+                } else {
+                    Backend::Legacy
+                };
+                (backend, version >= (1, 6, 2))
+            }
+        };
+        let probe = match backend {
+            Backend::NfTables => NfNetlink::open(runner.netns()).map(Probe::Nft),
+            Backend::Legacy => XtLegacy::open(runner.netns()).map(Probe::Legacy),
         }
         .unwrap_or_else(|e| {
             tracing::warn!(
@@ -125,10 +147,15 @@ impl IptablesEngine {
             );
             Probe::None
         });
+        let commits = match probe {
+            Probe::Nft(_) => CommitWatch::open(runner.netns()).ok(),
+            _ => None,
+        };
         Ok(IptablesEngine {
             runner,
             variant,
             probe,
+            commits,
             random_fully: modern && opts.fully_random,
             wait: modern,
             applied: None,
@@ -164,13 +191,39 @@ impl IptablesEngine {
         Ok(Saved::parse(&out))
     }
 
-    fn restore(&self, v6: bool, input: &str) -> Result<(), RulesError> {
+    /// Returns how many nf_tables commits the input makes (one per table section).
+    fn restore(&mut self, v6: bool, input: &str) -> Result<usize, RulesError> {
         let bin = self.variant.bin(v6, "-restore");
         let mut args = vec!["--noflush"];
         if self.wait {
             args.push("--wait");
         }
-        self.runner.run(&bin, &args, Some(input)).map(|_| ())
+        let commits = input.lines().filter(|l| *l == "COMMIT").count();
+        self.runner
+            .run_commit(&bin, &args, input, commits, self.commits.as_mut())?;
+        Ok(commits)
+    }
+
+    /// What the kernel holds of one family's sets, for `set_batch`, without forking when
+    /// that can be read in-process; `iptables-save` otherwise.
+    fn current(&mut self, v6: bool) -> Result<Saved, RulesError> {
+        let view = match &mut self.probe {
+            Probe::Nft(nl) => nft_view(nl, v6)?,
+            Probe::Legacy(x) => {
+                let mut any = false;
+                for set in [MASQ_SET, FWD_SET] {
+                    any |= x.mentions(v6, set.table, &[set.chain, set.comment])?;
+                }
+                // Nothing of ours at all: the empty state is exact. Otherwise only
+                // iptables-save can give the text of the rules to delete.
+                (!any).then(Saved::default)
+            }
+            Probe::None => None,
+        };
+        match view {
+            Some(saved) => Ok(saved),
+            None => self.save(v6),
+        }
     }
 
     /// The full, forking check: does `iptables-save` show every wanted set exactly once?
@@ -254,8 +307,8 @@ impl IptablesEngine {
 
     /// Remove both sets of one family; a family whose tools cannot list anything (e.g.
     /// IPv6 disabled in the kernel) holds nothing to remove.
-    fn cleanup_family(&self, v6: bool) -> Result<(), RulesError> {
-        let saved = match self.save(v6) {
+    fn cleanup_family(&mut self, v6: bool) -> Result<(), RulesError> {
+        let saved = match self.current(v6) {
             Ok(s) => s,
             Err(e) if v6 => {
                 tracing::debug!("ip6tables unusable, nothing to clean up there: {e}");
@@ -270,7 +323,7 @@ impl IptablesEngine {
         if input.is_empty() {
             return Ok(());
         }
-        self.restore(v6, &input)
+        self.restore(v6, &input).map(|_| ())
     }
 }
 
@@ -282,15 +335,31 @@ impl RuleEngine for IptablesEngine {
     fn apply(&mut self, rules: &RuleSet) -> Result<(), RulesError> {
         self.applied = None;
         self.baseline = None;
+        let gen_before = match &mut self.probe {
+            Probe::Nft(nl) => Some(nl.generation()?),
+            _ => None,
+        };
+        let mut commits = 0usize;
         for fam in Self::families(rules) {
-            let saved = self.save(fam.v6)?;
+            let saved = self.current(fam.v6)?;
             let mut input = String::new();
             for (set, want) in [(MASQ_SET, fam.masq), (FWD_SET, fam.forward)] {
                 let wanted = want.then(|| chain_lines(set, &fam, self.random_fully));
                 input.push_str(&set_batch(&saved, set, wanted.as_deref()));
             }
             if !input.is_empty() {
-                self.restore(fam.v6, &input)?;
+                commits += self.restore(fam.v6, &input)?;
+            }
+        }
+        // nf_tables: if the generation moved by exactly our commits, nobody else changed
+        // anything in between, so the kernel holds what the batches say and the
+        // fingerprint taken now is the known-good state; no iptables-save needed.
+        if let (Some(g0), Probe::Nft(nl)) = (gen_before, &mut self.probe) {
+            let snap = nl.fingerprint(&Self::scopes(rules))?;
+            if snap.1 == g0.wrapping_add(commits as u32) {
+                self.baseline = Some(snap);
+                self.applied = Some(rules.clone());
+                return Ok(());
             }
         }
         if !self.take_baseline(rules)? {
@@ -331,6 +400,129 @@ impl RuleEngine for IptablesEngine {
 
     fn cheap_check(&self) -> bool {
         !matches!(self.probe, Probe::None)
+    }
+}
+
+/// The multi-call binary `name` (searched in PATH like the tools are run) resolves to.
+/// `xtables-nft-multi` / `xtables-legacy-multi` exist since iptables 1.8.0, so either
+/// also means `--wait` and `--random-fully` are supported. `None`: not known this way.
+fn backend_from_binary(name: &str) -> Option<Backend> {
+    let path = std::env::var_os("PATH")?;
+    let found = std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())?;
+    let real = std::fs::canonicalize(found).ok()?;
+    match real.file_name()?.to_str()? {
+        "xtables-nft-multi" => Some(Backend::NfTables),
+        "xtables-legacy-multi" => Some(Backend::Legacy),
+        _ => None,
+    }
+}
+
+/// One rule of a table as `nft_view` sees it.
+enum Seen {
+    /// In the built-in chain, not ours (only the first one matters).
+    Foreign,
+    /// `-A <builtin> -m comment --comment "<comment>" -j <chain>`, exactly.
+    Jump,
+    /// Ours (mentions the chain or the comment), but not that plain jump.
+    Other,
+}
+
+/// The state of one family's sets in iptables-nft's tables, read over netlink and written
+/// as the `iptables-save` lines `set_batch` looks at: our chain when it exists, the first
+/// rule of each built-in chain (a placeholder when it is not ours) and our jumps. `None`
+/// when that would not be exact: a rule of ours that is not the plain jump (only
+/// iptables-save can give its text for `-D`), or the ruleset kept changing.
+fn nft_view(nl: &mut NfNetlink, v6: bool) -> Result<Option<Saved>, RulesError> {
+    let family = if v6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 };
+    for _ in 0..5 {
+        let gen = nl.generation()?;
+        let mut saved = Saved::default();
+        for set in [MASQ_SET, FWD_SET] {
+            let chain_exists = nl.chain_exists(family, set.table, set.chain)?;
+            let seen = nl.table_rules(family, set.table, |chain, attrs| {
+                if chain == set.chain.as_bytes() {
+                    return None;
+                }
+                let in_builtin = chain == set.builtin.as_bytes();
+                let ours = contains_bytes(attrs, set.comment.as_bytes())
+                    || contains_bytes(attrs, set.chain.as_bytes());
+                match (ours, in_builtin) {
+                    (false, false) => None,
+                    (false, true) => Some(Seen::Foreign),
+                    (true, true) if is_plain_jump(attrs, set.comment, set.chain) => {
+                        Some(Seen::Jump)
+                    }
+                    (true, _) => Some(Seen::Other),
+                }
+            })?;
+            let table = saved.tables.entry(set.table.to_string()).or_default();
+            if chain_exists {
+                table.chains.push(set.chain.to_string());
+            }
+            let mut first = true;
+            for s in seen {
+                match s {
+                    Seen::Other => return Ok(None),
+                    Seen::Foreign if first => table
+                        .rules
+                        .push((set.builtin.to_string(), format!("-A {} ?", set.builtin))),
+                    Seen::Foreign => {}
+                    Seen::Jump => table.rules.push((set.builtin.to_string(), jump_line(set))),
+                }
+                first = false;
+            }
+        }
+        if nl.generation()? == gen {
+            return Ok(Some(saved));
+        }
+    }
+    Ok(None)
+}
+
+/// Whether flannel's iptables chains or rules may exist in either backend and family.
+/// Answers from netlink and x_tables reads, without forking; false only when certainly
+/// nothing is there (any doubt, e.g. a read failing, answers true).
+pub(crate) fn artifacts_maybe_present(netns: Option<&str>) -> bool {
+    let nft = || -> Result<bool, RulesError> {
+        let mut nl = NfNetlink::open(netns)?;
+        for family in [NFPROTO_IPV4, NFPROTO_IPV6] {
+            for set in [MASQ_SET, FWD_SET] {
+                if nl.chain_exists(family, set.table, set.chain)? {
+                    return Ok(true);
+                }
+                let hits = nl.table_rules(family, set.table, |_, attrs| {
+                    (contains_bytes(attrs, set.comment.as_bytes())
+                        || contains_bytes(attrs, set.chain.as_bytes()))
+                    .then_some(())
+                })?;
+                if !hits.is_empty() {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    };
+    let legacy = || -> Result<bool, RulesError> {
+        let x = XtLegacy::open(netns)?;
+        for v6 in [false, true] {
+            for set in [MASQ_SET, FWD_SET] {
+                if x.mentions(v6, set.table, &[set.chain, set.comment])? {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    };
+    match (nft(), legacy()) {
+        (Ok(false), Ok(false)) => false,
+        (a, b) => {
+            for e in [a.err(), b.err()].into_iter().flatten() {
+                tracing::debug!("cannot look for iptables rules in-process: {e}");
+            }
+            true
+        }
     }
 }
 

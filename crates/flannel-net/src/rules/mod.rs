@@ -12,6 +12,11 @@
 //! for an old network/subnet (subnet.env "recycling") disappear in the same step that
 //! installs the new ones, and packets never see a state without masquerade.
 //!
+//! Startup forks only what must change the kernel: the current state, the tool version
+//! and the other engine's leftovers are read in-process where possible (see
+//! [`IptablesEngine::new`], [`remove_other_engine_artifacts`]), and a batch counts as done
+//! once the kernel announces its commit (`cmd::Runner::run_commit`).
+//!
 //! `check` is meant to run every `--iptables-resync` seconds and costs (almost) nothing
 //! while nothing changed: it asks the kernel for the nf_tables ruleset generation over a
 //! netlink socket (two syscalls, no fork). Only when the generation moved does it dump
@@ -205,22 +210,31 @@ pub fn new_engine(
 /// the iptables chains `FLANNEL-POSTRTG` (nat) and `FLANNEL-FWD` (filter) with their
 /// jumps, in iptables mode the nft tables `flannel-ipv4`/`flannel-ipv6`.
 ///
-/// A missing tool for the other engine is not an error (nothing of it can exist).
+/// Looks in-process first (netlink, x_tables reads) and runs the other engine's tools
+/// only when something of it is there, so a host without leftovers costs no fork. A
+/// missing tool for the other engine is not an error (it cannot have made anything).
 pub fn remove_other_engine_artifacts(
     in_use: EngineKind,
     opts: &EngineOptions,
 ) -> Result<(), RulesError> {
-    match in_use.other() {
-        EngineKind::Iptables => match IptablesEngine::new(opts.clone()) {
-            Ok(mut e) => e.cleanup(),
-            Err(e) if e.is_tool_missing() => Ok(()),
-            Err(e) => Err(e),
-        },
-        EngineKind::Nftables => match NftEngine::new(opts.clone()) {
-            Ok(mut e) => e.cleanup(),
-            Err(e) if e.is_tool_missing() => Ok(()),
-            Err(e) => Err(e),
-        },
+    let result = match in_use.other() {
+        EngineKind::Iptables => {
+            if !iptables::artifacts_maybe_present(opts.netns.as_deref()) {
+                return Ok(());
+            }
+            IptablesEngine::new(opts.clone()).and_then(|mut e| e.cleanup())
+        }
+        EngineKind::Nftables => NftEngine::new(opts.clone()).and_then(|mut e| e.cleanup()),
+    };
+    match result {
+        Err(e) if e.is_tool_missing() => {
+            tracing::warn!(
+                "flannel rules of the {} engine may be left over, but its tool is missing: {e}",
+                in_use.other()
+            );
+            Ok(())
+        }
+        other => other,
     }
 }
 

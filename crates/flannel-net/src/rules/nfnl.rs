@@ -1,5 +1,6 @@
-//! A minimal in-process nf_tables netlink client for the periodic resync: read the ruleset
-//! generation (NFT_MSG_GETGEN) and fingerprint a few tables/chains without forking `nft`.
+//! A minimal in-process nf_tables netlink client: read the ruleset generation
+//! (NFT_MSG_GETGEN), fingerprint a few tables/chains, look at rules and see commits
+//! happen, all without forking `nft` or `iptables-save`.
 //!
 //! The kernel bumps the generation on every nf_tables commit in the namespace (our own,
 //! kube-proxy's, iptables-nft's). While it stays put nothing can have changed; when it
@@ -29,6 +30,8 @@ const NFT_MSG_GETRULE: u16 = 7;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_NEWGEN: u16 = 15;
 const NFT_MSG_GETGEN: u16 = 16;
+/// The nftables multicast group: every commit is announced on it (NEWGEN last).
+const NFNLGRP_NFTABLES: libc::c_int = 7;
 // attribute numbers
 const NFTA_TABLE_NAME: u16 = 1;
 const NFTA_CHAIN_TABLE: u16 = 1;
@@ -37,9 +40,23 @@ const NFTA_CHAIN_COUNTERS: u16 = 8;
 const NFTA_RULE_TABLE: u16 = 1;
 const NFTA_RULE_CHAIN: u16 = 2;
 const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_RULE_COMPAT: u16 = 5;
+const NFTA_RULE_USERDATA: u16 = 7;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_EXPR_NAME: u16 = 1;
+const NFTA_EXPR_DATA: u16 = 2;
+const NFTA_MATCH_NAME: u16 = 1;
+const NFTA_MATCH_INFO: u16 = 3;
+const NFTA_IMMEDIATE_DATA: u16 = 2;
+const NFTA_DATA_VERDICT: u16 = 2;
+const NFTA_VERDICT_CODE: u16 = 1;
+const NFTA_VERDICT_CHAIN: u16 = 2;
+/// `enum nft_verdicts`: NFT_JUMP = -3.
+const NFT_JUMP: i32 = -3;
+/// libnftnl rule user data (type, length, value): the comment TLV.
+const NFTNL_UDATA_RULE_COMMENT: u8 = 0;
 const NFTA_GEN_ID: u16 = 1;
+const NFTA_GEN_PROC_PID: u16 = 2;
 const NLA_TYPE_MASK: u16 = 0x3fff;
 
 /// nf_tables protocol families (`NFPROTO_*`).
@@ -100,6 +117,63 @@ impl NfNetlink {
         gen.ok_or_else(|| {
             RulesError::Netlink(io::Error::other("NEWGEN reply without a generation id"))
         })
+    }
+
+    /// Whether the table `family name` exists.
+    pub(crate) fn table_exists(&mut self, family: u8, table: &str) -> Result<bool, RulesError> {
+        let mut req = Vec::new();
+        put_str_attr(&mut req, NFTA_TABLE_NAME, table);
+        exists(self.request(NFT_MSG_GETTABLE, family, 0, &req, |_, _| {}))
+    }
+
+    /// Whether the chain exists (false also when its table does not).
+    pub(crate) fn chain_exists(
+        &mut self,
+        family: u8,
+        table: &str,
+        chain: &str,
+    ) -> Result<bool, RulesError> {
+        let mut req = Vec::new();
+        put_str_attr(&mut req, NFTA_CHAIN_TABLE, table);
+        put_str_attr(&mut req, NFTA_CHAIN_NAME, chain);
+        exists(self.request(NFT_MSG_GETCHAIN, family, 0, &req, |_, _| {}))
+    }
+
+    /// Feed every rule of a table, chain by chain in rule order, to `each` (its chain
+    /// name and its raw attributes) and keep what `each` returns. A missing table has no
+    /// rules. A dump the kernel marks as interrupted by a concurrent change is retried.
+    pub(crate) fn table_rules<T>(
+        &mut self,
+        family: u8,
+        table: &str,
+        mut each: impl FnMut(&[u8], &[u8]) -> Option<T>,
+    ) -> Result<Vec<T>, RulesError> {
+        let mut req = Vec::new();
+        put_str_attr(&mut req, NFTA_RULE_TABLE, table);
+        for _ in 0..5 {
+            let mut got = Vec::new();
+            let res = self.request(NFT_MSG_GETRULE, family, NLM_F_DUMP, &req, |ty, attrs| {
+                if ty != NFT_MSG_NEWRULE {
+                    return;
+                }
+                let chain = Attrs(attrs)
+                    .find(|(t, _)| *t == NFTA_RULE_CHAIN)
+                    .map(|(_, v)| v.strip_suffix(b"\0").unwrap_or(v))
+                    .unwrap_or_default();
+                if let Some(v) = each(chain, attrs) {
+                    got.push(v);
+                }
+            });
+            match res {
+                Ok(()) => return Ok(got),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(Vec::new()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(RulesError::Netlink(e)),
+            }
+        }
+        Err(RulesError::Netlink(io::Error::other(
+            "rule dump kept being interrupted by changes (5 tries)",
+        )))
     }
 
     /// A hash over everything in `scopes` that a rule change can alter, leaving out
@@ -201,7 +275,8 @@ impl NfNetlink {
         attrs: &[u8],
         mut each: impl FnMut(u16, &[u8]),
     ) -> io::Result<()> {
-        self.seq = self.seq.wrapping_add(1);
+        // Sequence 0 is what kernel notifications carry; never use it for a request.
+        self.seq = self.seq.wrapping_add(1).max(1);
         let seq = self.seq;
         let total = NLMSG_HDRLEN + 4 + attrs.len();
         let mut out = Vec::with_capacity(total);
@@ -289,6 +364,220 @@ impl NfNetlink {
                 return Ok(());
             }
         }
+    }
+}
+
+/// A GET reply means the object exists, ENOENT that it does not.
+fn exists(res: io::Result<()>) -> Result<bool, RulesError> {
+    match res {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(RulesError::Netlink(e)),
+    }
+}
+
+/// Whether a rule (raw attributes from [`NfNetlink::table_rules`]) is exactly what
+/// `iptables-nft -A <chain> -m comment --comment "<comment>" -j <target>` writes: the
+/// comment (an xt `comment` match, or libnftnl's comment user data), a counter, and a
+/// jump to `target`, nothing else. Anything unexpected answers false, so a caller that
+/// needs certainty falls back to `iptables-save`.
+pub(crate) fn is_plain_jump(attrs: &[u8], comment: &str, target: &str) -> bool {
+    let mut comments = 0;
+    let mut jump_last = false;
+    let mut exprs_seen = false;
+    for (t, v) in Attrs(attrs) {
+        match t {
+            NFTA_RULE_EXPRESSIONS => {
+                exprs_seen = true;
+                for (et, ev) in Attrs(v) {
+                    if et != NFTA_LIST_ELEM || jump_last {
+                        // Something after the verdict, or not an expression.
+                        return false;
+                    }
+                    let mut name: &[u8] = &[];
+                    let mut data: &[u8] = &[];
+                    for (a, av) in Attrs(ev) {
+                        match a {
+                            NFTA_EXPR_NAME => name = av.strip_suffix(b"\0").unwrap_or(av),
+                            NFTA_EXPR_DATA => data = av,
+                            _ => {}
+                        }
+                    }
+                    match name {
+                        b"counter" => {}
+                        b"match" if is_comment_match(data, comment) => comments += 1,
+                        b"immediate" if is_jump_to(data, target) => jump_last = true,
+                        _ => return false,
+                    }
+                }
+            }
+            NFTA_RULE_USERDATA => {
+                let mut rest = v;
+                while let [ty, len, tail @ ..] = rest {
+                    let len = usize::from(*len);
+                    let Some(value) = tail.get(..len) else {
+                        return false;
+                    };
+                    if *ty != NFTNL_UDATA_RULE_COMMENT
+                        || value.strip_suffix(b"\0").unwrap_or(value) != comment.as_bytes()
+                    {
+                        return false;
+                    }
+                    comments += 1;
+                    rest = &tail[len..];
+                }
+            }
+            // iptables-nft marks rules with an l4 protocol match this way.
+            NFTA_RULE_COMPAT => return false,
+            _ => {}
+        }
+    }
+    exprs_seen && jump_last && comments == 1
+}
+
+/// An xt `comment` match whose text is exactly `comment` (xt_comment_info is a
+/// NUL-padded 256-byte array).
+fn is_comment_match(data: &[u8], comment: &str) -> bool {
+    let mut name_ok = false;
+    let mut info_ok = false;
+    for (t, v) in Attrs(data) {
+        match t {
+            NFTA_MATCH_NAME => name_ok = v.strip_suffix(b"\0").unwrap_or(v) == b"comment",
+            NFTA_MATCH_INFO => {
+                info_ok = v.len() > comment.len()
+                    && v.starts_with(comment.as_bytes())
+                    && v[comment.len()..].iter().all(|b| *b == 0)
+            }
+            _ => {}
+        }
+    }
+    name_ok && info_ok
+}
+
+/// An `immediate` expression holding the verdict "jump to `target`".
+fn is_jump_to(data: &[u8], target: &str) -> bool {
+    let Some((_, imm)) = Attrs(data).find(|(t, _)| *t == NFTA_IMMEDIATE_DATA) else {
+        return false;
+    };
+    let Some((_, verdict)) = Attrs(imm).find(|(t, _)| *t == NFTA_DATA_VERDICT) else {
+        return false;
+    };
+    let mut code = None;
+    let mut chain = None;
+    for (t, v) in Attrs(verdict) {
+        match t {
+            NFTA_VERDICT_CODE if v.len() == 4 => {
+                code = Some(i32::from_be_bytes([v[0], v[1], v[2], v[3]]))
+            }
+            NFTA_VERDICT_CHAIN => chain = Some(v.strip_suffix(b"\0").unwrap_or(v)),
+            _ => {}
+        }
+    }
+    code == Some(NFT_JUMP) && chain == Some(target.as_bytes())
+}
+
+/// Whether `needle` occurs in `hay`.
+pub(crate) fn contains_bytes(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Hears nf_tables commits as the kernel announces them (NEWGEN on the nftables
+/// multicast group, with the committing process's pid), so a caller can tell that a
+/// tool's batch is in place without waiting for the tool to exit: a tool closing its
+/// netlink socket after a commit waits for an RCU grace period (the kernel flushes its
+/// deferred destroy work), several milliseconds during which the batch is long active.
+///
+/// Subscribed only while a caller waits; idle, it receives nothing.
+pub(crate) struct CommitWatch {
+    fd: OwnedFd,
+    buf: Vec<u8>,
+}
+
+impl CommitWatch {
+    pub(crate) fn open(netns: Option<&str>) -> Result<Self, RulesError> {
+        let fd = in_netns(netns, open_socket)?.map_err(RulesError::Netlink)?;
+        Ok(CommitWatch {
+            fd,
+            buf: vec![0u8; 64 * 1024],
+        })
+    }
+
+    pub(crate) fn fd(&self) -> libc::c_int {
+        self.fd.as_raw_fd()
+    }
+
+    /// Join (`true`) or leave the nftables multicast group.
+    pub(crate) fn subscribe(&self, on: bool) -> io::Result<()> {
+        let opt = if on {
+            libc::NETLINK_ADD_MEMBERSHIP
+        } else {
+            libc::NETLINK_DROP_MEMBERSHIP
+        };
+        let group: libc::c_int = NFNLGRP_NFTABLES;
+        // SAFETY: `group` is a valid c_int and its size is passed along.
+        let r = unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_NETLINK,
+                opt,
+                (&group as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Read what is queued without blocking and call `f` with the committing pid of
+    /// every NEWGEN. An error (e.g. ENOBUFS: notifications were lost) means the watch
+    /// can no longer be trusted to have seen everything.
+    pub(crate) fn read_commits(&mut self, mut f: impl FnMut(u32)) -> io::Result<()> {
+        loop {
+            // SAFETY: `self.buf` is a valid writable buffer of `self.buf.len()` bytes.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    self.buf.as_mut_ptr().cast(),
+                    self.buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                return match e.kind() {
+                    io::ErrorKind::WouldBlock => Ok(()),
+                    io::ErrorKind::Interrupted => continue,
+                    _ => Err(e),
+                };
+            }
+            let data = &self.buf[..n as usize];
+            let mut off = 0;
+            while off + NLMSG_HDRLEN <= data.len() {
+                let len =
+                    u32::from_ne_bytes(data[off..off + 4].try_into().unwrap_or_default()) as usize;
+                let ty = u16::from_ne_bytes([data[off + 4], data[off + 5]]);
+                if len < NLMSG_HDRLEN || off + len > data.len() {
+                    break;
+                }
+                let body = &data[off + NLMSG_HDRLEN..off + len];
+                off += align4(len);
+                if ty == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN && body.len() >= 4 {
+                    for (t, v) in Attrs(&body[4..]) {
+                        if t == NFTA_GEN_PROC_PID && v.len() == 4 {
+                            f(u32::from_be_bytes([v[0], v[1], v[2], v[3]]));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Leave the group and throw away whatever is still queued.
+    pub(crate) fn stop(&mut self) {
+        let _ = self.subscribe(false);
+        let _ = self.read_commits(|_| {});
     }
 }
 

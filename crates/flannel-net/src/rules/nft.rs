@@ -15,7 +15,7 @@ use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use serde_json::Value;
 
 use super::cmd::Runner;
-use super::nfnl::{NfNetlink, Scope, NFPROTO_IPV4, NFPROTO_IPV6};
+use super::nfnl::{CommitWatch, NfNetlink, Scope, NFPROTO_IPV4, NFPROTO_IPV6};
 use super::{EngineKind, EngineOptions, RuleEngine, RuleSet, RulesError};
 
 pub(crate) const TABLE_V4: &str = "flannel-ipv4";
@@ -33,6 +33,9 @@ pub struct NftEngine {
     runner: Runner,
     opts: EngineOptions,
     nl: NfNetlink,
+    /// Tells when an `nft -f` batch is committed.
+    commits: Option<CommitWatch>,
+    /// Whether masquerade takes `fully-random`: learnt by the first batch that needs it.
     fully_random: Option<bool>,
     applied: Option<RuleSet>,
     baseline: Option<Baseline>,
@@ -44,7 +47,7 @@ struct Baseline {
     generation: u32,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Shape {
     /// Keep table and chains, flush the chains, refill them: no hook churn.
     Flush,
@@ -54,22 +57,24 @@ enum Shape {
 }
 
 impl NftEngine {
-    /// Opens the nf_tables netlink socket in the target namespace and makes sure `nft` runs.
+    /// Opens the nf_tables netlink socket in the target namespace. `nft` itself first runs
+    /// when something must change (a missing `nft` is reported then).
     pub fn new(opts: EngineOptions) -> Result<Self, RulesError> {
         let runner = Runner::new(opts.netns.clone());
-        runner.run("nft", &["--version"], None)?;
         let nl = NfNetlink::open(runner.netns())?;
+        let commits = CommitWatch::open(runner.netns()).ok();
         Ok(NftEngine {
             runner,
             opts,
             nl,
+            commits,
             fully_random: None,
             applied: None,
             baseline: None,
         })
     }
 
-    fn run_batch(&self, cmds: Vec<NfObject<'static>>) -> Result<(), RulesError> {
+    fn run_batch(&mut self, cmds: Vec<NfObject<'static>>) -> Result<(), RulesError> {
         if cmds.is_empty() {
             return Ok(());
         }
@@ -81,56 +86,63 @@ impl NftEngine {
             detail: format!("serializing the batch: {e}"),
         })?;
         add_table_comments(&mut json);
-        self.runner
-            .run("nft", &["-j", "-f", "-"], Some(&json.to_string()))?;
+        // One file is one transaction: one commit.
+        self.runner.run_commit(
+            "nft",
+            &["-j", "-f", "-"],
+            &json.to_string(),
+            1,
+            self.commits.as_mut(),
+        )?;
         Ok(())
     }
 
-    /// Whether masquerade may carry `fully-random`: asked once, by committing a
-    /// throw-away table that is deleted in the same transaction (`nft -c` accepts
-    /// unknown flags, so it cannot answer this).
-    fn fully_random_ok(&mut self) -> bool {
-        if !self.opts.fully_random {
-            return false;
+    /// Write `rules` in one transaction, flushing our chains in place, or, when the
+    /// existing chains cannot be updated that way (e.g. created with another hook or
+    /// priority), deleting and recreating the tables in the same transaction.
+    ///
+    /// Masquerade gets `fully-random` when wanted and supported. Support is learnt from
+    /// the first batch that needs it instead of a separate probe commit: if the batch with
+    /// the flag fails and the same batch without it succeeds, the kernel or `nft` rejects
+    /// the flag. A batch commits whole or not at all, so a failed try changes nothing.
+    fn write(&mut self, rules: &RuleSet) -> Result<(), RulesError> {
+        let needs_flag = self.opts.fully_random
+            && rules.ip_masq
+            && (rules.ipv4.is_some() || rules.ipv6.is_some());
+        let mut tries = vec![(Shape::Flush, needs_flag && self.fully_random != Some(false))];
+        let learning = needs_flag && self.fully_random.is_none();
+        if learning {
+            tries.push((Shape::Flush, false));
         }
-        if let Some(ok) = self.fully_random {
-            return ok;
+        tries.push((Shape::Rebuild, tries[0].1));
+        if learning {
+            tries.push((Shape::Rebuild, false));
         }
-        let table = "flannel-probe";
-        let mut cmds = vec![add(NfListObject::Table(table_obj(NfFamily::IP, table)))];
-        let mut chain = base_chain(
-            NfFamily::IP,
-            table,
-            "p",
-            NfChainType::NAT,
-            NfHook::Postrouting,
-            PRIO_SRCNAT,
-        );
-        chain.table = table.into();
-        cmds.push(add(NfListObject::Chain(chain)));
-        cmds.push(add(NfListObject::Rule(Rule {
-            family: NfFamily::IP,
-            table: table.into(),
-            chain: "p".into(),
-            expr: Cow::Owned(vec![masquerade(true)]),
-            handle: None,
-            index: None,
-            comment: None,
-        })));
-        cmds.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Table(
-            table_obj(NfFamily::IP, table),
-        ))));
-        let ok = match self.run_batch(cmds) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(
-                    "nftables masquerade fully-random not supported, using plain masquerade: {e}"
-                );
-                false
+        let mut first_err = None;
+        for (shape, fr) in tries {
+            match self.run_batch(batch(rules, fr, shape)) {
+                Ok(()) => {
+                    if learning {
+                        self.fully_random = Some(fr);
+                        if !fr {
+                            tracing::warn!(
+                                "nftables masquerade fully-random not supported, using plain masquerade: {}",
+                                first_err.as_ref().map(|e: &RulesError| e.to_string()).unwrap_or_default()
+                            );
+                        }
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::debug!("nftables batch ({shape:?}, fully-random {fr}) failed: {e}");
+                    first_err.get_or_insert(e);
+                }
             }
-        };
-        self.fully_random = Some(ok);
-        ok
+        }
+        Err(first_err.unwrap_or_else(|| RulesError::Output {
+            command: "nft -j -f -".into(),
+            detail: "no batch was tried".into(),
+        }))
     }
 
     fn scopes(rules: &RuleSet) -> Vec<Scope> {
@@ -162,16 +174,11 @@ impl RuleEngine for NftEngine {
     fn apply(&mut self, rules: &RuleSet) -> Result<(), RulesError> {
         self.baseline = None;
         self.applied = None;
-        let fr = self.fully_random_ok();
         let scopes = Self::scopes(rules);
         let mut last = None;
         for _ in 0..3 {
             let before = self.nl.generation()?;
-            if let Err(first) = self.run_batch(batch(rules, fr, Shape::Flush)) {
-                tracing::debug!("nftables in-place update failed, rebuilding the tables: {first}");
-                self.run_batch(batch(rules, fr, Shape::Rebuild))
-                    .map_err(|_| first)?;
-            }
+            self.write(rules)?;
             let (fingerprint, generation) = self.nl.fingerprint(&scopes)?;
             last = Some(Baseline {
                 fingerprint,
@@ -213,6 +220,12 @@ impl RuleEngine for NftEngine {
     fn cleanup(&mut self) -> Result<(), RulesError> {
         self.baseline = None;
         self.applied = None;
+        // Only run `nft` when there is something to delete.
+        let v4 = self.nl.table_exists(NFPROTO_IPV4, TABLE_V4)?;
+        let v6 = self.nl.table_exists(NFPROTO_IPV6, TABLE_V6)?;
+        if !v4 && !v6 {
+            return Ok(());
+        }
         let mut cmds = Vec::new();
         for (fam, name) in [(NfFamily::IP, TABLE_V4), (NfFamily::IP6, TABLE_V6)] {
             // add + delete in one transaction: removes the table whether or not it exists.

@@ -6,7 +6,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use super::nfnl::{in_netns, Fnv};
+use super::nfnl::{contains_bytes, in_netns, Fnv};
 use super::RulesError;
 
 // include/uapi/linux/netfilter_ipv4/ip_tables.h and netfilter_ipv6/ip6_tables.h
@@ -41,6 +41,7 @@ const IPV6: Layout = Layout {
 
 /// Raw sockets (one per family) in the engine's namespace, used only for getsockopt.
 pub(crate) struct XtLegacy {
+    netns: Option<String>,
     v4: OwnedFd,
     v6: Option<OwnedFd>,
 }
@@ -54,9 +55,51 @@ impl XtLegacy {
             (v4, v6)
         })?;
         Ok(XtLegacy {
+            netns: netns.map(str::to_string),
             v4: v4.map_err(RulesError::Netlink)?,
             v6,
         })
+    }
+
+    /// Whether any of `needles` (chain names, comments) occurs in the table's entries:
+    /// user chains are entries named after the chain, a comment is match data. A table
+    /// this namespace has not instantiated (not listed in `/proc/net/ip{,6}_tables_names`)
+    /// holds nothing and is not read, since reading it would create it.
+    pub(crate) fn mentions(
+        &self,
+        v6: bool,
+        table: &str,
+        needles: &[&str],
+    ) -> Result<bool, RulesError> {
+        let names = if v6 {
+            "ip6_tables_names"
+        } else {
+            "ip_tables_names"
+        };
+        let path = format!("/proc/thread-self/net/{names}");
+        let listed = in_netns(self.netns.as_deref(), move || std::fs::read_to_string(path))?;
+        let listed = match listed {
+            Ok(text) => text.lines().any(|l| l.trim() == table),
+            // No x_tables module loaded: no legacy table exists.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(RulesError::Netlink(e)),
+        };
+        if !listed {
+            return Ok(false);
+        }
+        let (fd, level) = if v6 {
+            let Some(fd) = self.v6.as_ref() else {
+                return Ok(false);
+            };
+            (fd, libc::SOL_IPV6)
+        } else {
+            (&self.v4, libc::SOL_IP)
+        };
+        match table_blob(fd, level, table) {
+            Ok(blob) => Ok(needles.iter().any(|n| contains_bytes(&blob, n.as_bytes()))),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(RulesError::Netlink(e)),
+        }
     }
 
     /// Hash of the tables `names` of one family (counters left out). A table that is not
