@@ -827,25 +827,14 @@ fn kube_subnet_manager_end_to_end() {
     for h in (0..3).filter(|h| *h != gone) {
         c.check_agent(h);
     }
-    // The deleted node's own agent learns its lease is gone (report only: SPEC §3
-    // says nothing about it).
-    let exited = poll_until(
-        "the deleted node's agent to exit",
-        Duration::from_secs(30),
-        Duration::from_millis(100),
-        || {
-            Ok(c.procs.agents[gone]
-                .as_mut()
-                .is_some_and(|p| p.try_wait().is_some()))
-        },
-    );
-    let status = c.procs.agents[gone].as_mut().and_then(Proc::try_wait);
+    // As upstream (which does not monitor its lease in Kubernetes mode), the deleted
+    // node's own agent keeps running: its podCIDR lease does not expire. Before this
+    // was decided it exited within a second of the deletion, so a few seconds of
+    // watching are enough to catch a regression.
+    std::thread::sleep(Duration::from_secs(3));
+    c.check_agent(gone);
     println!(
-        "{} deleted: gone from the other hosts; its own agent {}",
-        node_name(gone),
-        match (exited, status) {
-            (Ok(()), Some(st)) => format!("exited ({st})"),
-            _ => "kept running".to_string(),
-        }
+        "{} deleted: gone from the other hosts; its own agent kept running",
+        node_name(gone)
     );
 }

@@ -155,7 +155,15 @@ impl Agent {
         let (own_tx, mut own_rx) = mpsc::channel::<OwnLeaseEvent>(16);
         let own_store = store.clone();
         let own_lease = lease.clone();
+        // As upstream: in Kubernetes mode the node's podCIDR is the lease and does not
+        // expire, so a deleted node object does not stop the agent.
+        let watch_own = !self.opts.kube_subnet_mgr;
         let own_watcher = tokio::spawn(async move {
+            if !watch_own {
+                // Keep the sender alive so the loop's receive arm simply stays idle.
+                let _keep = own_tx;
+                return std::future::pending::<()>().await;
+            }
             if let Err(e) = own_store.watch_own_lease(&own_lease, own_tx).await {
                 error!(error = %e, "own lease watch ended");
             }
