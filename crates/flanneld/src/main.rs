@@ -22,6 +22,9 @@ use tracing::{error, info};
 use options::Options;
 
 fn main() -> ExitCode {
+    // The udp backend's fd keeper is this binary re-executed; it must take over before
+    // anything else runs (it returns at once in a normal start).
+    flannel_backend::udp::keeper_entry();
     let opts = match Options::parse_go_style(std::env::args_os()) {
         Ok(o) => o,
         Err(e) => {
