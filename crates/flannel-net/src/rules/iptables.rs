@@ -5,7 +5,8 @@
 //! version) are recognised and taken over instead of duplicated. Each table changes in one
 //! restore transaction: declaring `:FLANNEL-POSTRTG - [0:0]` under `--noflush` empties the
 //! chain and the following `-A` lines refill it within the same commit, so no packet ever
-//! sees the chain half-built or empty.
+//! sees the chain half-built or empty. A set that is already exactly in place, with its
+//! jump first, is left alone (as upstream does), so a restart usually commits nothing.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -204,9 +205,11 @@ impl IptablesEngine {
         Ok(commits)
     }
 
-    /// What the kernel holds of one family's sets, for `set_batch`, without forking when
-    /// that can be read in-process; `iptables-save` otherwise.
-    fn current(&mut self, v6: bool) -> Result<Saved, RulesError> {
+    /// What the kernel holds of one family's sets, for `set_batch`: read in-process when
+    /// that is exact, else from `iptables-save`. With `text_if_ours`, anything of ours
+    /// present is also read from `iptables-save`, whose text tells whether a set is
+    /// already exactly in place (see `apply`).
+    fn current(&mut self, v6: bool, text_if_ours: bool) -> Result<Saved, RulesError> {
         let view = match &mut self.probe {
             Probe::Nft(nl) => nft_view(nl, v6)?,
             Probe::Legacy(x) => {
@@ -221,8 +224,8 @@ impl IptablesEngine {
             Probe::None => None,
         };
         match view {
-            Some(saved) => Ok(saved),
-            None => self.save(v6),
+            Some(saved) if !(text_if_ours && holds_ours(&saved)) => Ok(saved),
+            _ => self.save(v6),
         }
     }
 
@@ -308,7 +311,7 @@ impl IptablesEngine {
     /// Remove both sets of one family; a family whose tools cannot list anything (e.g.
     /// IPv6 disabled in the kernel) holds nothing to remove.
     fn cleanup_family(&mut self, v6: bool) -> Result<(), RulesError> {
-        let saved = match self.current(v6) {
+        let saved = match self.current(v6, false) {
             Ok(s) => s,
             Err(e) if v6 => {
                 tracing::debug!("ip6tables unusable, nothing to clean up there: {e}");
@@ -341,10 +344,21 @@ impl RuleEngine for IptablesEngine {
         };
         let mut commits = 0usize;
         for fam in Self::families(rules) {
-            let saved = self.current(fam.v6)?;
+            let saved = self.current(fam.v6, true)?;
             let mut input = String::new();
             for (set, want) in [(MASQ_SET, fam.masq), (FWD_SET, fam.forward)] {
                 let wanted = want.then(|| chain_lines(set, &fam, self.random_fully));
+                // Already exactly in place with our jump first (typically a restart):
+                // left alone, as upstream does. Rewriting would change nothing but the
+                // counters, and its deletions would make the next batch holding xt
+                // matches wait for an RCU grace period (nft_compat waits for pending
+                // destroy work before initialising a match).
+                if wanted
+                    .as_deref()
+                    .is_some_and(|w| set_in_place(&saved, set, Some(w)) && jump_first(&saved, set))
+                {
+                    continue;
+                }
                 input.push_str(&set_batch(&saved, set, wanted.as_deref()));
             }
             if !input.is_empty() {
@@ -625,6 +639,27 @@ fn set_batch(saved: &Saved, set: Set, wanted: Option<&[String]>) -> String {
         }
     }
     out
+}
+
+/// Whether anything of either set is in `saved` (our chain, or a rule of ours elsewhere).
+fn holds_ours(saved: &Saved) -> bool {
+    [MASQ_SET, FWD_SET].into_iter().any(|set| {
+        saved.tables.get(set.table).is_some_and(|t| {
+            t.chains.iter().any(|c| c == set.chain)
+                || t.rules
+                    .iter()
+                    .any(|(chain, line)| chain != set.chain && is_ours(set, line))
+        })
+    })
+}
+
+/// Whether the first rule of the set's built-in chain is our jump.
+fn jump_first(saved: &Saved, set: Set) -> bool {
+    saved
+        .tables
+        .get(set.table)
+        .and_then(|t| t.rules.iter().find(|(c, _)| c == set.builtin))
+        .is_some_and(|(_, l)| *l == jump_line(set))
 }
 
 /// Whether the saved state shows the set as wanted: our chain holds exactly `wanted` and

@@ -10,7 +10,8 @@
 //!
 //! `apply` replaces everything the engine owns with the wanted set in one batch, so rules
 //! for an old network/subnet (subnet.env "recycling") disappear in the same step that
-//! installs the new ones, and packets never see a state without masquerade.
+//! installs the new ones, and packets never see a state without masquerade. (The iptables
+//! engine leaves a set alone that is already exactly in place.)
 //!
 //! Startup forks only what must change the kernel: the current state, the tool version
 //! and the other engine's leftovers are read in-process where possible (see

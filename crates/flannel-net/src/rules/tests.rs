@@ -1101,7 +1101,7 @@ fn plain_jump_is_recognised_exactly_as_iptables_nft_writes_it() {
 }
 
 #[test]
-fn iptables_startup_forks_only_the_restore() {
+fn iptables_startup_forks_only_what_must_change() {
     if !require(&["ip", "iptables-nft", "nft"]) {
         return;
     }
@@ -1137,18 +1137,37 @@ fn iptables_startup_forks_only_the_restore() {
     );
     drop(e);
 
-    // A restart (our rules in place): still one restore, nothing duplicated.
+    // A restart (our rules in place): iptables-save shows them exactly as wanted, so
+    // nothing is rewritten (no commit at all).
+    let gen = |ns: &Ns| {
+        super::nfnl::NfNetlink::open(Some(&ns.name))
+            .unwrap()
+            .generation()
+            .unwrap()
+    };
+    let g0 = gen(&ns);
     let (mut e, c) = start(&rs);
-    assert_eq!(c.spawned, ["iptables-nft-restore"], "restart");
+    assert_eq!(c.spawned, ["iptables-nft-save"], "restart");
+    assert_eq!(
+        gen(&ns),
+        g0,
+        "a restart with the rules in place commits nothing"
+    );
     assert_eq!(rules_now(), expected());
+    super::cmd::counts::take(&ns.name);
     assert!(e.check(&rs).unwrap());
+    assert!(super::cmd::counts::take(&ns.name).spawned.is_empty());
     drop(e);
 
-    // Someone put rules above our jumps: one restore puts ours first again.
+    // Someone put rules above our jumps: they are put first again.
     ns.sh("iptables-nft -t nat -I POSTROUTING 1 -s 192.0.2.0/24 -j ACCEPT");
     ns.sh("iptables-nft -I FORWARD 1 -s 192.0.2.0/24 -j DROP");
     let (e, c) = start(&rs);
-    assert_eq!(c.spawned, ["iptables-nft-restore"], "foreign rules first");
+    assert_eq!(
+        c.spawned,
+        ["iptables-nft-save", "iptables-nft-restore"],
+        "foreign rules first"
+    );
     let got = save_rules(&ns, "iptables-nft-save");
     for (builtin, jump) in [
         ("-A FORWARD", "-j FLANNEL-FWD"),
@@ -1190,12 +1209,28 @@ fn iptables_startup_forks_only_the_restore() {
     assert_eq!(rules_now(), expected());
     drop(e);
 
-    // Leftovers of the nftables engine: `nft` runs once to delete them.
+    // Leftovers of the nftables engine: `nft` runs once to delete them (our iptables
+    // rules are in place already).
     NftEngine::new(ns.opts()).unwrap().apply(&rs).unwrap();
     let (e, c) = start(&rs);
-    assert_eq!(c.spawned, ["nft", "iptables-nft-restore"]);
+    assert_eq!(c.spawned, ["nft", "iptables-nft-save"]);
     assert!(!ns.sh("nft list tables").contains("flannel-ipv4"));
     assert_eq!(rules_now(), expected());
+    drop(e);
+
+    // Another lease (subnet.env recycling): the old rules are replaced.
+    let other = RuleSet::new(true, true).with_ipv4(
+        "10.244.0.0/16".parse().unwrap(),
+        "10.244.7.0/24".parse().unwrap(),
+    );
+    let (e, c) = start(&other);
+    assert_eq!(c.spawned, ["iptables-nft-save", "iptables-nft-restore"]);
+    let mut want: Vec<String> = expected()
+        .into_iter()
+        .map(|l| l.replace("10.244.1.0/24", "10.244.7.0/24"))
+        .collect();
+    want.sort();
+    assert_eq!(rules_now(), want);
     drop(e);
 }
 
