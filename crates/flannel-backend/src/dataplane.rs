@@ -228,7 +228,7 @@ pub(crate) struct Outcome {
 }
 
 impl Outcome {
-    pub fn into_result(self, context: &str) -> Result<usize, BackendError> {
+    pub fn into_result(mut self, context: &str) -> Result<usize, BackendError> {
         if self.errors.is_empty() {
             return Ok(self.done);
         }
@@ -238,14 +238,15 @@ impl Outcome {
         if self.errors.len() > 20 {
             tracing::warn!("{context}: {} more errors", self.errors.len() - 20);
         }
+        let failed = self.errors.len();
+        let first = self.errors.swap_remove(0);
         Err(BackendError::Kernel {
             context: context.to_string(),
-            reason: format!(
-                "{} of {} kernel operations failed; first: {}",
-                self.errors.len(),
-                self.errors.len() + self.done,
-                self.errors[0]
-            ),
+            source: crate::KernelError::Batch {
+                failed,
+                total: failed + self.done,
+                first,
+            },
         })
     }
 }

@@ -56,13 +56,6 @@ impl HostGwBackend {
         self.peer_writes
     }
 
-    fn kernel(context: &str) -> impl FnOnce(flannel_net::NetlinkError) -> BackendError + '_ {
-        move |e| BackendError::Kernel {
-            context: context.to_string(),
-            reason: e.to_string(),
-        }
-    }
-
     /// Whether the kernel's answer for a peer's public IP lets host-gw route to it:
     /// a unicast route without gateway out of the external interface.
     fn verdict(&self, ip: Ipv4Addr, answer: &Result<Route, String>) -> Result<(), String> {
@@ -159,7 +152,7 @@ impl HostGwBackend {
         let mut current = State::default();
         for r in dataplane::owned_routes(&self.nl, &own)
             .await
-            .map_err(Self::kernel("host-gw: read routes"))?
+            .map_err(BackendError::kernel("host-gw: read routes"))?
         {
             current.add_route(r);
         }

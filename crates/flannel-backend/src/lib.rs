@@ -2,6 +2,8 @@
 //! lease attributes it publishes), is told its lease, then reconciles the kernel to
 //! the set of other hosts' leases.
 
+#![forbid(unsafe_code)]
+
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
@@ -41,10 +43,62 @@ pub enum BackendError {
     UnknownType(String),
     #[error("backend config: {0}")]
     Config(String),
-    #[error("{context}: {reason}")]
-    Kernel { context: String, reason: String },
+    #[error("{context}: {source}")]
+    Kernel {
+        context: String,
+        #[source]
+        source: KernelError,
+    },
     #[error("{0}")]
     Other(String),
+}
+
+/// What the kernel (or the data path below a backend) reported. Kept typed so that a
+/// caller can still ask which errno the kernel gave after the context was added.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error(transparent)]
+    Netlink(#[from] flannel_net::NetlinkError),
+    #[error(transparent)]
+    Netns(#[from] flannel_net::netns::NetnsError),
+    #[error(transparent)]
+    Udp(#[from] flannel_udp::UdpError),
+    /// Several operations of one batch failed; the first failure is the source.
+    #[error("{failed} of {total} kernel operations failed; first: {first}")]
+    Batch {
+        failed: usize,
+        total: usize,
+        #[source]
+        first: flannel_net::NetlinkError,
+    },
+    /// The kernel's state is not what the backend needs (no syscall failed).
+    #[error("{0}")]
+    State(String),
+}
+
+impl BackendError {
+    /// A `map_err` adapter: wraps a kernel-side error with what was being done.
+    pub fn kernel<E: Into<KernelError>>(
+        context: impl Into<String>,
+    ) -> impl FnOnce(E) -> BackendError {
+        let context = context.into();
+        move |e| BackendError::Kernel {
+            context,
+            source: e.into(),
+        }
+    }
+
+    /// The errno the kernel answered with, if this error came from a refused
+    /// netlink request.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            BackendError::Kernel {
+                source: KernelError::Netlink(e) | KernelError::Batch { first: e, .. },
+                ..
+            } => e.errno(),
+            _ => None,
+        }
+    }
 }
 
 /// Counters of a backend that carries packets itself (udp): totals since start.

@@ -16,9 +16,7 @@
 //! `Persist` (default true; false = the TUN vanishes with the agent, as upstream).
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +25,7 @@ use async_trait::async_trait;
 use flannel_core::gojson::FoldedObject;
 use flannel_core::{Lease, LeaseAttrs, LeaseEvent, LeaseKey, NetworkConfig};
 use flannel_net::netlink::Netlink;
+use flannel_net::netns::run_in_netns_async;
 use flannel_udp::{Config, DataPath, Mode, Peer};
 use ipnet::Ipv4Net;
 use serde_json::value::RawValue;
@@ -52,10 +51,7 @@ pub fn keeper_entry() {
 /// agent) and its keeper, in the calling thread's network namespace. Ok(false)
 /// when there was nothing to remove.
 pub fn cleanup() -> Result<bool, BackendError> {
-    flannel_udp::remove_device(DEVICE).map_err(|e| BackendError::Kernel {
-        context: format!("remove {DEVICE}"),
-        reason: e.to_string(),
-    })
+    flannel_udp::remove_device(DEVICE).map_err(BackendError::kernel(format!("remove {DEVICE}")))
 }
 
 /// Parsed backend config.
@@ -156,10 +152,7 @@ impl UdpBackend {
             Some(p) => Netlink::connect_in(p.to_path_buf()).await,
             None => Netlink::connect().await,
         };
-        r.map_err(|e| BackendError::Kernel {
-            context: "udp backend netlink".into(),
-            reason: e.to_string(),
-        })
+        r.map_err(BackendError::kernel("udp backend netlink"))
     }
 
     async fn open(&mut self) -> Result<(), BackendError> {
@@ -178,10 +171,7 @@ impl UdpBackend {
             crate::RTPROT_FLANNEL,
         )
         .await
-        .map_err(|e| BackendError::Kernel {
-            context: format!("configure {}", dp.name()),
-            reason: e.to_string(),
-        })?;
+        .map_err(BackendError::kernel(format!("configure {}", dp.name())))?;
         self.dp = Some(dp);
         Ok(())
     }
@@ -193,10 +183,8 @@ impl UdpBackend {
         dp.set_peers(self.peers.values().copied());
         // Workers start with the first peer set, so packets queued across a restart
         // are not answered with net-unreachable before the table is known.
-        dp.start().map_err(|e| BackendError::Kernel {
-            context: "start udp workers".into(),
-            reason: e.to_string(),
-        })
+        dp.start()
+            .map_err(BackendError::kernel("start udp workers"))
     }
 }
 
@@ -207,37 +195,20 @@ fn peer_of(l: &Lease) -> Peer {
     }
 }
 
-/// Opens the data path on a dedicated std thread inside `netns` (if any): the TUN
-/// and sockets belong to the namespace of the thread that creates them, and no
-/// tokio thread may change namespace.
+/// Opens the data path inside `netns` (if any): the TUN and sockets belong to the
+/// namespace of the thread that creates them, and no tokio thread may change
+/// namespace, so the open runs on a dedicated std thread.
 async fn open_in(netns: Option<PathBuf>, cfg: Config) -> Result<DataPath, BackendError> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("udp-open".into())
-        .spawn(move || {
-            let r = (|| {
-                if let Some(p) = &netns {
-                    let f = File::open(p).map_err(|e| format!("open {}: {e}", p.display()))?;
-                    // SAFETY: setns on this dedicated, short-lived thread with a valid fd.
-                    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return Err(format!(
-                            "enter {}: {}",
-                            p.display(),
-                            std::io::Error::last_os_error()
-                        ));
-                    }
-                }
-                DataPath::open(&cfg).map_err(|e| e.to_string())
-            })();
-            let _ = tx.send(r);
-        })
-        .map_err(|e| BackendError::Other(format!("spawn udp-open thread: {e}")))?;
-    rx.await
-        .map_err(|_| BackendError::Other("udp-open thread died".into()))?
-        .map_err(|reason| BackendError::Kernel {
-            context: format!("open {DEVICE}"),
-            reason,
-        })
+    let open = move || DataPath::open(&cfg);
+    let opened = match netns {
+        Some(p) => run_in_netns_async(p, open)
+            .await
+            .map_err(BackendError::kernel(format!("open {DEVICE}")))?,
+        None => tokio::task::spawn_blocking(open)
+            .await
+            .map_err(|e| BackendError::Other(format!("udp open task: {e}")))?,
+    };
+    opened.map_err(BackendError::kernel(format!("open {DEVICE}")))
 }
 
 #[async_trait]
@@ -323,10 +294,7 @@ impl Backend for UdpBackend {
         let nl = self.netlink().await?;
         let exists = flannel_udp::netconf::link_index(nl.handle(), DEVICE)
             .await
-            .map_err(|e| BackendError::Kernel {
-                context: format!("look up {DEVICE}"),
-                reason: e.to_string(),
-            })?
+            .map_err(BackendError::kernel(format!("look up {DEVICE}")))?
             .is_some();
         if !exists {
             warn!(device = DEVICE, "udp device disappeared; recreating it");
@@ -348,10 +316,7 @@ impl Backend for UdpBackend {
         )
         .await
         .map(drop)
-        .map_err(|e| BackendError::Kernel {
-            context: format!("configure {DEVICE}"),
-            reason: e.to_string(),
-        })
+        .map_err(BackendError::kernel(format!("configure {DEVICE}")))
     }
 }
 

@@ -17,6 +17,7 @@ use serde_json::value::RawValue;
 
 use crate::dataplane::{self, Desired, Ownership, State};
 use crate::peers::{type_matches, PeerSet, RouteLookups, Warnings};
+use crate::KernelError;
 use crate::{Backend, BackendError, BackendOptions, ExternalInterface};
 
 /// The port the kernel uses when none is configured (Linux's historical VXLAN port).
@@ -197,13 +198,6 @@ impl VxlanBackend {
         })
     }
 
-    fn kernel(&self, context: String) -> impl FnOnce(flannel_net::NetlinkError) -> BackendError {
-        move |e| BackendError::Kernel {
-            context,
-            reason: e.to_string(),
-        }
-    }
-
     /// Whether an existing device can be kept. Compared: kind, VNI, underlay device
     /// and local address (when both are set), no group, no l2miss, port (the
     /// effective one: a device on another port could not talk to the cluster),
@@ -266,7 +260,7 @@ impl VxlanBackend {
             .nl
             .link_by_name(&name)
             .await
-            .map_err(self.kernel(format!("vxlan device {name}")))?;
+            .map_err(BackendError::kernel(format!("vxlan device {name}")))?;
         if let Some(l) = existing {
             match self.compatible(&l, local) {
                 Ok(()) => {
@@ -274,7 +268,7 @@ impl VxlanBackend {
                         self.nl
                             .link_set_mtu(l.index, mtu)
                             .await
-                            .map_err(self.kernel(format!("vxlan device {name}")))?;
+                            .map_err(BackendError::kernel(format!("vxlan device {name}")))?;
                     }
                     tracing::info!(
                         "reusing vxlan device {name} (#{}, MAC {:?})",
@@ -288,7 +282,7 @@ impl VxlanBackend {
                     self.nl
                         .link_del(l.index)
                         .await
-                        .map_err(self.kernel(format!("vxlan device {name}")))?;
+                        .map_err(BackendError::kernel(format!("vxlan device {name}")))?;
                 }
             }
         }
@@ -314,7 +308,7 @@ impl VxlanBackend {
             .nl
             .vxlan_create(&spec)
             .await
-            .map_err(self.kernel(format!("vxlan device {name}")))?;
+            .map_err(BackendError::kernel(format!("vxlan device {name}")))?;
         tracing::info!(
             "created vxlan device {name} (#{}, MAC {mac}, MTU {mtu})",
             l.index
@@ -344,7 +338,7 @@ impl VxlanBackend {
             .nl
             .addresses(IpFamily::V4, Some(dev.index))
             .await
-            .map_err(self.kernel(ctx()))?;
+            .map_err(BackendError::kernel(ctx()))?;
         let mut present = false;
         for a in addrs {
             let IpAddr::V4(v4) = a.addr else { continue };
@@ -354,19 +348,22 @@ impl VxlanBackend {
                 self.nl
                     .addr_del(dev.index, a.addr, a.prefix_len)
                     .await
-                    .map_err(self.kernel(ctx()))?;
+                    .map_err(BackendError::kernel(ctx()))?;
             }
         }
         if !present {
             self.nl
                 .addr_add(dev.index, want, 32)
                 .await
-                .map_err(self.kernel(ctx()))?;
+                .map_err(BackendError::kernel(ctx()))?;
         }
         self.nl
             .link_set_up(dev.index)
             .await
-            .map_err(self.kernel(format!("set vxlan device {} up", dev.name)))
+            .map_err(BackendError::kernel(format!(
+                "set vxlan device {} up",
+                dev.name
+            )))
     }
 
     fn ownership(&self) -> Result<Ownership, BackendError> {
@@ -497,10 +494,10 @@ impl VxlanBackend {
                 .await
                 .map(|()| s)
         });
-        for r in routes.map_err(self.kernel(ctx()))? {
+        for r in routes.map_err(BackendError::kernel(ctx()))? {
             s.add_route(r);
         }
-        let device = device.map_err(self.kernel(ctx()))?;
+        let device = device.map_err(BackendError::kernel(ctx()))?;
         s.neigh = device.neigh;
         s.fdb = device.fdb;
         Ok(s)
@@ -549,7 +546,7 @@ impl VxlanBackend {
             .nl
             .link_by_index(dev.index)
             .await
-            .map_err(self.kernel(format!("vxlan device {}", dev.name)))?;
+            .map_err(BackendError::kernel(format!("vxlan device {}", dev.name)))?;
         if now.as_ref().is_some_and(|l| l.name == dev.name) {
             return Ok(false);
         }
@@ -589,7 +586,7 @@ impl Backend for VxlanBackend {
         self.configure_device(&dev).await?;
         let mac = dev.mac.ok_or_else(|| BackendError::Kernel {
             context: format!("vxlan device {}", dev.name),
-            reason: "the device has no MAC address".into(),
+            source: KernelError::State("the device has no MAC address".into()),
         })?;
         self.mac = Some(mac);
         self.dev = Some(dev);
@@ -614,15 +611,15 @@ impl Backend for VxlanBackend {
             .nl
             .link_by_index(dev.index)
             .await
-            .map_err(self.kernel(format!("vxlan device {}", dev.name)))?;
+            .map_err(BackendError::kernel(format!("vxlan device {}", dev.name)))?;
         if now.as_ref().and_then(|l| l.mac) != self.mac {
             return Err(BackendError::Kernel {
                 context: format!("vxlan device {}", dev.name),
-                reason: format!(
+                source: KernelError::State(format!(
                     "its MAC changed from the published {:?} to {:?}",
                     self.mac.map(|m| m.to_string()),
                     now.and_then(|l| l.mac).map(|m| m.to_string())
-                ),
+                )),
             });
         }
         Ok(())

@@ -4,6 +4,8 @@
 //! delegate. Compatible with flannel-io/cni-plugin: same netconf keys, same saved
 //! file bytes, same delegate config.
 
+#![forbid(unsafe_code)]
+
 pub mod delegate;
 pub mod error;
 pub mod exec;

@@ -1,6 +1,8 @@
 //! `flannel`: the CNI plugin binary. All logic is in the library; this only wires
 //! the process's environment, stdin, stdout and exit code to it.
 
+#![forbid(unsafe_code)]
+
 use std::io::Write as _;
 
 fn main() {

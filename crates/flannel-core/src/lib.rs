@@ -1,6 +1,8 @@
 //! Pure flannel types and rules, shared by the agent, the stores, the backends and the
 //! CNI plugin. No I/O and no async here, so everything is testable without privileges.
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod events;
 pub mod gojson;

@@ -14,6 +14,8 @@
 //! `flannel-kube-fake` binary serves the same thing plus a small control API under
 //! `/fake/v1/` for tests in other processes.
 
+#![forbid(unsafe_code)]
+
 mod patch;
 mod server;
 mod store;

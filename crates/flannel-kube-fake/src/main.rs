@@ -1,6 +1,8 @@
 //! `flannel-kube-fake`: the fake Kubernetes API server as a standalone process, for
 //! tests that run flanneld as a separate program (e.g. in a network namespace).
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;

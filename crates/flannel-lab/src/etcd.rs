@@ -4,7 +4,6 @@
 //! Every request runs on a short-lived std thread that first enters the underlay
 //! namespace, so the socket lives there; the root namespace never talks to it.
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, TcpStream};
 use std::path::{Path, PathBuf};
@@ -12,6 +11,7 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
+use flannel_net::netns::run_in_netns;
 use serde_json::{json, Value};
 
 use crate::error::{LabError, Result};
@@ -91,26 +91,17 @@ impl Etcd {
             req.push_str(b);
         }
         let op = format!("{method} {path}");
-        let handle = std::thread::Builder::new()
-            .name("flannel-lab-etcd".into())
-            .spawn(move || -> std::io::Result<Vec<u8>> {
-                let ns = File::open(&netns)?;
-                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(std::io::Error::from)?;
-                let mut s =
-                    TcpStream::connect_timeout(&SocketAddr::V4(addr), Duration::from_secs(5))?;
-                s.set_read_timeout(Some(Duration::from_secs(60)))?;
-                s.set_write_timeout(Some(Duration::from_secs(60)))?;
-                s.write_all(req.as_bytes())?;
-                let mut out = Vec::new();
-                s.read_to_end(&mut out)?;
-                Ok(out)
-            })
-            .map_err(|e| LabError::io("spawn etcd client thread", e))?;
-        let raw = handle
-            .join()
-            .map_err(|_| err(&op, "client thread panicked"))?
-            .map_err(|e| err(&op, e))?;
+        let raw = run_in_netns(&netns, move || -> std::io::Result<Vec<u8>> {
+            let mut s = TcpStream::connect_timeout(&SocketAddr::V4(addr), Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(60)))?;
+            s.set_write_timeout(Some(Duration::from_secs(60)))?;
+            s.write_all(req.as_bytes())?;
+            let mut out = Vec::new();
+            s.read_to_end(&mut out)?;
+            Ok(out)
+        })
+        .map_err(|e| err(&op, e))?
+        .map_err(|e| err(&op, e))?;
         let text = String::from_utf8_lossy(&raw);
         let (head, body) = text
             .split_once("\r\n\r\n")

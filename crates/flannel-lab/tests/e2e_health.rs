@@ -14,7 +14,6 @@
 //!   except the ones only the udp backend can move (listed in [`UDP_ONLY`]).
 
 use std::collections::BTreeSet;
-use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -24,7 +23,7 @@ use flannel_lab::e2e::{ready, Needs};
 use flannel_lab::lab::ETCD_PREFIX;
 use flannel_lab::process::{Proc, ProcOutput};
 use flannel_lab::{poll_until, Lab};
-use nix::sched::CloneFlags;
+use flannel_net::netns::{netns_path, run_in_netns};
 use prometheus_parse::{Scrape, Value};
 
 const DEADLINE: Duration = Duration::from_secs(90);
@@ -63,11 +62,8 @@ fn dechunk(body: &str) -> Option<String> {
 
 /// A plain HTTP/1.1 GET to `addr` from a thread inside namespace `ns`.
 fn http_get(ns: &str, addr: SocketAddrV4, path: &str) -> io::Result<Response> {
-    let netns = format!("/run/netns/{ns}");
     let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    let raw = std::thread::spawn(move || -> io::Result<Vec<u8>> {
-        let f = File::open(&netns)?;
-        nix::sched::setns(&f, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+    let raw = run_in_netns(&netns_path(ns), move || -> io::Result<Vec<u8>> {
         let mut s = TcpStream::connect_timeout(&SocketAddr::V4(addr), Duration::from_secs(5))?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         s.write_all(req.as_bytes())?;
@@ -75,8 +71,7 @@ fn http_get(ns: &str, addr: SocketAddrV4, path: &str) -> io::Result<Response> {
         s.read_to_end(&mut out)?;
         Ok(out)
     })
-    .join()
-    .map_err(|_| io::Error::other("HTTP thread panicked"))??;
+    .map_err(io::Error::other)??;
     let text = String::from_utf8(raw).map_err(|e| io::Error::other(e.to_string()))?;
     let (head, body) = text
         .split_once("\r\n\r\n")

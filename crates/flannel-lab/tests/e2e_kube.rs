@@ -36,6 +36,7 @@ use flannel_lab::lab::{tail, UNDERLAY_GATEWAY};
 use flannel_lab::measure::{ping_gaps, ping_reply_seqs};
 use flannel_lab::process::{Proc, ProcOutput};
 use flannel_lab::{poll_until, Lab, PodId};
+use flannel_net::netns::{netns_path, run_in_netns};
 use ipnet::Ipv4Net;
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
@@ -89,20 +90,12 @@ impl ApiClient {
     /// created in, so only the short-lived thread that makes it enters the namespace
     /// (never a thread that runs anything else).
     fn connect(&self) -> anyhow::Result<TcpStream> {
-        let path = format!("/run/netns/{}", self.ns);
         let addr = SocketAddr::V4(self.addr);
-        std::thread::scope(|s| {
-            s.spawn(|| -> anyhow::Result<TcpStream> {
-                let f = fs::File::open(&path).with_context(|| format!("open {path}"))?;
-                nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .with_context(|| format!("setns {path}"))?;
-                let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-                    .with_context(|| format!("connect {addr} in {}", self.ns))?;
-                Ok(s)
-            })
-            .join()
-            .map_err(|_| anyhow!("connect thread panicked"))?
-        })
+        let ns = self.ns.clone();
+        run_in_netns(&netns_path(&self.ns), move || {
+            TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+                .with_context(|| format!("connect {addr} in {ns}"))
+        })?
     }
 
     /// One HTTP/1.0 request (the server closes the connection after replying).

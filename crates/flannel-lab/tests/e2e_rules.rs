@@ -11,7 +11,6 @@
 //! nothing may be lost.
 
 use std::collections::BTreeSet;
-use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -25,7 +24,7 @@ use flannel_lab::e2e::{ready, Needs};
 use flannel_lab::measure::{ping_gaps, ping_reply_seqs};
 use flannel_lab::process::{Proc, ProcOutput};
 use flannel_lab::{poll_until, Lab, PodId};
-use nix::sched::CloneFlags;
+use flannel_net::netns::{netns_path, run_in_netns, spawn_in_netns, NetnsError};
 use nix::sys::signal::Signal;
 
 const DEADLINE: Duration = Duration::from_secs(90);
@@ -63,23 +62,12 @@ fn tools_ready(what: &str) -> bool {
 
 // ----- sockets inside namespaces (dedicated std threads, never the test's own) -----
 
-fn enter(ns: &str) -> io::Result<()> {
-    let f = File::open(format!("/run/netns/{ns}"))?;
-    nix::sched::setns(&f, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
-}
-
 /// Runs `f` on a fresh thread that first moves into network namespace `ns`.
 fn in_netns<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> io::Result<T> + Send + 'static,
 ) -> io::Result<T> {
-    let ns = ns.to_string();
-    std::thread::spawn(move || {
-        enter(&ns)?;
-        f()
-    })
-    .join()
-    .map_err(|_| io::Error::other("namespace thread panicked"))?
+    run_in_netns(&netns_path(ns), f).map_err(io::Error::other)?
 }
 
 /// One TCP connection from namespace `ns` to `to` (5 s connect timeout): sends a byte
@@ -100,7 +88,7 @@ fn connect_from(ns: &str, to: SocketAddrV4) -> io::Result<()> {
 struct PeerRecorder {
     peers: Arc<Mutex<Vec<SocketAddr>>>,
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Result<(), NetnsError>>>,
 }
 
 impl PeerRecorder {
@@ -108,10 +96,9 @@ impl PeerRecorder {
         let peers = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel::<io::Result<()>>();
-        let (p, s, name) = (peers.clone(), stop.clone(), ns.to_string());
-        let thread = std::thread::spawn(move || {
-            let bound = enter(&name).and_then(|()| {
-                let l = TcpListener::bind(addr)?;
+        let (p, s) = (peers.clone(), stop.clone());
+        let thread = spawn_in_netns(&netns_path(ns), move || {
+            let bound = TcpListener::bind(addr).and_then(|l| {
                 l.set_nonblocking(true)?;
                 Ok(l)
             });
@@ -142,9 +129,10 @@ impl PeerRecorder {
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
             }
-        });
+        })
+        .expect("start the listener thread");
         rx.recv()
-            .expect("listener thread reports")
+            .unwrap_or_else(|_| panic!("listener thread could not enter {ns}"))
             .unwrap_or_else(|e| panic!("listen on {addr} in {ns}: {e}"));
         PeerRecorder {
             peers,
@@ -176,19 +164,15 @@ impl Drop for PeerRecorder {
 struct TcpProber {
     results: Arc<Mutex<Vec<Result<(), String>>>>,
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Result<(), NetnsError>>>,
 }
 
 impl TcpProber {
     fn start(ns: &str, to: SocketAddrV4) -> TcpProber {
         let results = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (r, s, ns) = (results.clone(), stop.clone(), ns.to_string());
-        let thread = std::thread::spawn(move || {
-            if let Err(e) = enter(&ns) {
-                r.lock().unwrap().push(Err(format!("enter {ns}: {e}")));
-                return;
-            }
+        let (r, s) = (results.clone(), stop.clone());
+        let thread = spawn_in_netns(&netns_path(ns), move || {
             while !s.load(Ordering::Relaxed) {
                 let outcome = (|| -> io::Result<()> {
                     let mut c =
@@ -201,7 +185,8 @@ impl TcpProber {
                 r.lock().unwrap().push(outcome.map_err(|e| e.to_string()));
                 std::thread::sleep(Duration::from_millis(200));
             }
-        });
+        })
+        .expect("start the prober thread");
         TcpProber {
             results,
             stop,
@@ -226,7 +211,9 @@ impl TcpProber {
     fn stop(mut self) -> Vec<Result<(), String>> {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
-            t.join().expect("prober thread");
+            t.join()
+                .expect("prober thread")
+                .expect("prober thread enters its namespace");
         }
         self.results.lock().unwrap().clone()
     }

@@ -73,6 +73,27 @@ where
     })
 }
 
+/// Starts `f` on a new std thread that first enters the network namespace at `path`,
+/// and returns at once: for work that must run beside the caller (a server that
+/// accepts while the caller connects). Join the handle for `f`'s result.
+pub fn spawn_in_netns<T, F>(
+    path: &Path,
+    f: F,
+) -> Result<std::thread::JoinHandle<Result<T, NetnsError>>, NetnsError>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let thread_path = path.to_path_buf();
+    std::thread::Builder::new()
+        .name("flannel-netns".into())
+        .spawn(move || enter(&thread_path).map(|()| f()))
+        .map_err(|source| NetnsError::Spawn {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
 /// Like [`run_in_netns`], but awaits the helper thread instead of blocking. The
 /// thread is a plain std thread, never one of tokio's (blocking-pool threads are
 /// reused, so a namespace switch there would leak into unrelated work).

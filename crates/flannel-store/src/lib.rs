@@ -3,6 +3,8 @@
 //! A store never touches the kernel; it reads the network config, acquires and renews
 //! this host's lease and reports the other hosts' leases as [`LeaseUpdate`]s.
 
+#![forbid(unsafe_code)]
+
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use async_trait::async_trait;

@@ -125,8 +125,9 @@ pub fn enable_gro(fd: RawFd) -> io::Result<()> {
     setsockopt_int(fd, libc::SOL_UDP, libc::UDP_GRO, 1)
 }
 
-// SAFETY (for the const): CMSG_SPACE is a pure size computation.
-const CMSG_GSO_SPACE: usize = unsafe { libc::CMSG_SPACE(mem::size_of::<u16>() as u32) } as usize;
+const CMSG_GSO_SPACE: usize =
+    // SAFETY: CMSG_SPACE is a pure size computation; it touches no memory.
+    unsafe { libc::CMSG_SPACE(mem::size_of::<u16>() as u32) } as usize;
 const CMSG_RX_SPACE: usize = 64;
 
 /// Batched sender: turns a [`TxBatch`] into sendmmsg calls, one message per run of

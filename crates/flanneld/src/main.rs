@@ -1,5 +1,7 @@
 //! flanneld: the flannel-rs agent.
 
+#![forbid(unsafe_code)]
+
 mod agent;
 mod backends;
 mod cleanup;

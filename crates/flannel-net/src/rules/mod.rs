@@ -277,8 +277,8 @@ pub enum RulesError {
     #[error("nf_tables netlink: {0}")]
     Netlink(#[source] io::Error),
     /// Entering the target network namespace failed.
-    #[error("network namespace {name}: {source}")]
-    Netns { name: String, source: io::Error },
+    #[error(transparent)]
+    Netns(#[from] crate::netns::NetnsError),
     /// The resync thread could not be started.
     #[error("starting the rule resync thread: {0}")]
     Thread(#[source] io::Error),

@@ -587,26 +587,13 @@ pub(crate) fn in_netns<T: Send + 'static>(
     netns: Option<&str>,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, RulesError> {
-    let Some(name) = netns else {
-        return Ok(f());
-    };
-    let name = name.to_string();
-    let path = format!("/run/netns/{name}");
-    std::thread::Builder::new()
-        .name("rules-netns".into())
-        .spawn(move || -> io::Result<T> {
-            let ns = std::fs::File::open(&path)?;
-            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(io::Error::from)?;
-            Ok(f())
-        })
-        .map_err(RulesError::Thread)?
-        .join()
-        .map_err(|_| RulesError::Netns {
-            name: name.clone(),
-            source: io::Error::other("namespace thread panicked"),
-        })?
-        .map_err(|source| RulesError::Netns { name, source })
+    match netns {
+        None => Ok(f()),
+        Some(name) => Ok(crate::netns::run_in_netns(
+            &crate::netns::netns_path(name),
+            f,
+        )?),
+    }
 }
 
 fn open_socket() -> io::Result<OwnedFd> {

@@ -707,24 +707,14 @@ fn resync_thread_restores_deleted_rules() {
 
 /// Run `f` on a fresh thread inside the namespace.
 fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("open netns");
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-    .join()
-    .expect("netns thread")
+    crate::netns::run_in_netns(&crate::netns::netns_path(ns), f).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Listen in `server` on `port`, connect from `client` to `dst`, return the source address
 /// the server saw.
 fn observed_source(server: &Ns, client: &Ns, dst: Ipv4Addr, port: u16) -> Ipv4Addr {
     let (tx, rx) = std::sync::mpsc::channel();
-    let path = format!("/run/netns/{}", server.name);
-    let srv = std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("open netns");
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+    let srv = crate::netns::spawn_in_netns(&crate::netns::netns_path(&server.name), move || {
         let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind");
         l.set_nonblocking(true).unwrap();
         tx.send(()).unwrap();
@@ -739,7 +729,8 @@ fn observed_source(server: &Ns, client: &Ns, dst: Ipv4Addr, port: u16) -> Ipv4Ad
                 Err(e) => panic!("accept: {e}"),
             }
         }
-    });
+    })
+    .expect("start the server thread");
     rx.recv_timeout(Duration::from_secs(60))
         .expect("server ready");
     in_netns(&client.name, move || {
@@ -755,7 +746,11 @@ fn observed_source(server: &Ns, client: &Ns, dst: Ipv4Addr, port: u16) -> Ipv4Ad
             }
         }
     });
-    match srv.join().expect("server thread") {
+    match srv
+        .join()
+        .expect("server thread")
+        .expect("server enters its namespace")
+    {
         SocketAddr::V4(a) => *a.ip(),
         other => panic!("unexpected peer {other}"),
     }

@@ -9,13 +9,12 @@
 
 #![allow(dead_code)]
 
-use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use flannel_net::netns::{netns_path, run_in_netns};
 use flannel_udp::{netconf, Config, DataPath, Mode, Peer};
 
 pub const NETWORK: &str = "10.244.0.0/16";
@@ -322,18 +321,7 @@ impl Drop for Lab {
 
 /// Runs `f` on a fresh thread inside namespace `ns` (never on a shared thread).
 pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let fd = File::open(format!("/var/run/netns/{ns}"))
-                .unwrap_or_else(|e| panic!("open netns {ns}: {e}"));
-            // SAFETY: setns on this (scoped, dedicated) thread with a valid fd.
-            let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns {ns}: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("netns thread panicked")
-    })
+    run_in_netns(&netns_path(ns), f).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Opens, configures and starts a data path inside `ns`.
