@@ -1,10 +1,9 @@
 //! Linux plumbing with no policy: netlink (links, addresses, routes, neighbours, FDB),
-//! interface lookup, network namespaces and firewall rules.
+//! interface lookup and network namespaces. Firewall policy lives in flannel-rules.
 
 pub mod iface;
 pub mod netlink;
 pub mod netns;
-pub mod rules;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 

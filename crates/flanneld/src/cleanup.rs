@@ -6,8 +6,8 @@
 
 use anyhow::{Context, Result};
 use flannel_net::netlink::{IpFamily, RouteFilter, RTPROT_BOOT, RTPROT_FLANNEL};
-use flannel_net::rules::{self, EngineKind, EngineOptions};
 use flannel_net::Netlink;
+use flannel_rules::{self as rules, EngineKind, EngineOptions};
 use ipnet::IpNet;
 use tracing::{info, warn};
 
@@ -76,7 +76,6 @@ pub async fn run(opts: &Options) -> Result<()> {
 
     let rule_errors = tokio::task::spawn_blocking(|| {
         let mut errs = Vec::new();
-        let ours = iptables_tables_with_our_chains();
         for kind in [EngineKind::Nftables, EngineKind::Iptables] {
             match rules::new_engine(kind, EngineOptions::default()) {
                 Ok(mut engine) => {
@@ -88,7 +87,6 @@ pub async fn run(opts: &Options) -> Result<()> {
                 Err(e) => warn!(engine = %kind, error = %e, "rule engine unavailable; skipped"),
             }
         }
-        errs.extend(remove_emptied_iptables_tables(&ours));
         errs
     })
     .await
@@ -108,141 +106,9 @@ pub async fn run(opts: &Options) -> Result<()> {
     }
 }
 
-/// Per iptables-save section: (table name, whether it has a `FLANNEL-` chain, whether
-/// it is nothing but iptables-nft's scaffolding: built-in chains only, every policy
-/// ACCEPT, no rule, i.e. a table that filters nothing).
-fn iptables_tables(save: &str) -> Vec<(String, bool, bool)> {
-    let mut out = Vec::new();
-    let mut current: Option<(String, bool, bool)> = None;
-    for line in save.lines().map(str::trim) {
-        if let Some(name) = line.strip_prefix('*') {
-            current = Some((name.to_string(), false, true));
-        } else if line == "COMMIT" {
-            out.extend(current.take());
-        } else if let Some((_, ours, empty)) = current.as_mut() {
-            *ours |= line.starts_with(":FLANNEL-");
-            // `:CHAIN POLICY [counters]`; user chains have the policy `-`.
-            let accept_chain = line
-                .strip_prefix(':')
-                .is_some_and(|c| c.split_whitespace().nth(1) == Some("ACCEPT"));
-            if !(accept_chain || line.is_empty() || line.starts_with('#')) {
-                *empty = false;
-            }
-        }
-    }
-    out
-}
-
-/// Whether `iptables` on PATH is the nf_tables variant, and the save tools with the
-/// nft family their tables live in.
-fn iptables_nft_families() -> Vec<(&'static str, &'static str)> {
-    let nf_tables = std::process::Command::new("iptables")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("nf_tables"));
-    if nf_tables {
-        vec![("iptables-save", "ip"), ("ip6tables-save", "ip6")]
-    } else {
-        // Legacy tables belong to the kernel modules: nothing to delete there.
-        Vec::new()
-    }
-}
-
-fn iptables_save(tool: &str) -> Option<String> {
-    let o = std::process::Command::new(tool).output().ok()?;
-    o.status
-        .success()
-        .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
-}
-
-/// (nft family, table) of every iptables-nft table holding a flannel chain now.
-fn iptables_tables_with_our_chains() -> Vec<(&'static str, String)> {
-    let mut out = Vec::new();
-    for (tool, family) in iptables_nft_families() {
-        let Some(save) = iptables_save(tool) else {
-            continue;
-        };
-        for (table, ours, _) in iptables_tables(&save) {
-            if ours {
-                out.push((family, table));
-            }
-        }
-    }
-    out
-}
-
-/// iptables-nft creates a table with all its built-in chains the first time a rule
-/// goes in. A table that held our chains and is empty scaffolding now is deleted, so
-/// a host that had no iptables tables before the agent has none after the cleanup.
-fn remove_emptied_iptables_tables(ours: &[(&'static str, String)]) -> Vec<String> {
-    let mut errors = Vec::new();
-    for (tool, family) in iptables_nft_families() {
-        let Some(save) = iptables_save(tool) else {
-            continue;
-        };
-        for (table, _, empty) in iptables_tables(&save) {
-            if !empty || !ours.iter().any(|(f, t)| *f == family && *t == table) {
-                continue;
-            }
-            match std::process::Command::new("nft")
-                .args(["delete", "table", family, &table])
-                .output()
-            {
-                Ok(o) if o.status.success() => {
-                    info!(%family, %table, "deleted the table our chains left empty")
-                }
-                Ok(o) => errors.push(format!(
-                    "deleting the empty table {family} {table}: {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                )),
-                Err(e) => errors.push(format!("running nft: {e}")),
-            }
-        }
-    }
-    errors
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn iptables_save_sections_ours_and_empty() {
-        let save = "# Generated by iptables-nft-save v1.8.9
-*filter
-:INPUT ACCEPT [0:0]
-:FORWARD ACCEPT [10:600]
-:OUTPUT ACCEPT [0:0]
-COMMIT
-*security
-:FLANNEL-FWD - [0:0]
-COMMIT
-*nat
-:PREROUTING ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
--A POSTROUTING -d 192.0.2.0/24 -j RETURN
-COMMIT
-*mangle
-:PREROUTING ACCEPT [0:0]
-:OWN - [0:0]
-COMMIT
-*raw
-:PREROUTING DROP [0:0]
-COMMIT
-";
-        let t = |n: &str, ours, empty| (n.to_string(), ours, empty);
-        assert_eq!(
-            iptables_tables(save),
-            vec![
-                t("filter", false, true),
-                t("security", true, false),
-                t("nat", false, false),
-                t("mangle", false, false),
-                t("raw", false, false),
-            ]
-        );
-        assert!(iptables_tables("").is_empty());
-    }
 
     #[test]
     fn recognises_only_flannel_links() {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use flannel_core::{Lease, NetworkConfig};
-use flannel_net::rules::{self, EngineKind, EngineOptions, ResyncEvent, ResyncHandle, RuleSet};
+use flannel_rules::{self as rules, EngineKind, EngineOptions, ResyncEvent, ResyncHandle, RuleSet};
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;

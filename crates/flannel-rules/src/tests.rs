@@ -707,29 +707,33 @@ fn resync_thread_restores_deleted_rules() {
 
 /// Run `f` on a fresh thread inside the namespace.
 fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    crate::netns::run_in_netns(&crate::netns::netns_path(ns), f).unwrap_or_else(|e| panic!("{e}"))
+    flannel_net::netns::run_in_netns(&flannel_net::netns::netns_path(ns), f)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Listen in `server` on `port`, connect from `client` to `dst`, return the source address
 /// the server saw.
 fn observed_source(server: &Ns, client: &Ns, dst: Ipv4Addr, port: u16) -> Ipv4Addr {
     let (tx, rx) = std::sync::mpsc::channel();
-    let srv = crate::netns::spawn_in_netns(&crate::netns::netns_path(&server.name), move || {
-        let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind");
-        l.set_nonblocking(true).unwrap();
-        tx.send(()).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match l.accept() {
-                Ok((_, peer)) => return peer,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    assert!(Instant::now() < deadline, "no connection arrived");
-                    std::thread::sleep(Duration::from_millis(20));
+    let srv = flannel_net::netns::spawn_in_netns(
+        &flannel_net::netns::netns_path(&server.name),
+        move || {
+            let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind");
+            l.set_nonblocking(true).unwrap();
+            tx.send(()).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                match l.accept() {
+                    Ok((_, peer)) => return peer,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        assert!(Instant::now() < deadline, "no connection arrived");
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => panic!("accept: {e}"),
                 }
-                Err(e) => panic!("accept: {e}"),
             }
-        }
-    })
+        },
+    )
     .expect("start the server thread");
     rx.recv_timeout(Duration::from_secs(60))
         .expect("server ready");

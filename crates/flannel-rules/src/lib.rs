@@ -278,7 +278,7 @@ pub enum RulesError {
     Netlink(#[source] io::Error),
     /// Entering the target network namespace failed.
     #[error(transparent)]
-    Netns(#[from] crate::netns::NetnsError),
+    Netns(#[from] flannel_net::netns::NetnsError),
     /// The resync thread could not be started.
     #[error("starting the rule resync thread: {0}")]
     Thread(#[source] io::Error),

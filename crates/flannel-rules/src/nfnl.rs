@@ -589,8 +589,8 @@ pub(crate) fn in_netns<T: Send + 'static>(
 ) -> Result<T, RulesError> {
     match netns {
         None => Ok(f()),
-        Some(name) => Ok(crate::netns::run_in_netns(
-            &crate::netns::netns_path(name),
+        Some(name) => Ok(flannel_net::netns::run_in_netns(
+            &flannel_net::netns::netns_path(name),
             f,
         )?),
     }
