@@ -292,7 +292,7 @@ impl VxlanBackend {
             .opts
             .vtep_mac
             .or(self.mac)
-            .unwrap_or_else(MacAddr::random_local);
+            .unwrap_or_else(|| MacAddr::random_local(&mut rand::rng()));
         let spec = VxlanSpec {
             name: name.clone(),
             vni: self.cfg.vni,

@@ -281,8 +281,8 @@ impl FromStr for MacAddr {
 impl MacAddr {
     /// A random locally-administered unicast address (what Go flanneld picks for a
     /// new VXLAN device).
-    pub fn random_local() -> Self {
-        let mut m: [u8; 6] = rand::random();
+    pub fn random_local<R: rand::Rng + ?Sized>(rng: &mut R) -> Self {
+        let mut m: [u8; 6] = rng.random();
         m[0] = (m[0] & 0xfe) | 0x02;
         MacAddr(m)
     }

@@ -133,13 +133,16 @@ impl<A: Family> Window<A> {
     }
 
     /// A free subnet picked uniformly among the first [`FREE_SUBNET_SAMPLE`] free ones.
-    pub fn pick_free<'a, I>(&self, taken: I) -> Option<A::Net>
+    /// The caller owns the randomness (the agent passes the thread RNG; tests pass a
+    /// seeded one, so an allocation can be replayed).
+    pub fn pick_free<'a, I, R>(&self, taken: I, rng: &mut R) -> Option<A::Net>
     where
         I: IntoIterator<Item = &'a A::Net>,
         A::Net: 'a,
+        R: rand::Rng + ?Sized,
     {
         self.free_subnets(taken, FREE_SUBNET_SAMPLE)
-            .choose(&mut rand::rng())
+            .choose(rng)
             .copied()
     }
 }
@@ -224,11 +227,30 @@ mod tests {
         assert_eq!(w6.free_subnets(&[], 10).len(), 2);
     }
 
+    fn seeded() -> rand::rngs::StdRng {
+        rand::SeedableRng::seed_from_u64(7)
+    }
+
+    #[test]
+    fn the_same_seed_picks_the_same_subnet() {
+        let w = w4(24, "10.5.1.0", "10.5.255.0");
+        let taken: Vec<Ipv4Net> = vec!["10.5.3.0/24".parse().unwrap()];
+        let picks = |seed| {
+            let mut rng: rand::rngs::StdRng = rand::SeedableRng::seed_from_u64(seed);
+            (0..20)
+                .map(|_| w.pick_free(&taken, &mut rng).unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(picks(1), picks(1));
+        assert_ne!(picks(1), picks(2), "the seed decides the picks");
+        assert!(picks(1).iter().all(|n| !taken.contains(n) && w.contains(n)));
+    }
+
     #[test]
     fn full_window_has_nothing_free() {
         let w = w4(24, "10.5.1.0", "10.5.2.0");
         let taken: Vec<Ipv4Net> = vec!["10.5.0.0/16".parse().unwrap()];
-        assert!(w.pick_free(&taken).is_none());
+        assert!(w.pick_free(&taken, &mut seeded()).is_none());
     }
 
     proptest! {
@@ -260,7 +282,7 @@ mod tests {
                 prop_assert!(!taken.iter().any(|t| t.contains(n) || n.contains(t)));
             }
             for pair in free.windows(2) { prop_assert!(pair[0].network() < pair[1].network()); }
-            if let Some(p) = w.pick_free(&taken) {
+            if let Some(p) = w.pick_free(&taken, &mut seeded()) {
                 prop_assert!(free.iter().take(FREE_SUBNET_SAMPLE).any(|n| *n == p));
             }
         }

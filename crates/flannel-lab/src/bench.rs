@@ -312,7 +312,7 @@ fn fake_lease_value(ty: &str, i: usize) -> String {
         attrs.backend_data = Some(
             VxlanData {
                 vni: 1,
-                vtep_mac: MacAddr::random_local(),
+                vtep_mac: MacAddr::random_local(&mut rand::rng()),
             }
             .encode(),
         );

@@ -160,11 +160,12 @@ pub(crate) enum Plan {
 
 /// Chooses this host's lease from a listing (pure: no etcd calls). Returns the keys
 /// of our own leases that no longer fit the config (to delete) and the plan.
-pub(crate) fn plan(
+pub(crate) fn plan<R: rand::Rng + ?Sized>(
     listing: &[Listed],
     unusable: &[LeaseKey],
     windows: &Windows,
     req: &AcquireRequest,
+    rng: &mut R,
 ) -> Result<(Vec<Listed>, Plan), StoreError> {
     let mut stale = Vec::new();
     for l in listing {
@@ -204,9 +205,9 @@ pub(crate) fn plan(
     let out = || StoreError::OutOfSubnets {
         window: windows.describe(),
     };
-    let v4 = windows.v4.pick_free(&taken4).ok_or_else(out)?;
+    let v4 = windows.v4.pick_free(&taken4, rng).ok_or_else(out)?;
     let v6 = match windows.v6 {
-        Some(w) => Some(w.pick_free(&taken6).ok_or_else(out)?),
+        Some(w) => Some(w.pick_free(&taken6, rng).ok_or_else(out)?),
         None => None,
     };
     Ok((stale, Plan::Create(LeaseKey { v4, v6 })))
@@ -232,7 +233,13 @@ pub(crate) async fn acquire(
     let mut last_key = String::from("-");
     for attempt in 1..=MAX_CREATE_ATTEMPTS {
         let listing = list(ops, keys).await?;
-        let (stale, plan) = plan(&listing.leases, &listing.unusable, &windows, req)?;
+        let (stale, plan) = plan(
+            &listing.leases,
+            &listing.unusable,
+            &windows,
+            req,
+            &mut rand::rng(),
+        )?;
         for s in stale {
             tracing::info!(
                 "deleting this host's lease {} from etcd: it does not fit the network config any more",
@@ -331,6 +338,17 @@ pub(crate) async fn renew(ops: &Ops, keys: &KeyLayout, lease: &Lease) -> Result<
 mod tests {
     use super::*;
     use flannel_core::PreviousSubnets;
+
+    /// The planner with a fixed seed, so a failing case replays exactly.
+    fn plan(
+        listing: &[Listed],
+        unusable: &[LeaseKey],
+        windows: &Windows,
+        req: &AcquireRequest,
+    ) -> Result<(Vec<Listed>, Plan), StoreError> {
+        let mut rng: rand::rngs::StdRng = rand::SeedableRng::seed_from_u64(11);
+        super::plan(listing, unusable, windows, req, &mut rng)
+    }
 
     fn listed(key: &str, ip: &str) -> Listed {
         let k: LeaseKey = key.parse().unwrap();
