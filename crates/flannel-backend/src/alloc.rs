@@ -1,4 +1,5 @@
-//! The `alloc` backend: acquires a lease and nothing else (SPEC §4.7). Its lease
+//! The `alloc` backend: acquires a lease and nothing else (docs/compatibility.md,
+//! "alloc and extension"). Its lease
 //! value has no type and no data: `{"PublicIP":"10.10.0.1","PublicIPv6":null}`.
 
 use async_trait::async_trait;

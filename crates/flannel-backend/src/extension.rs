@@ -1,4 +1,5 @@
-//! The `extension` backend: runs operator-supplied commands (SPEC §4.8, HEAD
+//! The `extension` backend: runs operator-supplied commands (docs/compatibility.md,
+//! "alloc and extension"; HEAD
 //! semantics). A command string is split on whitespace, `$VAR`/`${VAR}` in each word
 //! are expanded from the extra variables and the process environment, and the
 //! program is executed directly (no shell).

@@ -1,6 +1,6 @@
 //! The `host-gw` backend: per peer a route `<subnet> via <peer public IP> dev <ext>`
-//! (SPEC §4.2, Appendix A.2). Works only when every peer is on a network directly
-//! connected to the external interface; other peers are refused with an error.
+//! (docs/compatibility.md, "host-gw routes"). Works only when every peer is on a network
+//! directly connected to the external interface; other peers are refused with an error.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};

@@ -1,7 +1,8 @@
 //! The `vxlan` backend: a VXLAN device `flannel.<VNI>` and, per peer, a permanent
 //! neighbour entry (peer subnet IP → peer VTEP MAC), an FDB entry (MAC → peer public
-//! IP) and an onlink route `<subnet> via <subnet IP> dev flannel.<VNI>` (SPEC §4.1,
-//! Appendix A.1). With `DirectRouting`, peers on a directly connected network get a
+//! IP) and an onlink route `<subnet> via <subnet IP> dev flannel.<VNI>`
+//! (docs/compatibility.md, "vxlan device, wire format and routes"). With
+//! `DirectRouting`, peers on a directly connected network get a
 //! plain route via their public IP instead.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -27,7 +28,8 @@ pub const OVERHEAD: u32 = 50;
 const TYPE: &str = "vxlan";
 const RESYNC: Duration = Duration::from_secs(10);
 
-/// The backend's config keys (SPEC §4.1), read case-insensitively.
+/// The backend's config keys (docs/compatibility.md, "vxlan device, wire format and
+/// routes"), read case-insensitively.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VxlanConfig {
     pub vni: u32,
@@ -425,7 +427,8 @@ impl VxlanBackend {
             let subnet = l.subnet().trunc();
             let ip = l.attrs.public_ip;
             // DirectRouting: a peer whose address the kernel reaches without a
-            // gateway gets a plain route over the underlay (SPEC 4.1).
+            // gateway gets a plain route over the underlay (docs/compatibility.md,
+            // "vxlan device, wire format and routes").
             let direct = match self.lookups.get(&ip) {
                 Some(Ok(r)) if self.cfg.direct_routing => r
                     .oif

@@ -35,7 +35,8 @@ async fn udp_pods_talk_through_flannel0() {
     let (a, b) = two_hosts(1, 2).await;
     let (mut ba, attrs_a) = backend(&a).await;
     let (mut bb, attrs_b) = backend(&b).await;
-    // Only PublicIP: no BackendType, no BackendData (SPEC §4.3).
+    // Only PublicIP: no BackendType, no BackendData (docs/compatibility.md, "udp device
+    // and wire format").
     assert_eq!(
         attrs_a.encode(),
         r#"{"PublicIP":"198.18.0.1","PublicIPv6":null}"#

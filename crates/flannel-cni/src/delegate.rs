@@ -1,4 +1,5 @@
-//! Building the delegate's network config from the netconf and subnet.env (SPEC §7).
+//! Building the delegate's network config from the netconf and subnet.env
+//! (docs/compatibility.md, "CNI plugin netconf and delegate config").
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

@@ -1,4 +1,5 @@
-//! Reading `subnet.env` the way the CNI plugin needs it (SPEC §7).
+//! Reading `subnet.env` the way the CNI plugin needs it
+//! (docs/compatibility.md, "CNI plugin netconf and delegate config").
 
 use std::io;
 use std::path::{Path, PathBuf};

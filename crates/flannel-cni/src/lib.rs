@@ -1,6 +1,7 @@
 //! The flannel CNI plugin (`flannel`), a meta-plugin: it reads the lease flanneld
 //! wrote to subnet.env, turns the netconf's `delegate` into a complete config for
-//! `bridge` + `host-local` (SPEC §7), saves that config for DEL and runs the
+//! `bridge` + `host-local` (docs/compatibility.md, "CNI plugin netconf and delegate
+//! config"), saves that config for DEL and runs the
 //! delegate. Compatible with flannel-io/cni-plugin: same netconf keys, same saved
 //! file bytes, same delegate config.
 

@@ -1,4 +1,5 @@
-//! End-to-end for the Kubernetes subnet manager (`--kube-subnet-mgr`, SPEC §3): the
+//! End-to-end for the Kubernetes subnet manager (`--kube-subnet-mgr`,
+//! docs/compatibility.md, "Kubernetes subnet manager and node annotations"): the
 //! fake API server (`flannel-kube-fake`) runs inside the lab's underlay namespace on
 //! the bridge address, three nodes carry pod CIDRs, and a real flanneld per host
 //! namespace (env `NODE_NAME`) takes its lease from its node, publishes the

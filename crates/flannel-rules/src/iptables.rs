@@ -1,4 +1,5 @@
-//! iptables engine (SPEC §5.4): chains `FLANNEL-POSTRTG` (nat) and `FLANNEL-FWD` (filter)
+//! iptables engine (docs/compatibility.md, "iptables rules"): chains `FLANNEL-POSTRTG`
+//! (nat) and `FLANNEL-FWD` (filter)
 //! with the jumps from POSTROUTING / FORWARD, written with `iptables-restore --noflush`.
 //!
 //! Names and comments are upstream's, so chains and rules left by Go flanneld (any

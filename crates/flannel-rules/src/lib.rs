@@ -1,6 +1,7 @@
 //! Masquerade and forward rules (nftables and iptables).
 //!
-//! Two engines keep the same rule set (SPEC §5.4, §5.5) in place:
+//! Two engines keep the same rule set (docs/compatibility.md, "iptables rules" and
+//! "nftables tables") in place:
 //!
 //! * [`NftEngine`] (`EnableNFTables: true`) owns the tables `ip flannel-ipv4` and
 //!   `ip6 flannel-ipv6` and writes every change as one `nft -j -f -` transaction.
@@ -62,7 +63,8 @@ impl EngineKind {
         }
     }
 
-    /// The engine whose artifacts must be removed at startup (SPEC §5.3).
+    /// The engine whose artifacts must be removed at startup (docs/compatibility.md,
+    /// "Startup order").
     pub fn other(self) -> Self {
         match self {
             EngineKind::Iptables => EngineKind::Nftables,
@@ -207,7 +209,8 @@ pub fn new_engine(
     })
 }
 
-/// Delete the flannel artifacts of the engine *not* in use (SPEC §5.3): in nftables mode
+/// Delete the flannel artifacts of the engine *not* in use (docs/compatibility.md,
+/// "Startup order" and "Cleanup looks where the rules live"): in nftables mode
 /// the iptables chains `FLANNEL-POSTRTG` (nat) and `FLANNEL-FWD` (filter) with their
 /// jumps, in iptables mode the nft tables `flannel-ipv4`/`flannel-ipv6`.
 ///

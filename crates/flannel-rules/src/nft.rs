@@ -1,5 +1,5 @@
 //! nftables engine: tables `ip flannel-ipv4` / `ip6 flannel-ipv6`, owned by the agent
-//! (SPEC §5.5), each change one `nft -j -f -` transaction.
+//! (docs/compatibility.md, "nftables tables"), each change one `nft -j -f -` transaction.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -358,8 +358,9 @@ fn forward_rules(c: IpNet) -> Vec<Vec<Statement<'static>>> {
     ]
 }
 
-/// The masquerade chain, with the semantics of the iptables set (SPEC §5.4), which
-/// upstream's nft version does not have (SPEC §9): upstream matches `meta mark 0x4000`
+/// The masquerade chain, with the semantics of the iptables set, which upstream's nft
+/// version does not have (docs/compatibility.md, "nftables masquerade uses the iptables
+/// rule set"): upstream matches `meta mark 0x4000`
 /// exactly (a packet with more mark bits set is masqueraded twice over: by kube-proxy and
 /// here) and its rule 4 reads `saddr != S daddr C` instead of `saddr != C daddr S`, which
 /// returns all non-cluster traffic to any pod and so makes rule 6 unreachable.

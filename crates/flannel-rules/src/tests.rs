@@ -823,7 +823,8 @@ impl Lab {
             "{what}: out→own pod"
         );
         // outside → a pod of another subnet: masqueraded (iptables rule 6; unreachable in
-        // upstream's nft rules, SPEC §9).
+        // upstream's nft rules; docs/compatibility.md, "nftables masquerade uses the
+        // iptables rule set").
         assert_eq!(
             observed_source(&self.pod2, &self.out, a("10.244.2.2"), 8084),
             a("10.244.2.1"),

@@ -14,7 +14,8 @@ use serde_json::Value;
 const MANIFEST: &str = include_str!("../../../deploy/kube-flannel.yml");
 const UNIT: &str = include_str!("../../../deploy/flanneld.service");
 
-/// flanneld's flags (SPEC §5), without the leading dashes.
+/// flanneld's flags (docs/compatibility.md, "Command-line flags and environment"),
+/// without the leading dashes.
 const FLAGS: &[&str] = &[
     "etcd-endpoints",
     "etcd-prefix",

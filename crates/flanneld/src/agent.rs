@@ -1,5 +1,6 @@
 //! The agent: wires the lease store, the backend and the host together in upstream's
-//! startup order (SPEC §5.3), then keeps the lease and the data plane current.
+//! startup order (docs/compatibility.md, "Startup order"), then keeps the lease and
+//! the data plane current.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -1,4 +1,5 @@
-//! Health, readiness and metrics over HTTP (`--healthz-ip`/`--healthz-port`, SPEC §5.2):
+//! Health, readiness and metrics over HTTP (`--healthz-ip`/`--healthz-port`;
+//! docs/compatibility.md, "Health endpoint" and "Readiness reasons and metrics"):
 //! `/healthz` → 200 `flanneld is running`; `/readyz` → 200 `flanneld is ready`, or 503
 //! `flanneld is not ready yet: <what is missing>`; `/metrics` → OpenMetrics text.
 

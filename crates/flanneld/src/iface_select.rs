@@ -1,4 +1,5 @@
-//! Choosing the external interface and public IP (upstream's rules, SPEC §5.1).
+//! Choosing the external interface and public IP (upstream's rules,
+//! docs/compatibility.md, "Interface and public IP selection").
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

@@ -20,7 +20,8 @@ pub struct OpenedStore {
     pub overrides: NodeOverrides,
 }
 
-/// Kubernetes mode reads these from the own node at start (SPEC §3).
+/// Kubernetes mode reads these from the own node at start
+/// (docs/compatibility.md, "Kubernetes subnet manager and node annotations").
 #[derive(Debug, Default, Clone)]
 pub struct NodeOverrides {
     pub public_ip: Option<std::net::Ipv4Addr>,

@@ -1,4 +1,5 @@
-//! Masquerade and forward rules for this host (SPEC §5.4, §5.5): installed once the
+//! Masquerade and forward rules for this host (docs/compatibility.md, "iptables rules"
+//! and "nftables tables"): installed once the
 //! lease is known, then kept in place by a resync thread that costs nothing while
 //! nothing changes.
 

@@ -1,4 +1,5 @@
-//! Listing the leases and acquiring this host's one (SPEC §2.1, with the §9.1 choices:
+//! Listing the leases and acquiring this host's one (docs/compatibility.md, "Lease
+//! acquisition and renewal", with its deliberate differences:
 //! reservations stay permanent, reuse-by-IP also compares the IPv6 address when IPv6
 //! is enabled, and a lost creation race is retried with another subnet).
 
@@ -221,7 +222,7 @@ fn overlaps6(a: &Ipv6Net, b: &Ipv6Net) -> bool {
     a.contains(b) || b.contains(a)
 }
 
-/// Acquires this host's lease (SPEC §2.1).
+/// Acquires this host's lease (docs/compatibility.md, "Lease acquisition and renewal").
 pub(crate) async fn acquire(
     ops: &Ops,
     keys: &KeyLayout,

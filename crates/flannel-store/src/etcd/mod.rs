@@ -1,7 +1,8 @@
-//! The etcd v3 lease store, with flannel's key layout and values (SPEC §2).
+//! The etcd v3 lease store, with flannel's key layout and values
+//! (docs/compatibility.md, "etcd keys and lease values").
 //!
 //! ```text
-//! <prefix>/config                 network config JSON (SPEC §1)
+//! <prefix>/config                 network config JSON ("Network configuration")
 //! <prefix>/subnets/10.5.52.0-24   {"PublicIP":"…","PublicIPv6":null,"BackendType":…}
 //! ```
 //! Every lease write grants a fresh 24 h etcd lease; keys without one are
@@ -251,7 +252,8 @@ impl LeaseStore for EtcdStore {
         }
     }
 
-    /// SPEC §2.1: reuse by public IP, else the previous subnet, else a random free
+    /// As in docs/compatibility.md, "Lease acquisition and renewal": reuse by public IP,
+    /// else the previous subnet, else a random free
     /// one; a lost creation race is retried (up to [`MAX_CREATE_ATTEMPTS`] picks).
     async fn acquire(
         &self,

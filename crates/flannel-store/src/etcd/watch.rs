@@ -1,5 +1,6 @@
 //! Watching leases: a snapshot at revision R, then a watch from R+1 that survives
-//! anything etcd does to it (SPEC §2.3 with the §9.1 choices).
+//! anything etcd does to it (docs/compatibility.md, "Watching leases", with its
+//! deliberate differences).
 //!
 //! A broken stream is reopened from the revision after the last applied event, with
 //! backoff; a compacted revision forces a fresh listing that the tracker diffs into
