@@ -163,7 +163,7 @@ impl UdpBackend {
         let dp = open_in(self.nl.netns().map(Path::to_path_buf), cfg).await?;
         let nl = self.netlink().await?;
         flannel_udp::netconf::configure(
-            nl.handle(),
+            &nl,
             dp.name(),
             tun_addr,
             self.mtu_value(),
@@ -292,7 +292,8 @@ impl Backend for UdpBackend {
             return Ok(());
         };
         let nl = self.netlink().await?;
-        let exists = flannel_udp::netconf::link_index(nl.handle(), DEVICE)
+        let exists = nl
+            .link_by_name(DEVICE)
             .await
             .map_err(BackendError::kernel(format!("look up {DEVICE}")))?
             .is_some();
@@ -307,7 +308,7 @@ impl Backend for UdpBackend {
             return Ok(());
         }
         flannel_udp::netconf::configure(
-            nl.handle(),
+            &nl,
             DEVICE,
             tun_addr,
             self.mtu_value(),

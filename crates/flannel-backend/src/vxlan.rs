@@ -321,7 +321,7 @@ impl VxlanBackend {
     async fn configure_device(&self, dev: &LinkInfo) -> Result<(), BackendError> {
         // Router advertisements must not configure the tunnel device.
         let key = format!("net/ipv6/conf/{}/accept_ra", dev.name);
-        if let Err(e) = self.nl.sysctl_write(&key, "0").await {
+        if let Err(e) = flannel_net::sysctl::write(self.nl.netns(), &key, "0").await {
             // Kernels without IPv6 have no such file; nothing to turn off then.
             tracing::warn!("{e}");
         }

@@ -1,13 +1,14 @@
 //! Linux plumbing with no policy: netlink (links, addresses, routes, neighbours, FDB),
-//! interface lookup and network namespaces. Firewall policy lives in flannel-rules.
+//! interface lookup, network namespaces and sysctls. Firewall policy lives in
+//! flannel-rules.
 
-pub mod iface;
 pub mod netlink;
 pub mod netns;
+pub mod sysctl;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use netlink::{
-    Address, FdbEntry, IpFamily, LinkInfo, Neighbour, Netlink, NetlinkError, Route, RouteFilter,
-    VxlanInfo, VxlanSpec,
+    Address, FdbEntry, IfAddr, Interface, IpFamily, LinkInfo, Neighbour, Netlink, NetlinkError,
+    Route, RouteFilter, VxlanInfo, VxlanSpec,
 };

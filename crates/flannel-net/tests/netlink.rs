@@ -234,11 +234,11 @@ async fn vxlan_device_neighbours_fdb_and_sysctl() {
     assert!(nl.fdb_entries(l.index).await.unwrap().is_empty());
 
     // sysctl goes to the connection's namespace: the device exists only there.
-    nl.sysctl_write("net/ipv6/conf/flannel.7/accept_ra", "0")
+    flannel_net::sysctl::write(nl.netns(), "net/ipv6/conf/flannel.7/accept_ra", "0")
         .await
         .unwrap();
     assert_eq!(
-        nl.sysctl_read("net/ipv6/conf/flannel.7/accept_ra")
+        flannel_net::sysctl::read(nl.netns(), "net/ipv6/conf/flannel.7/accept_ra")
             .await
             .unwrap(),
         "0"

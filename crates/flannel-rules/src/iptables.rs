@@ -329,9 +329,7 @@ impl IptablesEngine {
         if input.is_empty() {
             return Ok(());
         }
-        let holding_ours = self.tables_holding_our_chains(v6)?;
-        self.restore(v6, &input)?;
-        self.remove_emptied_tables(v6, &holding_ours)
+        self.restore(v6, &input).map(|_| ())
     }
 
     /// With the nf_tables backend: the tables that hold a `FLANNEL-` chain now.
@@ -453,6 +451,19 @@ impl RuleEngine for IptablesEngine {
             .into_iter()
             .filter_map(|v6| self.cleanup_family(v6).err())
             .collect();
+        RulesError::collect(errs)
+    }
+
+    fn cleanup_host(&mut self) -> Result<(), RulesError> {
+        // A family whose tools cannot list anything holds no table of ours.
+        let held: Vec<(bool, Vec<String>)> = [false, true]
+            .into_iter()
+            .map(|v6| (v6, self.tables_holding_our_chains(v6).unwrap_or_default()))
+            .collect();
+        let mut errs: Vec<RulesError> = self.cleanup().err().into_iter().collect();
+        for (v6, tables) in held {
+            errs.extend(self.remove_emptied_tables(v6, &tables).err());
+        }
         RulesError::collect(errs)
     }
 

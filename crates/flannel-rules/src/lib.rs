@@ -194,6 +194,14 @@ pub trait RuleEngine: Send {
     /// address families, and nothing else. Keeps going after an error and reports all.
     fn cleanup(&mut self) -> Result<(), RulesError>;
 
+    /// `flanneld --cleanup`: [`cleanup`](Self::cleanup), plus whatever the engine's
+    /// tools created only because our rules went in (so a host that had no tables
+    /// before the agent has none after). Not for the switch between engines at
+    /// startup, which must stay cheap.
+    fn cleanup_host(&mut self) -> Result<(), RulesError> {
+        self.cleanup()
+    }
+
     /// Whether `check` runs without forking (false: legacy iptables backend).
     fn cheap_check(&self) -> bool;
 }

@@ -24,6 +24,7 @@ pub mod datapath;
 pub mod engine;
 pub mod keeper;
 pub mod netconf;
+#[cfg(feature = "node")]
 pub mod node;
 pub mod packet;
 pub mod peers;
@@ -51,8 +52,10 @@ pub enum UdpError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{context}: {reason}")]
-    Netlink { context: String, reason: String },
+    #[error(transparent)]
+    Netlink(#[from] flannel_net::NetlinkError),
+    #[error("no device {0}")]
+    NoDevice(String),
     #[error("cannot take over the previous data path: {0}")]
     Inherit(String),
 }

@@ -105,14 +105,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let h = netconf::connect()?;
+        let nl = flannel_net::Netlink::connect().await?;
         netconf::configure(
-            &h,
+            &nl,
             dp.name(),
             addr,
             args.mtu,
             args.network,
-            netconf::RTPROT_BOOT,
+            flannel_net::netlink::RTPROT_BOOT,
         )
         .await?;
         anyhow::Ok(())

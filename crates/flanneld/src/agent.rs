@@ -74,9 +74,7 @@ impl Agent {
         let overrides = &self.store.overrides;
         req.public_ip = overrides.public_ip.or(req.public_ip);
         req.public_ipv6 = overrides.public_ipv6.or(req.public_ipv6);
-        let ext = iface_select::select(netlink.handle(), &req)
-            .await
-            .map_err(|e| anyhow!(e))?;
+        let ext = iface_select::select(&netlink, &req).await?;
         info!(iface = %ext.name, addr = ?ext.addr, public_ip = ?ext.public_ip, public_ipv6 = ?ext.public_ipv6, mtu = ext.mtu, "using interface");
 
         let backend_opts = BackendOptions {

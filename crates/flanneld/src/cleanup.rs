@@ -79,7 +79,7 @@ pub async fn run(opts: &Options) -> Result<()> {
         for kind in [EngineKind::Nftables, EngineKind::Iptables] {
             match rules::new_engine(kind, EngineOptions::default()) {
                 Ok(mut engine) => {
-                    if let Err(e) = engine.cleanup() {
+                    if let Err(e) = engine.cleanup_host() {
                         errs.push(format!("{kind} rules: {e}"));
                     }
                 }

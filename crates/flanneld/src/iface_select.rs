@@ -4,9 +4,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use flannel_backend::ExternalInterface;
-use flannel_net::iface::{self, Interface};
+use flannel_net::netlink::{IpFamily, Netlink, NetlinkError};
+use flannel_net::Interface;
 use regex::Regex;
-use rtnetlink::Handle;
 
 use crate::options::Options;
 
@@ -69,9 +69,32 @@ pub fn by_regex<'a>(
         .map(|i| (i, None))
 }
 
+/// Why no external interface could be chosen.
+#[derive(Debug, thiserror::Error)]
+pub enum SelectError {
+    /// Asking the kernel failed (the errno stays reachable).
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    /// Nothing matches what the operator asked for.
+    #[error("{0}")]
+    NoMatch(String),
+}
+
+impl From<String> for SelectError {
+    fn from(s: String) -> Self {
+        SelectError::NoMatch(s)
+    }
+}
+
+impl From<&str> for SelectError {
+    fn from(s: &str) -> Self {
+        SelectError::NoMatch(s.to_string())
+    }
+}
+
 /// Picks the external interface from the interfaces of this namespace.
-pub async fn select(h: &Handle, req: &IfaceRequest) -> Result<ExternalInterface, String> {
-    let ifaces = iface::interfaces(h).await.map_err(|e| e.to_string())?;
+pub async fn select(nl: &Netlink, req: &IfaceRequest) -> Result<ExternalInterface, SelectError> {
+    let ifaces = nl.interfaces().await?;
     let v6_only = req.ipv6 && !req.ipv4;
     let mut chosen: Option<(&Interface, Option<IpAddr>)> = None;
 
@@ -91,14 +114,11 @@ pub async fn select(h: &Handle, req: &IfaceRequest) -> Result<ExternalInterface,
                     })?,
             );
         } else {
-            let oif = iface::default_route_oif(h, v6_only)
-                .await
-                .map_err(|e| e.to_string())?;
+            let family = if v6_only { IpFamily::V6 } else { IpFamily::V4 };
+            let oif = nl.default_route_oif(family).await?;
             let oif = oif.ok_or("no default route: use --iface, --iface-regex or --iface-can-reach to choose the interface")?;
             if req.ipv4 && req.ipv6 {
-                let oif6 = iface::default_route_oif(h, true)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let oif6 = nl.default_route_oif(IpFamily::V6).await?;
                 if oif6 != Some(oif) {
                     return Err("dual stack needs the IPv4 and IPv6 default routes on the same interface; use --iface".into());
                 }
@@ -125,12 +145,12 @@ pub async fn select(h: &Handle, req: &IfaceRequest) -> Result<ExternalInterface,
         }
         if chosen.is_none() {
             if let Some(dst) = req.can_reach {
-                let r = iface::route_get(h, dst).await.map_err(|e| e.to_string())?;
+                let r = nl.route_get(dst).await?;
                 if let Some(oif) = r.oif {
                     chosen = ifaces
                         .iter()
                         .find(|i| i.index == oif)
-                        .map(|i| (i, r.prefsrc));
+                        .map(|i| (i, r.pref_src));
                 }
             }
         }
@@ -148,10 +168,10 @@ pub async fn select(h: &Handle, req: &IfaceRequest) -> Result<ExternalInterface,
         _ => i.preferred_v6(),
     };
     if req.ipv4 && addr.is_none() {
-        return Err(format!("interface {} has no IPv4 address", i.name));
+        return Err(format!("interface {} has no IPv4 address", i.name).into());
     }
     if req.ipv6 && addr6.is_none() {
-        return Err(format!("interface {} has no IPv6 address", i.name));
+        return Err(format!("interface {} has no IPv6 address", i.name).into());
     }
     Ok(ExternalInterface {
         name: i.name.clone(),
@@ -167,7 +187,7 @@ pub async fn select(h: &Handle, req: &IfaceRequest) -> Result<ExternalInterface,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flannel_net::iface::IfAddr;
+    use flannel_net::IfAddr;
 
     fn iface(index: u32, name: &str, addrs: &[&str]) -> Interface {
         Interface {

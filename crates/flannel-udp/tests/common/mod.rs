@@ -333,14 +333,14 @@ pub fn start_datapath(ns: &str, cfg: Config, peers: Vec<Peer>) -> DataPath {
             .build()
             .expect("runtime");
         rt.block_on(async {
-            let h = netconf::connect().expect("netlink");
+            let nl = flannel_net::Netlink::connect().await.expect("netlink");
             netconf::configure(
-                &h,
+                &nl,
                 dp.name(),
                 cfg.tun_addr,
                 MTU,
                 NETWORK.parse().unwrap(),
-                netconf::RTPROT_BOOT,
+                flannel_net::netlink::RTPROT_BOOT,
             )
             .await
             .expect("configure flannel0");
