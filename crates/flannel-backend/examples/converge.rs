@@ -15,7 +15,7 @@ use flannel_backend::host_gw::HostGwBackend;
 use flannel_backend::vxlan::VxlanBackend;
 use flannel_backend::{Backend, BackendOptions, ExternalInterface};
 use flannel_core::{Lease, LeaseAttrs, LeaseEvent, MacAddr, NetworkConfig, VxlanData};
-use flannel_net::testing::{veth_pair, TestNetns};
+use flannel_testkit::{veth_pair, TestNetns};
 use serde_json::value::RawValue;
 
 const JOINS: usize = 200;

@@ -7,7 +7,7 @@ use common::*;
 use flannel_backend::host_gw::HostGwBackend;
 use flannel_backend::Backend;
 use flannel_core::{LeaseAttrs, LeaseEvent};
-use flannel_net::testing::privileged;
+use flannel_testkit::privileged;
 use serde_json::value::RawValue;
 
 const CFG: &str = r#"{"Type":"host-gw"}"#;
@@ -158,9 +158,9 @@ async fn resync_repairs_and_reconcile_cleans_up() {
         "dev",
         "ua",
     ]);
-    let mut mon = Monitor::start(&a.ns);
+    let mut mon = monitor(&a.ns);
     ba.reconcile(std::slice::from_ref(&lb)).await.unwrap();
-    let events = mon.mark();
+    let events = mon.barrier();
     let routes = a.sh(&["ip", "route"]);
     assert!(
         routes.contains("10.244.2.0/24 via 198.18.0.2 dev ua proto 70"),
@@ -183,7 +183,7 @@ async fn resync_repairs_and_reconcile_cleans_up() {
     ba.reconcile(std::slice::from_ref(&lb)).await.unwrap();
     ba.resync().await.unwrap();
     assert_eq!(ba.peer_writes(), w);
-    assert!(mon.mark().is_empty());
+    assert!(mon.barrier().is_empty());
 
     // Someone deletes the route: the periodic check puts it back.
     a.sh(&["ip", "route", "del", "10.244.2.0/24"]);

@@ -8,7 +8,7 @@ use common::*;
 use flannel_backend::udp::UdpBackend;
 use flannel_backend::Backend;
 use flannel_core::{LeaseAttrs, LeaseEvent};
-use flannel_net::testing::privileged;
+use flannel_testkit::privileged;
 use serde_json::value::RawValue;
 
 const CFG: &str = r#"{"Type":"udp"}"#;

@@ -7,7 +7,7 @@ use common::*;
 use flannel_backend::vxlan::VxlanBackend;
 use flannel_backend::{Backend, BackendOptions};
 use flannel_core::{LeaseAttrs, LeaseEvent, VxlanData};
-use flannel_net::testing::privileged;
+use flannel_testkit::privileged;
 use serde_json::value::RawValue;
 
 fn raw(s: &str) -> Box<RawValue> {
@@ -190,7 +190,7 @@ async fn restart_reuses_device_and_changes_nothing() {
     let before = a.sh(&["ip", "-d", "route", "show", "table", "all"]);
     drop(first);
 
-    let mut mon = Monitor::start(&a.ns);
+    let mut mon = monitor(&a.ns);
     // "Restart": a new backend over the existing state.
     let (mut second, attrs2) = backend(&a, cfg).await;
     assert_eq!(
@@ -209,7 +209,7 @@ async fn restart_reuses_device_and_changes_nothing() {
     second.reconcile(&[lb.clone(), lc.clone()]).await.unwrap();
     second.resync().await.unwrap();
     assert_eq!(second.peer_writes(), 0);
-    let events = mon.mark();
+    let events = mon.barrier();
     assert!(
         events.is_empty(),
         "restart/reconcile touched the kernel: {events:#?}"
@@ -329,9 +329,9 @@ async fn reconcile_removes_stale_entries_and_adopts_go_routes() {
     ] {
         a.sh(&cmd);
     }
-    let mut mon = Monitor::start(&a.ns);
+    let mut mon = monitor(&a.ns);
     be.reconcile(std::slice::from_ref(&lb)).await.unwrap();
-    let events = mon.mark();
+    let events = mon.barrier();
 
     let routes = a.sh(&["ip", "route"]);
     assert!(
@@ -384,14 +384,14 @@ async fn changed_peer_is_updated_in_place() {
     let mut changed = lb.clone();
     changed.attrs.public_ip = "198.18.0.7".parse().unwrap();
     changed.attrs.backend_data = Some(raw(r#"{"VNI":1,"VtepMAC":"0a:58:00:00:00:77"}"#));
-    let mut mon = Monitor::start(&a.ns);
+    let mut mon = monitor(&a.ns);
     be.apply(&[LeaseEvent::Changed {
         previous: lb.clone(),
         current: changed.clone(),
     }])
     .await
     .unwrap();
-    let events = mon.mark();
+    let events = mon.barrier();
     let neigh = a.sh(&["ip", "neigh", "show", "dev", "flannel.1"]);
     assert_eq!(
         neigh.trim(),
@@ -414,10 +414,10 @@ async fn changed_peer_is_updated_in_place() {
     );
 
     // The same change through a full reconcile (e.g. after a resync) is a no-op.
-    let _ = mon.mark();
+    let _ = mon.barrier();
     let writes = be.peer_writes();
     be.reconcile(&[changed.clone()]).await.unwrap();
-    assert!(mon.mark().is_empty());
+    assert!(mon.barrier().is_empty());
     assert_eq!(be.peer_writes(), writes, "nothing to write");
 }
 

@@ -54,13 +54,7 @@ fn prerequisites() -> Result<(), String> {
 fn can_run(test: &str) -> bool {
     match prerequisites() {
         Ok(()) => true,
-        Err(why) if std::env::var("FLANNEL_E2E").as_deref() == Ok("1") => {
-            panic!("{test}: FLANNEL_E2E=1 but {why}")
-        }
-        Err(why) => {
-            eprintln!("SKIP {test}: {why}");
-            false
-        }
+        Err(why) => flannel_testkit::skip_or_fail(test, why),
     }
 }
 

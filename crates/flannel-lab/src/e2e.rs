@@ -2,6 +2,8 @@
 
 use std::path::Path;
 
+use flannel_testkit::skip_or_fail;
+
 use crate::bins::{find_binary, find_tool};
 use crate::lab::{CNI_PATH, ETCD_BIN};
 
@@ -47,15 +49,24 @@ pub fn missing(needs: Needs) -> Option<String> {
     None
 }
 
-/// True if the test `what` can run. Otherwise prints why and returns false, or
-/// panics when `FLANNEL_E2E=1` (CI: a missing prerequisite is a failure there).
+/// True if the test `what` can run. Otherwise flannel_testkit's gate decides: skip
+/// with a line saying why, or fail under `FLANNEL_E2E=1`.
 pub fn ready(what: &str, needs: Needs) -> bool {
-    let Some(reason) = missing(needs) else {
-        return true;
-    };
-    if std::env::var("FLANNEL_E2E").as_deref() == Ok("1") {
-        panic!("{what}: FLANNEL_E2E=1 but {reason}");
+    match missing(needs) {
+        None => true,
+        Some(reason) => skip_or_fail(what, reason),
     }
-    eprintln!("skipping {what}: {reason} (set FLANNEL_E2E=1 to make this a failure)");
-    false
+}
+
+/// [`ready`], and also every tool in `tools` (e.g. the firewall tools).
+pub fn ready_with(what: &str, needs: Needs, tools: &[&str]) -> bool {
+    if !ready(what, needs) {
+        return false;
+    }
+    for tool in tools {
+        if let Err(e) = find_tool(tool) {
+            return skip_or_fail(what, e);
+        }
+    }
+    true
 }

@@ -7,11 +7,11 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use flannel_core::lease::LeaseKey;
 use flannel_core::subnet_env::{parse_env_lines, SubnetEnv};
+use flannel_testkit::Monitor;
 use ipnet::Ipv4Net;
 use serde_json::{json, Value};
 
@@ -1119,62 +1119,9 @@ impl Lab {
     }
 
     /// Starts `ip monitor <objects>` in `ns` and waits until it demonstrably
-    /// receives events (a throw-away blackhole route shows up in its output).
+    /// receives events.
     pub fn monitor(&self, ns: &str, objects: &[&str]) -> Result<Monitor> {
-        let mut args = vec!["ip", "monitor"];
-        args.extend_from_slice(objects);
-        if !objects.contains(&"route") {
-            args.push("route");
-        }
-        let mut proc_ = self.spawn_in(ns, &args, ProcOutput::PipeStdout)?;
-        let stdout = proc_
-            .take_stdout()
-            .ok_or_else(|| LabError::Invalid("monitor without stdout".into()))?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name(format!("monitor-{ns}"))
-            .spawn(move || {
-                use std::io::BufRead;
-                for line in std::io::BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    if tx.send((Instant::now(), line)).is_err() {
-                        break;
-                    }
-                }
-            })
-            .map_err(|e| LabError::io("spawn monitor reader", e))?;
-        let mut m = Monitor {
-            ns: ns.to_string(),
-            proc_,
-            rx,
-            lines: Vec::new(),
-        };
-        // Each attempt adds a fresh route: replacing an identical one makes no event.
-        let mut probe = String::new();
-        let mut attempt = rand::random::<u8>();
-        poll_until(
-            &format!("ip monitor in {ns} to see events"),
-            self.timeout,
-            Duration::from_millis(10),
-            || {
-                attempt = attempt.wrapping_add(1);
-                probe = format!("192.0.2.{}", 1 + attempt % 254);
-                let route = format!("{probe}/32");
-                self.ip_in(ns, &["route", "add", "blackhole", &route])?;
-                let seen = m
-                    .wait_for(Duration::from_millis(200), |l| {
-                        !l.starts_with("Deleted") && l.contains(&format!("{probe} "))
-                    })
-                    .is_some();
-                self.ip_in(ns, &["route", "del", "blackhole", &route])?;
-                Ok(seen)
-            },
-        )?;
-        m.wait_for(self.timeout, |l| {
-            l.starts_with("Deleted") && l.contains(&format!("{probe} "))
-        });
-        m.lines.clear();
-        Ok(m)
+        Monitor::start(ns, objects).map_err(|e| LabError::io(format!("ip monitor in {ns}"), e))
     }
 
     // ----- teardown -----
@@ -1289,81 +1236,6 @@ impl Drop for Lab {
         for e in self.teardown_inner() {
             eprintln!("flannel-lab: teardown of {}: {e}", self.prefix);
         }
-    }
-}
-
-/// Live output of `ip monitor` in one namespace.
-pub struct Monitor {
-    ns: String,
-    proc_: Proc,
-    rx: mpsc::Receiver<(Instant, String)>,
-    lines: Vec<(Instant, String)>,
-}
-
-impl Monitor {
-    fn drain(&mut self) {
-        while let Ok(l) = self.rx.try_recv() {
-            self.lines.push(l);
-        }
-    }
-
-    pub fn ns(&self) -> &str {
-        &self.ns
-    }
-
-    /// Every line seen since the monitor was ready (or last cleared).
-    pub fn lines(&mut self) -> Vec<String> {
-        self.drain();
-        self.lines.iter().map(|(_, l)| l.clone()).collect()
-    }
-
-    /// Number of lines seen so far: pass it to [`Monitor::wait_for_after`].
-    pub fn mark(&mut self) -> usize {
-        self.drain();
-        self.lines.len()
-    }
-
-    pub fn clear(&mut self) {
-        self.drain();
-        self.lines.clear();
-    }
-
-    /// Waits up to `timeout` for a line matching `pred` (also among lines seen
-    /// earlier); returns when it arrived.
-    pub fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<Instant> {
-        self.wait_for_after(0, timeout, pred)
-    }
-
-    /// Like [`Monitor::wait_for`] but only lines after `mark`.
-    pub fn wait_for_after(
-        &mut self,
-        mark: usize,
-        timeout: Duration,
-        pred: impl Fn(&str) -> bool,
-    ) -> Option<Instant> {
-        let deadline = Instant::now() + timeout;
-        let mut checked = mark;
-        loop {
-            self.drain();
-            if let Some((t, _)) = self.lines.iter().skip(checked).find(|(_, l)| pred(l)) {
-                return Some(*t);
-            }
-            checked = self.lines.len().max(mark);
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            match self.rx.recv_timeout(left) {
-                Ok(l) => self.lines.push(l),
-                Err(mpsc::RecvTimeoutError::Timeout) => return None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => return None,
-            }
-        }
-    }
-
-    /// Whether the `ip monitor` process still runs.
-    pub fn alive(&mut self) -> bool {
-        !self.proc_.exited()
     }
 }
 

@@ -26,7 +26,8 @@ pub mod measure;
 pub mod process;
 
 pub use error::{LabError, Result};
-pub use lab::{poll_until, Host, Lab, LabBuilder, Monitor, Pod, PodId, SubnetFile};
+pub use flannel_testkit::Monitor;
+pub use lab::{poll_until, Host, Lab, LabBuilder, Pod, PodId, SubnetFile};
 pub use measure::PingStats;
 
 /// Whether this process runs as root (the lab needs it).

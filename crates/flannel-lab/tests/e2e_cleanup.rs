@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 
 use flannel_lab::bins::find_tool;
-use flannel_lab::e2e::{ready, Needs};
+use flannel_lab::e2e::{ready_with, Needs};
 use flannel_lab::Lab;
 
 const DEADLINE: std::time::Duration = std::time::Duration::from_secs(90);
@@ -49,19 +49,11 @@ fn vxlan_nftables_mode_cleanup_restores_the_host_with_foreign_state() {
 }
 
 fn tools_ready(what: &str) -> bool {
-    if !ready(what, Needs::Agents) {
-        return false;
-    }
-    for tool in ["nft", "iptables", "iptables-save", "ip6tables-save"] {
-        if let Err(e) = find_tool(tool) {
-            if std::env::var("FLANNEL_E2E").as_deref() == Ok("1") {
-                panic!("{what}: FLANNEL_E2E=1 but {e}");
-            }
-            eprintln!("skipping {what}: {e} (set FLANNEL_E2E=1 to make this a failure)");
-            return false;
-        }
-    }
-    true
+    ready_with(
+        what,
+        Needs::Agents,
+        &["nft", "iptables", "iptables-save", "ip6tables-save"],
+    )
 }
 
 // ----- listings -----

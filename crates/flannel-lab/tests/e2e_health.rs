@@ -18,8 +18,7 @@ use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use flannel_lab::bins::find_tool;
-use flannel_lab::e2e::{ready, Needs};
+use flannel_lab::e2e::{ready_with, Needs};
 use flannel_lab::lab::ETCD_PREFIX;
 use flannel_lab::process::{Proc, ProcOutput};
 use flannel_lab::{poll_until, Lab};
@@ -278,17 +277,7 @@ fn now_secs() -> f64 {
 }
 
 fn tools_ready(what: &str) -> bool {
-    if !ready(what, Needs::Agents) {
-        return false;
-    }
-    if let Err(e) = find_tool("iptables") {
-        if std::env::var("FLANNEL_E2E").as_deref() == Ok("1") {
-            panic!("{what}: FLANNEL_E2E=1 but {e}");
-        }
-        eprintln!("skipping {what}: {e} (set FLANNEL_E2E=1 to make this a failure)");
-        return false;
-    }
-    true
+    ready_with(what, Needs::Agents, &["iptables"])
 }
 
 #[test]

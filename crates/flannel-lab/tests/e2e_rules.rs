@@ -19,8 +19,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use flannel_lab::bins::find_tool;
-use flannel_lab::e2e::{ready, Needs};
+use flannel_lab::e2e::{ready_with, Needs};
 use flannel_lab::measure::{ping_gaps, ping_reply_seqs};
 use flannel_lab::process::{Proc, ProcOutput};
 use flannel_lab::{poll_until, Lab, PodId};
@@ -45,19 +44,7 @@ fn nftables_mode_masquerades_outward_keeps_pod_addresses_and_survives_restarts()
 
 /// Besides what every lab test needs: the rule tools the checks below read with.
 fn tools_ready(what: &str) -> bool {
-    if !ready(what, Needs::Agents) {
-        return false;
-    }
-    for tool in ["nft", "iptables", "iptables-save"] {
-        if let Err(e) = find_tool(tool) {
-            if std::env::var("FLANNEL_E2E").as_deref() == Ok("1") {
-                panic!("{what}: FLANNEL_E2E=1 but {e}");
-            }
-            eprintln!("skipping {what}: {e} (set FLANNEL_E2E=1 to make this a failure)");
-            return false;
-        }
-    }
-    true
+    ready_with(what, Needs::Agents, &["nft", "iptables", "iptables-save"])
 }
 
 // ----- sockets inside namespaces (dedicated std threads, never the test's own) -----

@@ -5,8 +5,6 @@
 pub mod netlink;
 pub mod netns;
 pub mod sysctl;
-#[cfg(any(test, feature = "testing"))]
-pub mod testing;
 
 pub use netlink::{
     Address, FdbEntry, IfAddr, Interface, IpFamily, LinkInfo, Neighbour, Netlink, NetlinkError,

@@ -8,7 +8,7 @@ use flannel_core::MacAddr;
 use flannel_net::netlink::{
     IpFamily, Netlink, Route, RouteFilter, VxlanSpec, NUD_PERMANENT, RTPROT_FLANNEL, RT_TABLE_MAIN,
 };
-use flannel_net::testing::{privileged, veth_pair, TestNetns};
+use flannel_testkit::{privileged, veth_pair, TestNetns};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()

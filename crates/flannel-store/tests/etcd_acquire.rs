@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use etcd_client::GetOptions;
 use flannel_core::{Lease, LeaseKey, NetworkConfig, PreviousSubnets, SubnetEnv};
 use flannel_store::etcd::{EtcdStore, LEASE_TTL_SECS};
-use flannel_store::testing::{put_config, vxlan_attrs, EtcdServer, LogCapture};
+use flannel_store::testing::{put_config, vxlan_attrs, EtcdServer, LogCapture, StoreOptions};
 use flannel_store::{AcquireRequest, LeaseStore, StoreError};
 
 const SUBNETS: &str = "/coreos.com/network/subnets/";

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use flannel_store::etcd::EtcdStore;
-use flannel_store::testing::{put_config, EtcdServer, LogCapture, TcpProxy};
+use flannel_store::testing::{put_config, EtcdServer, LogCapture, StoreOptions, TcpProxy};
 use flannel_store::{LeaseStore, StoreError};
 
 const CONFIG_KEY: &str = "/coreos.com/network/config";

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use flannel_core::{LeaseUpdate, PreviousSubnets};
 use flannel_store::etcd::{EtcdStore, WatchHealth};
 use flannel_store::testing::{
-    etcd_leases, put_config, vxlan_attrs, EtcdServer, LeaseView, LogCapture,
+    etcd_leases, put_config, vxlan_attrs, EtcdServer, LeaseView, LogCapture, StoreOptions,
 };
 use flannel_store::{AcquireRequest, LeaseStore, OwnLeaseEvent, StoreError};
 use tokio::sync::mpsc;

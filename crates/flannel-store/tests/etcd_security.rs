@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use flannel_core::PreviousSubnets;
 use flannel_store::etcd::{EtcdOptions, EtcdStore};
-use flannel_store::testing::{put_config, vxlan_attrs, EtcdServer};
+use flannel_store::testing::{put_config, vxlan_attrs, EtcdServer, StoreOptions};
 use flannel_store::{AcquireRequest, LeaseStore, StoreError};
 
 const WAIT: Duration = Duration::from_secs(60);

@@ -9,7 +9,7 @@ use etcd_client::{DeleteOptions, Txn, TxnOp};
 use flannel_core::{LeaseEvent, LeaseKey, LeaseUpdate, PreviousSubnets};
 use flannel_store::etcd::{EtcdStore, WatchHealth};
 use flannel_store::testing::{
-    etcd_leases, put_config, vxlan_attrs, EtcdServer, LeaseView, LogCapture, TcpProxy,
+    etcd_leases, put_config, vxlan_attrs, EtcdServer, LeaseView, LogCapture, StoreOptions, TcpProxy,
 };
 use flannel_store::{AcquireRequest, LeaseStore, OwnLeaseEvent};
 use tokio::sync::mpsc;

@@ -10,33 +10,9 @@ use std::time::{Duration, Instant};
 const FLANNELD: &str = env!("CARGO_BIN_EXE_flanneld");
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// Whether this test can run; panics under FLANNEL_E2E=1 when it can't.
+/// Whether this test can run (root, etcd); see flannel_testkit's gate.
 fn prerequisites() -> bool {
-    let mut missing = Vec::new();
-    if !nix_is_root() {
-        missing.push("root".to_string());
-    }
-    for tool in ["/usr/bin/etcd", "/usr/bin/etcdctl"] {
-        if !Path::new(tool).exists() {
-            missing.push(tool.to_string());
-        }
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("FLANNEL_E2E").as_deref() == Ok("1") {
-        panic!("FLANNEL_E2E=1 but missing: {}", missing.join(", "));
-    }
-    eprintln!("skipping: missing {}", missing.join(", "));
-    false
-}
-
-fn nix_is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false)
+    flannel_testkit::require(&flannel_testkit::gate::this_test(), &["etcd", "etcdctl"])
 }
 
 /// A network namespace with only `lo` up, removed on drop.

@@ -4,16 +4,13 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flannel_backend::ExternalInterface;
 use flannel_core::{Lease, LeaseAttrs, NetworkConfig};
-use flannel_net::testing::{veth_pair, TestNetns};
 use flannel_net::Netlink;
+use flannel_testkit::{veth_pair, Monitor, TestNetns};
 
 pub const NETWORK: &str = "10.244.0.0/16";
 
@@ -115,96 +112,13 @@ pub fn ping_once(from: &TestNetns, dst: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Polls `f` until it returns true (up to 20 s).
-pub fn eventually(mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
+/// Polls `f` until it returns true (up to flannel_testkit's default wait).
+pub fn eventually(f: impl FnMut() -> bool) -> bool {
+    flannel_testkit::eventually(flannel_testkit::wait::DEFAULT_WAIT, f)
 }
 
-/// `ip monitor` inside a namespace, recording every event line. Bracket the
-/// interesting window with [`Monitor::mark`] so the check does not depend on timing.
-pub struct Monitor {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    ns: String,
-    marks: u32,
-}
-
-impl Monitor {
-    pub fn start(ns: &TestNetns) -> Monitor {
-        let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                ns.name(),
-                "ip",
-                "monitor",
-                "route",
-                "neigh",
-                "link",
-                "address",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(l);
-            }
-        });
-        let mut m = Monitor {
-            child,
-            lines,
-            ns: ns.name().to_string(),
-            marks: 0,
-        };
-        m.mark();
-        m
-    }
-
-    /// Adds and removes a marker route and waits until the monitor has seen it;
-    /// everything before was delivered. Returns the lines since the previous mark.
-    pub fn mark(&mut self) -> Vec<String> {
-        self.marks += 1;
-        let marker = format!("198.51.100.{}", self.marks);
-        let run = |args: &[&str]| {
-            let st = Command::new("ip")
-                .args(["netns", "exec", &self.ns])
-                .args(args)
-                .status()
-                .unwrap();
-            assert!(st.success());
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            run(&["ip", "route", "add", "blackhole", &format!("{marker}/32")]);
-            run(&["ip", "route", "del", "blackhole", &format!("{marker}/32")]);
-            std::thread::sleep(Duration::from_millis(100));
-            let lines = self.lines.lock().unwrap();
-            if let Some(pos) = lines.iter().position(|l| l.contains(&marker)) {
-                drop(lines);
-                let mut all = self.lines.lock().unwrap();
-                let before: Vec<String> = all.drain(..).take(pos).collect();
-                return before;
-            }
-            assert!(Instant::now() < deadline, "ip monitor shows nothing");
-        }
-    }
-}
-
-impl Drop for Monitor {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `ip monitor` of routes, neighbours, links and addresses in `ns`; bracket the
+/// interesting window with [`Monitor::barrier`].
+pub fn monitor(ns: &TestNetns) -> Monitor {
+    Monitor::start(ns.name(), &["route", "neigh", "link", "address"]).expect("start ip monitor")
 }

@@ -14,42 +14,21 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use flannel_net::netns::{netns_path, run_in_netns};
 use flannel_udp::{netconf, Config, DataPath, Mode, Peer};
 
 pub const NETWORK: &str = "10.244.0.0/16";
 pub const MTU: u32 = 1472;
 
-/// True when the test may run; false (after printing why) when it must skip.
-/// With FLANNEL_E2E=1 a missing prerequisite fails instead.
+/// True when the test may run (root, the tools, /dev/net/tun); see flannel_testkit's
+/// gate for what happens otherwise.
 pub fn prerequisites(tools: &[&str]) -> bool {
-    let strict = std::env::var("FLANNEL_E2E").as_deref() == Ok("1");
-    let mut missing = Vec::new();
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        missing.push("root".to_string());
+    let test = flannel_testkit::gate::this_test();
+    if !flannel_testkit::require(&test, tools) {
+        return false;
     }
-    for t in tools {
-        let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(t).is_file()))
-            .unwrap_or(false);
-        if !found {
-            missing.push((*t).to_string());
-        }
-    }
-    if !std::path::Path::new("/dev/net/tun").exists() {
-        missing.push("/dev/net/tun".into());
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    if strict {
-        panic!("FLANNEL_E2E=1 but missing: {}", missing.join(", "));
-    }
-    eprintln!("skipping: missing {}", missing.join(", "));
-    false
+    std::path::Path::new("/dev/net/tun").exists()
+        || flannel_testkit::skip_or_fail(&test, "missing /dev/net/tun")
 }
-
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// Runs a command, failing with its output when it fails.
@@ -319,10 +298,7 @@ impl Drop for Lab {
     }
 }
 
-/// Runs `f` on a fresh thread inside namespace `ns` (never on a shared thread).
-pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    run_in_netns(&netns_path(ns), f).unwrap_or_else(|e| panic!("{e}"))
-}
+pub use flannel_testkit::in_netns;
 
 /// Opens, configures and starts a data path inside `ns`.
 pub fn start_datapath(ns: &str, cfg: Config, peers: Vec<Peer>) -> DataPath {
@@ -395,16 +371,4 @@ pub fn node_args(host: char, mode: &str) -> Vec<String> {
     .collect()
 }
 
-/// Polls `cond` until true or the timeout passes.
-pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+pub use flannel_testkit::eventually;

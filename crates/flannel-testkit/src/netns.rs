@@ -1,5 +1,5 @@
-//! Test support for kernel-tier tests (feature `testing`): throw-away network
-//! namespaces, veth pairs between them, and the root/FLANNEL_E2E gate.
+//! Throw-away network namespaces for tests, veth pairs between them, and running a
+//! closure inside one (through flannel_net's one namespace hop).
 //!
 //! Everything here works only inside namespaces it created; nothing touches the
 //! namespace the test process runs in.
@@ -9,30 +9,13 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::netlink::{Netlink, NetlinkError};
-use crate::netns::netns_path;
+use flannel_net::netns::{netns_path, run_in_netns};
+use flannel_net::{Netlink, NetlinkError};
 
-/// Whether a privileged test may run. Without root (or without `ip`) it prints why
-/// and returns `false` so the test can return early, unless `FLANNEL_E2E=1`: then a
-/// missing prerequisite fails the test.
-pub fn privileged(test: &str) -> bool {
-    let reason = if !nix::unistd::geteuid().is_root() {
-        Some("needs root".to_string())
-    } else if Command::new("ip").arg("-V").output().is_err() {
-        Some("needs the `ip` tool (iproute2)".to_string())
-    } else {
-        None
-    };
-    match reason {
-        None => true,
-        Some(r) if std::env::var("FLANNEL_E2E").as_deref() == Ok("1") => {
-            panic!("{test}: {r} (FLANNEL_E2E=1 makes this a failure)")
-        }
-        Some(r) => {
-            eprintln!("SKIP {test}: {r}");
-            false
-        }
-    }
+/// Runs `f` on a fresh thread inside the named namespace and returns its result;
+/// panics (failing the test) if the namespace cannot be entered.
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    run_in_netns(&netns_path(ns), f).unwrap_or_else(|e| panic!("{e}"))
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -150,7 +133,7 @@ mod tests {
 
     #[test]
     fn namespaces_are_created_and_removed() {
-        if !privileged("namespaces_are_created_and_removed") {
+        if !crate::gate::privileged("namespaces_are_created_and_removed") {
             return;
         }
         let path;
