@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Builds the flanneld container image as an OCI archive (run as root):
+#
+#   $TARGET/image/flanneld-<version>.oci.tar     tagged flannel-rs/flanneld:<version>
+#
+# ($TARGET is $CARGO_TARGET_DIR, default target/.) The root filesystem is a minimal
+# Debian made by mmdebstrap (the "essential" package set, which is minbase without
+# apt, plus iptables, nftables and ca-certificates: the agent runs iptables-save/
+# -restore in both the nft and the legacy variant, and nft), with docs, man pages and
+# locales left out; flanneld and the CNI plugin `flannel` go to /opt/bin, where
+# deploy/kube-flannel.yml runs and copies them from. buildah turns it into a one-layer
+# image using its vfs storage driver in a throw-away storage root, so nothing is left
+# behind but the archive. Running it again rebuilds and replaces the archive.
+#
+# Load it with `podman load -i <archive>` or `skopeo copy oci-archive:<archive>
+# docker://<registry>/flannel-rs/flanneld:<version>`.
+#
+# Environment: DEBIAN_SUITE (default bookworm), DEBIAN_MIRROR (default
+# http://deb.debian.org/debian), SOURCE_DATE_EPOCH (default: the last commit's time).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+die() { echo "image.sh: $*" >&2; exit 1; }
+need() { command -v "$1" >/dev/null 2>&1 || die "$1 not found: apt-get install $2"; }
+need buildah buildah
+need mmdebstrap mmdebstrap
+need cargo "the Rust toolchain (scripts/prereqs.sh installs it)"
+[ "$(id -u)" = 0 ] || die "run as root (mmdebstrap and buildah need it)"
+
+version=$(sed -n '/^\[workspace\.package\]/,/^\[/s/^version *= *"\(.*\)"/\1/p' Cargo.toml)
+[ -n "$version" ] || die "no version in Cargo.toml's [workspace.package]"
+arch=$(dpkg --print-architecture)
+suite=${DEBIAN_SUITE:-bookworm}
+mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+epoch=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}
+export SOURCE_DATE_EPOCH=$epoch
+tag="docker.io/flannel-rs/flanneld:$version"
+target=${CARGO_TARGET_DIR:-target}
+outdir="$target/image"
+out="$outdir/flanneld-$version.oci.tar"
+t0=$(date +%s)
+
+echo "==> building flanneld and flannel (release)"
+cargo build --release --quiet -p flanneld -p flannel-cni
+bin="$target/release"
+
+mkdir -p "$outdir"
+outdir=$(cd "$outdir" && pwd)
+out="$outdir/flanneld-$version.oci.tar"
+work=$(mktemp -d "$outdir/.work.XXXXXX")
+B=(buildah --root "$work/storage" --runroot "$work/run" --storage-driver vfs)
+ctr=
+cleanup() {
+  if [ -n "$ctr" ]; then "${B[@]}" rm "$ctr" >/dev/null 2>&1 || true; fi
+  # Nothing may stay mounted below the work dir when it is removed.
+  awk -v d="$work" '$5 == d || index($5, d "/") == 1 { print $5 }' /proc/self/mountinfo |
+    sort -r | while read -r m; do umount -l "$m" || true; done
+  rm -rf --one-file-system "$work" "$out.part"
+}
+trap cleanup EXIT
+
+echo "==> root filesystem: Debian $suite ($arch), essential + iptables nftables ca-certificates"
+sources="deb $mirror $suite main
+deb $mirror $suite-updates main
+deb ${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security} $suite-security main"
+if [ -n "${DEBIAN_MIRROR:-}" ]; then sources="deb $mirror $suite main"; fi
+mmdebstrap --quiet --mode=root --variant=essential --architectures="$arch" \
+  --include=iptables,nftables,ca-certificates \
+  --dpkgopt='path-exclude=/usr/share/man/*' \
+  --dpkgopt='path-exclude=/usr/share/info/*' \
+  --dpkgopt='path-exclude=/usr/share/locale/*' \
+  --dpkgopt='path-exclude=/usr/share/doc/*' \
+  --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+  --dpkgopt='path-exclude=/usr/share/lintian/*' \
+  --customize-hook='mkdir -p "$1/opt/bin" "$1/run/flannel" "$1/etc/kube-flannel"' \
+  --customize-hook="copy-in $bin/flanneld $bin/flannel /opt/bin" \
+  --customize-hook='chmod 0755 "$1/opt/bin/flanneld" "$1/opt/bin/flannel"' \
+  --customize-hook='rm -rf "$1"/var/log/* "$1"/var/cache/* "$1"/var/lib/apt/lists/* "$1"/etc/machine-id "$1"/etc/hostname "$1"/etc/resolv.conf' \
+  "$suite" "$work/rootfs.tar" - <<<"$sources"
+
+echo "==> image $tag"
+ctr=$("${B[@]}" from --quiet scratch)
+"${B[@]}" add --quiet "$ctr" "$work/rootfs.tar" / >/dev/null
+"${B[@]}" config \
+  --os linux --arch "$arch" \
+  --entrypoint '["/opt/bin/flanneld"]' --cmd '' \
+  --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+  --workingdir / \
+  --label org.opencontainers.image.title=flanneld \
+  --label "org.opencontainers.image.version=$version" \
+  --label org.opencontainers.image.licenses=Apache-2.0 \
+  --label "org.opencontainers.image.description=flannel-rs: flanneld and the flannel CNI plugin" \
+  "$ctr"
+"${B[@]}" commit --quiet --format oci --squash --timestamp "$epoch" \
+  "$ctr" "oci-archive:$out.part:$tag" >/dev/null
+mv -f "$out.part" "$out"
+
+rootfs_bytes=$(stat -c %s "$work/rootfs.tar")
+echo "==> $out ($tag)"
+echo "    archive $(du -h "$out" | cut -f1), root filesystem $((rootfs_bytes / 1024 / 1024)) MiB uncompressed, built in $(($(date +%s) - t0)) s"
