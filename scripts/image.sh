@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # Builds the flanneld container image as an OCI archive (run as root):
 #
-#   $TARGET/image/flanneld-<version>.oci.tar     tagged flannel-rs/flanneld:<version>
+#   $TARGET/image/flanneld-<version>.oci.tar   tagged docker.io/flannel-rs/flanneld:<version>
 #
-# ($TARGET is $CARGO_TARGET_DIR, default target/.) The root filesystem is a minimal
-# Debian made by mmdebstrap (the "essential" package set, which is minbase without
-# apt, plus iptables, nftables and ca-certificates: the agent runs iptables-save/
-# -restore in both the nft and the legacy variant, and nft), with docs, man pages and
-# locales left out; flanneld and the CNI plugin `flannel` go to /opt/bin, where
-# deploy/kube-flannel.yml runs and copies them from. buildah turns it into a one-layer
-# image using its vfs storage driver in a throw-away storage root, so nothing is left
-# behind but the archive. Running it again rebuilds and replaces the archive.
+# ($TARGET is $CARGO_TARGET_DIR, default target/; the version is the workspace's.) The
+# root filesystem is a minimal Debian made by mmdebstrap: the "essential" package set
+# (minbase without apt) plus iptables, nftables and ca-certificates, since the agent
+# runs iptables-save/-restore (nft and legacy variants) and nft. Docs, man pages,
+# locales and iconv modules are left out, and merged /usr comes from mmdebstrap's
+# merged-usr hook rather than the usrmerge package (which would pull in perl).
+# flanneld and the CNI plugin `flannel` go to /opt/bin, where deploy/kube-flannel.yml
+# runs and copies them from. buildah makes a one-layer image with its vfs storage
+# driver in a throw-away storage root, so nothing but the archive is left behind.
+# Running it again rebuilds and replaces the archive.
 #
 # Load it with `podman load -i <archive>` or `skopeo copy oci-archive:<archive>
 # docker://<registry>/flannel-rs/flanneld:<version>`.
 #
 # Environment: DEBIAN_SUITE (default bookworm), DEBIAN_MIRROR (default
-# http://deb.debian.org/debian), SOURCE_DATE_EPOCH (default: the last commit's time).
+# http://deb.debian.org/debian), SOURCE_DATE_EPOCH (default: the last commit's time);
+# IMAGE_BIN_DIR takes flanneld and flannel from there instead of a release build, and
+# IMAGE_OUT names another archive path (the image test uses both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +28,7 @@ die() { echo "image.sh: $*" >&2; exit 1; }
 need() { command -v "$1" >/dev/null 2>&1 || die "$1 not found: apt-get install $2"; }
 need buildah buildah
 need mmdebstrap mmdebstrap
-need cargo "the Rust toolchain (scripts/prereqs.sh installs it)"
+[ -n "${IMAGE_BIN_DIR:-}" ] || need cargo "the Rust toolchain (scripts/prereqs.sh installs it)"
 [ "$(id -u)" = 0 ] || die "run as root (mmdebstrap and buildah need it)"
 
 version=$(sed -n '/^\[workspace\.package\]/,/^\[/s/^version *= *"\(.*\)"/\1/p' Cargo.toml)
@@ -36,17 +40,22 @@ epoch=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}
 export SOURCE_DATE_EPOCH=$epoch
 tag="docker.io/flannel-rs/flanneld:$version"
 target=${CARGO_TARGET_DIR:-target}
-outdir="$target/image"
-out="$outdir/flanneld-$version.oci.tar"
+out=${IMAGE_OUT:-$target/image/flanneld-$version.oci.tar}
 t0=$(date +%s)
 
-echo "==> building flanneld and flannel (release)"
-cargo build --release --quiet -p flanneld -p flannel-cni
-bin="$target/release"
+if [ -n "${IMAGE_BIN_DIR:-}" ]; then
+  bin=$IMAGE_BIN_DIR
+else
+  echo "==> building flanneld and flannel (release)"
+  cargo build --release --quiet -p flanneld -p flannel-cni
+  bin="$target/release"
+fi
+for b in flanneld flannel; do [ -x "$bin/$b" ] || die "$bin/$b missing"; done
+bin=$(cd "$bin" && pwd)
 
-mkdir -p "$outdir"
-outdir=$(cd "$outdir" && pwd)
-out="$outdir/flanneld-$version.oci.tar"
+mkdir -p "$(dirname "$out")"
+outdir=$(cd "$(dirname "$out")" && pwd)
+out="$outdir/$(basename "$out")"
 work=$(mktemp -d "$outdir/.work.XXXXXX")
 B=(buildah --root "$work/storage" --runroot "$work/run" --storage-driver vfs)
 ctr=
@@ -66,12 +75,14 @@ deb ${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security} $suite-secu
 if [ -n "${DEBIAN_MIRROR:-}" ]; then sources="deb $mirror $suite main"; fi
 mmdebstrap --quiet --mode=root --variant=essential --architectures="$arch" \
   --include=iptables,nftables,ca-certificates \
+  --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
   --dpkgopt='path-exclude=/usr/share/man/*' \
   --dpkgopt='path-exclude=/usr/share/info/*' \
   --dpkgopt='path-exclude=/usr/share/locale/*' \
   --dpkgopt='path-exclude=/usr/share/doc/*' \
   --dpkgopt='path-include=/usr/share/doc/*/copyright' \
   --dpkgopt='path-exclude=/usr/share/lintian/*' \
+  --dpkgopt='path-exclude=/usr/lib/*/gconv/*' \
   --customize-hook='mkdir -p "$1/opt/bin" "$1/run/flannel" "$1/etc/kube-flannel"' \
   --customize-hook="copy-in $bin/flanneld $bin/flannel /opt/bin" \
   --customize-hook='chmod 0755 "$1/opt/bin/flanneld" "$1/opt/bin/flannel"' \
