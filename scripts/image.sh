@@ -37,7 +37,6 @@ arch=$(dpkg --print-architecture)
 suite=${DEBIAN_SUITE:-bookworm}
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 epoch=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}
-export SOURCE_DATE_EPOCH=$epoch
 tag="docker.io/flannel-rs/flanneld:$version"
 target=${CARGO_TARGET_DIR:-target}
 out=${IMAGE_OUT:-$target/image/flanneld-$version.oci.tar}
@@ -73,7 +72,9 @@ sources="deb $mirror $suite main
 deb $mirror $suite-updates main
 deb ${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security} $suite-security main"
 if [ -n "${DEBIAN_MIRROR:-}" ]; then sources="deb $mirror $suite main"; fi
-mmdebstrap --quiet --mode=root --variant=essential --architectures="$arch" \
+# (SOURCE_DATE_EPOCH only here: exported to cargo it would rebuild everything whose
+# build script watches it.) The log is shown if it fails.
+SOURCE_DATE_EPOCH=$epoch mmdebstrap --quiet --mode=root --variant=essential --architectures="$arch" \
   --include=iptables,nftables,ca-certificates \
   --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
   --dpkgopt='path-exclude=/usr/share/man/*' \
@@ -87,7 +88,9 @@ mmdebstrap --quiet --mode=root --variant=essential --architectures="$arch" \
   --customize-hook="copy-in $bin/flanneld $bin/flannel /opt/bin" \
   --customize-hook='chmod 0755 "$1/opt/bin/flanneld" "$1/opt/bin/flannel"' \
   --customize-hook='rm -rf "$1"/var/log/* "$1"/var/cache/* "$1"/var/lib/apt/lists/* "$1"/etc/machine-id "$1"/etc/hostname "$1"/etc/resolv.conf' \
-  "$suite" "$work/rootfs.tar" - <<<"$sources"
+  "$suite" "$work/rootfs.tar" - <<<"$sources" >"$work/mmdebstrap.log" 2>&1 ||
+  { cat "$work/mmdebstrap.log" >&2; die "mmdebstrap failed"; }
+t1=$(date +%s)
 
 echo "==> image $tag"
 ctr=$("${B[@]}" from --quiet scratch)
@@ -102,10 +105,11 @@ ctr=$("${B[@]}" from --quiet scratch)
   --label org.opencontainers.image.licenses=Apache-2.0 \
   --label "org.opencontainers.image.description=flannel-rs: flanneld and the flannel CNI plugin" \
   "$ctr"
-"${B[@]}" commit --quiet --format oci --squash --timestamp "$epoch" \
+"${B[@]}" commit --quiet --format oci --squash --timestamp "$epoch" --disable-compression=false \
   "$ctr" "oci-archive:$out.part:$tag" >/dev/null
 mv -f "$out.part" "$out"
 
 rootfs_bytes=$(stat -c %s "$work/rootfs.tar")
 echo "==> $out ($tag)"
-echo "    archive $(du -h "$out" | cut -f1), root filesystem $((rootfs_bytes / 1024 / 1024)) MiB uncompressed, built in $(($(date +%s) - t0)) s"
+echo "    archive $(du -h "$out" | cut -f1), root filesystem $((rootfs_bytes / 1024 / 1024)) MiB uncompressed"
+echo "    $(($(date +%s) - t0)) s: binaries + root filesystem $((t1 - t0)) s, image $(($(date +%s) - t1)) s"

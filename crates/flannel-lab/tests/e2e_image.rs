@@ -123,7 +123,8 @@ fn text(o: &Output) -> String {
     )
 }
 
-fn run(cmd: &mut Command) -> Output {
+fn run(mut cmd: impl std::borrow::BorrowMut<Command>) -> Output {
+    let cmd = cmd.borrow_mut();
     let o = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(o.status.success(), "{cmd:?}: {}\n{}", o.status, text(&o));
     o
@@ -148,12 +149,17 @@ fn image() -> (PathBuf, Image) {
     let script = workspace().join("scripts/image.sh");
     if archive.is_file() && mtime(&archive) > mtime(&script) {
         let img = Image::unpack(&archive);
-        let same = |b: &str| fs::read(img.file(&format!("/opt/bin/{b}"))).ok() == fs::read(bins.join(b)).ok();
+        let same = |b: &str| {
+            fs::read(img.file(&format!("/opt/bin/{b}"))).ok() == fs::read(bins.join(b)).ok()
+        };
         if same("flanneld") && same("flannel") {
             eprintln!("e2e_image: reusing {}", archive.display());
             return (archive, img);
         }
-        eprintln!("e2e_image: {} holds other binaries: rebuilding", archive.display());
+        eprintln!(
+            "e2e_image: {} holds other binaries: rebuilding",
+            archive.display()
+        );
     }
     let t0 = Instant::now();
     let o = run(Command::new(&script)
@@ -236,7 +242,11 @@ impl Image {
         let rootfs = dir.path().join("rootfs");
         fs::create_dir_all(&oci).unwrap();
         fs::create_dir_all(&rootfs).unwrap();
-        run(Command::new("tar").arg("-xf").arg(archive).arg("-C").arg(&oci));
+        run(Command::new("tar")
+            .arg("-xf")
+            .arg(archive)
+            .arg("-C")
+            .arg(&oci));
         let blob = |digest: &str| {
             let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
             oci.join("blobs/sha256").join(hex)
@@ -314,7 +324,11 @@ impl Image {
             v.push(format!("{}={dst}", src.display()));
         }
         v.push("--".into());
-        v.extend(["env".into(), "-i".into(), format!("PATH={}", self.path_env())]);
+        v.extend([
+            "env".into(),
+            "-i".into(),
+            format!("PATH={}", self.path_env()),
+        ]);
         v
     }
 
@@ -350,8 +364,7 @@ fn strs(v: &Value) -> Vec<String> {
 /// Docker's normalisation of an image reference: a registry is added if missing.
 fn normalise(image: &str) -> String {
     let first = image.split('/').next().unwrap_or("");
-    if image.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost")
-    {
+    if image.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost") {
         image.to_string()
     } else if image.contains('/') {
         format!("docker.io/{image}")
@@ -399,7 +412,11 @@ fn check_manifest_against_image(img: &Image, docs: &[Value]) -> Value {
         .find(|c| c["name"] == "kube-flannel")
         .expect("kube-flannel container");
     let entry = strs(&img.config["config"]["Entrypoint"]);
-    assert_eq!(strs(&agent["command"]), entry, "command vs image entrypoint");
+    assert_eq!(
+        strs(&agent["command"]),
+        entry,
+        "command vs image entrypoint"
+    );
     assert_eq!(entry, ["/opt/bin/flanneld"]);
     let help = text(&run(img.chroot(&["/opt/bin/flanneld", "--help"])));
     for a in strs(&agent["args"]) {
