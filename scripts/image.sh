@@ -29,7 +29,21 @@ need() { command -v "$1" >/dev/null 2>&1 || die "$1 not found: apt-get install $
 need buildah buildah
 need mmdebstrap mmdebstrap
 [ -n "${IMAGE_BIN_DIR:-}" ] || need cargo "the Rust toolchain (scripts/prereqs.sh installs it)"
+need unshare util-linux
 [ "$(id -u)" = 0 ] || die "run as root (mmdebstrap and buildah need it)"
+
+# The build runs in a private mount namespace: whatever mmdebstrap or buildah mount
+# goes away with it, and buildah's blob info cache (always /var/lib/containers/cache
+# for root, whatever --root says) lands on a tmpfs there instead of the host.
+if [ -z "${IMAGE_SH_INNER:-}" ]; then
+  created=
+  if [ ! -d /var/lib/containers ]; then mkdir -p /var/lib/containers; created=1; fi
+  rc=0
+  IMAGE_SH_INNER=1 unshare --mount --propagation private "$0" "$@" || rc=$?
+  if [ -n "$created" ]; then rmdir /var/lib/containers 2>/dev/null || true; fi
+  exit "$rc"
+fi
+mount -t tmpfs -o mode=0700,size=64m image-sh /var/lib/containers
 
 version=$(sed -n '/^\[workspace\.package\]/,/^\[/s/^version *= *"\(.*\)"/\1/p' Cargo.toml)
 [ -n "$version" ] || die "no version in Cargo.toml's [workspace.package]"

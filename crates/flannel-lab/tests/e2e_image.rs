@@ -541,7 +541,15 @@ fn lab_with_image_agent(img: &Image, nft: bool) {
         .unwrap();
     lab.start_agent(0).expect("image flanneld on host 1");
     lab.start_agent(1).expect("plain flanneld on host 2");
-    assert!(lab.agent_log(0).unwrap().contains("chroot"));
+    // Host 1's agent is the image's binary, rooted in the image.
+    let pid = lab.agent_pid(0).expect("image flanneld runs");
+    let root = fs::read_link(format!("/proc/{pid}/root")).unwrap();
+    assert_eq!(
+        root, img.rootfs,
+        "host 1's flanneld is not chrooted into the image"
+    );
+    let exe = fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert_eq!(exe, img.file("/opt/bin/flanneld"));
 
     // Lease and subnet.env.
     let sub = lab.subnet_file(0).unwrap().expect("subnet.env on host 1");
@@ -582,6 +590,16 @@ fn lab_with_image_agent(img: &Image, nft: bool) {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    eprintln!(
+        "e2e_image: nft={nft}: host 1 (image flanneld pid {pid}): lease {} MTU {}, rules:\n{}",
+        sub.subnet,
+        sub.mtu,
+        if nft {
+            in_image(&["nft", "list", "table", "ip", "flannel-ipv4"])
+        } else {
+            in_image(&["iptables-save", "-t", "nat"])
+        }
+    );
     if !nft {
         // The image's iptables is the nf_tables variant (Debian's default).
         let v = in_image(&["iptables", "--version"]);
