@@ -9,6 +9,7 @@ PACKAGES=(
   containernetworking-plugins  # bridge, host-local, loopback: the CNI delegates
   iproute2 iputils-ping iperf3 # namespaces, links, ping and throughput in the lab
   nftables iptables            # masquerade and forward rules
+  buildah mmdebstrap           # the container image (scripts/image.sh, tests/e2e_image.rs)
   procps kmod ca-certificates curl gcc pkg-config
 )
 

@@ -16,5 +16,7 @@ cargo build --workspace --bins --quiet
 
 echo "==> tests"
 # One test binary at a time, so the namespace labs don't all start etcd at once on
-# small machines; tests inside a binary still run in parallel.
+# small machines; tests inside a binary still run in parallel. e2e_image builds the
+# container image from the binaries above (scripts/image.sh: about a minute, Debian
+# packages from the mirror) into target/image/e2e/ and reuses it while they are unchanged.
 cargo test --workspace --no-fail-fast -- --test-threads="${FLANNEL_TEST_THREADS:-2}"

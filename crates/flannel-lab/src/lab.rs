@@ -142,6 +142,9 @@ pub struct Host {
     /// Its directory in the run dir: subnet.env, flanneld.log, CNI state.
     pub dir: PathBuf,
     agent: Option<Proc>,
+    /// Set by [`Lab::set_agent_wrapper`]: a command the agent runs under and the
+    /// flanneld path as that command sees it.
+    agent_wrapper: Option<(Vec<String>, PathBuf)>,
     next_pod: usize,
 }
 
@@ -525,6 +528,7 @@ impl Lab {
             link: link.clone(),
             dir,
             agent: None,
+            agent_wrapper: None,
             next_pod: 1,
         });
         // Created from inside the host namespace with the peer placed directly in
@@ -604,17 +608,35 @@ impl Lab {
         }
     }
 
-    /// The flanneld command line used for host `h` (after `ip netns exec <ns>`).
+    /// From the next start on, host `h`'s flanneld runs as `<prefix...> <flanneld>
+    /// <args...>` (after `ip netns exec <ns>`), e.g. prefix `["chroot", "<rootfs>"]`
+    /// and flanneld `/opt/bin/flanneld`: the agent of an image's root filesystem.
+    /// The prefix must exec flanneld in the end (the lab signals the process it
+    /// started) and make the host's directory ([`Host::dir`]) visible at its path.
+    pub fn set_agent_wrapper(&mut self, h: usize, prefix: &[&str], flanneld: &Path) -> Result<()> {
+        self.host_mut(h)?.agent_wrapper = Some((
+            prefix.iter().map(|s| s.to_string()).collect(),
+            flanneld.to_path_buf(),
+        ));
+        Ok(())
+    }
+
+    /// The flanneld command line used for host `h` (after `ip netns exec <ns>`;
+    /// starts with the wrapper prefix if [`Lab::set_agent_wrapper`] set one).
     pub fn agent_command(&self, h: usize) -> Result<Vec<String>> {
         let host = self.host(h)?;
-        let mut v = vec![
-            self.flanneld()?.display().to_string(),
+        let (mut v, flanneld) = match &host.agent_wrapper {
+            Some((prefix, bin)) => (prefix.clone(), bin.clone()),
+            None => (Vec::new(), self.flanneld()?),
+        };
+        v.extend([
+            flanneld.display().to_string(),
             format!("--etcd-endpoints={}", self.etcd.endpoint()),
             format!("--etcd-prefix={ETCD_PREFIX}"),
             format!("--iface={}", host.ip),
             format!("--subnet-file={}", host.subnet_file().display()),
             format!("--ip-masq={}", self.ip_masq),
-        ];
+        ]);
         v.extend(self.agent_args.iter().cloned());
         Ok(v)
     }
