@@ -5,7 +5,7 @@ set -euo pipefail
 
 PACKAGES=(
   etcd-server etcd-client      # a real etcd for the store tests and the lab
-  protobuf-compiler            # etcd-client's build needs protoc
+  protobuf-compiler libprotobuf-dev  # etcd-client's build: protoc and the well-known .proto files
   containernetworking-plugins  # bridge, host-local, loopback: the CNI delegates
   iproute2 iputils-ping iperf3 # namespaces, links, ping and throughput in the lab
   nftables iptables            # masquerade and forward rules
