@@ -1,0 +1,265 @@
+//! Starting, stopping and restarting the agents on the hosts.
+
+use super::*;
+
+impl Lab {
+    pub(super) fn flanneld(&self) -> Result<PathBuf> {
+        match &self.flanneld {
+            Some(p) => Ok(p.clone()),
+            None => find_binary("flanneld"),
+        }
+    }
+
+    /// From the next start on, host `h`'s flanneld runs as `<prefix...> <flanneld>
+    /// <args...>` (after `ip netns exec <ns>`), e.g. prefix `["chroot", "<rootfs>"]`
+    /// and flanneld `/opt/bin/flanneld`: the agent of an image's root filesystem.
+    /// The prefix must exec flanneld in the end (the lab signals the process it
+    /// started) and make the host's directory ([`Host::dir`]) visible at its path.
+    pub fn set_agent_wrapper(&mut self, h: usize, prefix: &[&str], flanneld: &Path) -> Result<()> {
+        self.host_mut(h)?.agent_wrapper = Some((
+            prefix.iter().map(|s| s.to_string()).collect(),
+            flanneld.to_path_buf(),
+        ));
+        Ok(())
+    }
+
+    /// The flanneld command line used for host `h` (after `ip netns exec <ns>`;
+    /// starts with the wrapper prefix if [`Lab::set_agent_wrapper`] set one).
+    pub fn agent_command(&self, h: usize) -> Result<Vec<String>> {
+        let host = self.host(h)?;
+        let (mut v, flanneld) = match &host.agent_wrapper {
+            Some((prefix, bin)) => (prefix.clone(), bin.clone()),
+            None => (Vec::new(), self.flanneld()?),
+        };
+        v.extend([
+            flanneld.display().to_string(),
+            format!("--etcd-endpoints={}", self.etcd.endpoint()),
+            format!("--etcd-prefix={ETCD_PREFIX}"),
+            format!("--iface={}", host.ip),
+            format!("--subnet-file={}", host.subnet_file().display()),
+            format!("--ip-masq={}", self.ip_masq),
+        ]);
+        v.extend(self.agent_args.iter().cloned());
+        Ok(v)
+    }
+
+    /// Starts flanneld on host `h` without waiting for it.
+    pub fn spawn_agent(&mut self, h: usize) -> Result<()> {
+        if self.agent_running(h) {
+            return Err(LabError::Invalid(format!(
+                "flanneld already runs on {}",
+                self.hosts[h].ns
+            )));
+        }
+        let argv = self.agent_command(h)?;
+        let host = self.host(h)?;
+        let log = host.log_file();
+        let marker = format!("===== flannel-lab: starting {}\n", argv.join(" "));
+        let _ = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, marker.as_bytes()));
+        let mut cmd = command("ip", &["netns", "exec", &host.ns]);
+        cmd.args(&argv);
+        for (k, v) in &self.agent_env {
+            cmd.env(k, v);
+        }
+        let p = Proc::spawn(
+            cmd,
+            &format!("flanneld@{}", host.ns),
+            &self.prefix,
+            ProcOutput::File(log),
+            self.die_with_parent,
+        )?;
+        self.host_mut(h)?.agent = Some(p);
+        Ok(())
+    }
+
+    /// Starts flanneld on host `h` and waits until it (re)wrote its subnet file;
+    /// returns the time from spawn to that.
+    pub fn start_agent(&mut self, h: usize) -> Result<Duration> {
+        let before = stamp(&self.host(h)?.subnet_file());
+        let t0 = Instant::now();
+        self.spawn_agent(h)?;
+        self.wait_subnet_file(h, before)?;
+        Ok(t0.elapsed())
+    }
+
+    /// Waits until host `h`'s subnet file differs from `before` and is complete.
+    pub(super) fn wait_subnet_file(&mut self, h: usize, before: FileStamp) -> Result<SubnetFile> {
+        let timeout = self.timeout;
+        let path = self.host(h)?.subnet_file();
+        let what = format!("{} to be written", path.display());
+        let mut found = None;
+        let start = Instant::now();
+        loop {
+            let now = stamp(&path);
+            if now.is_some() && now != before {
+                if let Some(s) = fs::read_to_string(&path)
+                    .ok()
+                    .as_deref()
+                    .and_then(SubnetFile::parse)
+                {
+                    found = Some(s);
+                }
+            }
+            if let Some(s) = found.take() {
+                return Ok(s);
+            }
+            self.check_agent(h)?;
+            if start.elapsed() >= timeout {
+                return Err(LabError::Timeout {
+                    what,
+                    after: timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// An error if host `h`'s flanneld was started and has exited since.
+    pub fn check_agent(&mut self, h: usize) -> Result<()> {
+        let host = self.host_mut(h)?;
+        let Some(agent) = host.agent.as_mut() else {
+            return Ok(());
+        };
+        match agent.try_wait() {
+            None => Ok(()),
+            Some(st) => {
+                let log = host.log_file();
+                Err(LabError::AgentExited {
+                    host: host.ns.clone(),
+                    status: status_text(&st),
+                    log_tail: tail(&log, 30),
+                    log_path: log,
+                })
+            }
+        }
+    }
+
+    /// An error if any started flanneld has exited.
+    pub fn check_agents(&mut self) -> Result<()> {
+        for h in 0..self.hosts.len() {
+            self.check_agent(h)?;
+        }
+        Ok(())
+    }
+
+    pub fn agent_running(&mut self, h: usize) -> bool {
+        self.hosts
+            .get_mut(h)
+            .and_then(|host| host.agent.as_mut())
+            .is_some_and(|a| !a.exited())
+    }
+
+    /// PID of host `h`'s flanneld while it runs.
+    pub fn agent_pid(&mut self, h: usize) -> Option<u32> {
+        if !self.agent_running(h) {
+            return None;
+        }
+        self.hosts[h].agent.as_ref().map(Proc::pid)
+    }
+
+    /// The exit status of host `h`'s last flanneld, once it has exited.
+    pub fn agent_exit_status(&mut self, h: usize) -> Option<ExitStatus> {
+        self.hosts.get_mut(h)?.agent.as_mut()?.try_wait()
+    }
+
+    /// SIGTERM to host `h`'s flanneld; waits for it to exit and returns its status.
+    /// An error if it had to be killed because it did not exit in time.
+    pub fn stop_agent(&mut self, h: usize) -> Result<ExitStatus> {
+        let timeout = self.timeout;
+        let host = self.host_mut(h)?;
+        let ns = host.ns.clone();
+        let agent = host
+            .agent
+            .as_mut()
+            .ok_or_else(|| LabError::Invalid(format!("no flanneld was started on {ns}")))?;
+        let (st, killed) = agent.terminate(timeout)?;
+        if killed {
+            return Err(LabError::Timeout {
+                what: format!("flanneld on {ns} to exit after SIGTERM (killed)"),
+                after: timeout,
+            });
+        }
+        Ok(st)
+    }
+
+    /// SIGKILL to host `h`'s flanneld (and reap it).
+    pub fn kill_agent(&mut self, h: usize) -> Result<()> {
+        let host = self.host_mut(h)?;
+        let ns = host.ns.clone();
+        let agent = host
+            .agent
+            .as_mut()
+            .ok_or_else(|| LabError::Invalid(format!("no flanneld was started on {ns}")))?;
+        agent.kill()?;
+        Ok(())
+    }
+
+    /// VmRSS of host `h`'s flanneld in KiB.
+    pub fn agent_rss_kib(&mut self, h: usize) -> Result<u64> {
+        let pid = self
+            .agent_pid(h)
+            .ok_or_else(|| LabError::Invalid(format!("flanneld does not run on host {h}")))?;
+        rss_kib(pid)
+    }
+
+    /// Everything host `h`'s flanneld processes have logged.
+    pub fn agent_log(&self, h: usize) -> Result<String> {
+        let p = self.host(h)?.log_file();
+        fs::read_to_string(&p).map_err(|e| LabError::io(format!("read {}", p.display()), e))
+    }
+
+    /// Host `h`'s current subnet file, if there is a complete one.
+    pub fn subnet_file(&self, h: usize) -> Result<Option<SubnetFile>> {
+        let p = self.host(h)?.subnet_file();
+        match fs::read_to_string(&p) {
+            Ok(t) => Ok(SubnetFile::parse(&t)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(LabError::io(format!("read {}", p.display()), e)),
+        }
+    }
+
+    /// Host `h`'s lease subnet, from its subnet file.
+    pub fn host_subnet(&self, h: usize) -> Result<Ipv4Net> {
+        self.subnet_file(h)?
+            .map(|s| s.subnet)
+            .ok_or_else(|| LabError::Invalid(format!("host {h} has no subnet file (yet)")))
+    }
+
+    /// Writes a subnet file by hand (for hosts without flanneld).
+    pub fn write_subnet_file(&self, h: usize, subnet: Ipv4Net, mtu: u32) -> Result<()> {
+        let network: Ipv4Net = serde_json::from_str::<Value>(&self.config)
+            .ok()
+            .and_then(|v| v.get("Network").and_then(Value::as_str).map(str::to_string))
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| LabError::Invalid("config has no Network".into()))?;
+        let env = SubnetEnv {
+            network: Some(network.trunc()),
+            subnet: Some(subnet.trunc()),
+            ipv6_network: None,
+            ipv6_subnet: None,
+            mtu,
+            ip_masq: self.ip_masq,
+        };
+        let p = self.host(h)?.subnet_file();
+        fs::write(&p, env.render()).map_err(|e| LabError::io(format!("write {}", p.display()), e))
+    }
+
+    /// The etcd key of host `h`'s lease.
+    pub fn lease_key(&self, h: usize) -> Result<String> {
+        Ok(Self::lease_key_for(self.host_subnet(h)?))
+    }
+
+    /// Host `h`'s lease value in etcd, if present.
+    pub fn get_lease(&self, h: usize) -> Result<Option<String>> {
+        self.etcd.get(&self.lease_key(h)?)
+    }
+
+    /// Deletes host `h`'s lease from etcd; returns whether it was there.
+    pub fn delete_lease(&self, h: usize) -> Result<bool> {
+        self.etcd.delete(&self.lease_key(h)?)
+    }
+}
