@@ -15,6 +15,15 @@ pub const DEFAULT_SUBNET_FILE_WAIT: Duration = Duration::from_secs(10);
 /// Upper bound for `subnetFileWait`: a runtime's own ADD timeout is of this order.
 pub const MAX_SUBNET_FILE_WAIT: Duration = Duration::from_secs(600);
 
+/// A wait in seconds as given by the operator (netconf or environment), capped at
+/// [`MAX_SUBNET_FILE_WAIT`]; `None` for a negative or non-finite number. The cap is
+/// applied before the conversion, which panics on values a `Duration` cannot hold
+/// (1e20 s): that would make the pod impossible to delete.
+pub fn wait_from_secs(secs: f64) -> Option<Duration> {
+    (secs.is_finite() && secs >= 0.0)
+        .then(|| Duration::from_secs_f64(secs.min(MAX_SUBNET_FILE_WAIT.as_secs_f64())))
+}
+
 /// Standard and flannel keys; Go matches them case-insensitively.
 const FIELDS: &[&str] = &[
     "cniVersion",
@@ -127,14 +136,11 @@ impl NetConf {
 
         let subnet_file_wait = match obj.get::<f64>("subnetFileWait").map_err(field_err)? {
             None => None,
-            Some(secs) if secs.is_finite() && secs >= 0.0 => {
-                Some(Duration::from_secs_f64(secs).min(MAX_SUBNET_FILE_WAIT))
-            }
-            Some(secs) => {
-                return Err(invalid(format!(
+            Some(secs) => Some(wait_from_secs(secs).ok_or_else(|| {
+                invalid(format!(
                     "subnetFileWait must be a non-negative number of seconds, got {secs}"
-                )))
-            }
+                ))
+            })?),
         };
 
         Ok(NetConf {
@@ -216,6 +222,18 @@ mod tests {
             NetConf::parse("{").unwrap_err().code,
             code::DECODING_FAILURE
         );
+    }
+
+    #[test]
+    fn waits_beyond_what_a_duration_holds_are_capped_not_a_panic() {
+        for huge in ["1e20", "1.7976931348623157e308"] {
+            let n = NetConf::parse(&format!(r#"{{"name":"a","subnetFileWait":{huge}}}"#)).unwrap();
+            assert_eq!(n.subnet_file_wait, Some(MAX_SUBNET_FILE_WAIT), "{huge}");
+        }
+        assert_eq!(wait_from_secs(f64::INFINITY), None);
+        assert_eq!(wait_from_secs(f64::NAN), None);
+        assert_eq!(wait_from_secs(-0.5), None);
+        assert_eq!(wait_from_secs(1.5), Some(Duration::from_millis(1500)));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::delegate;
 use crate::error::{code, CniError};
 use crate::exec::{self, CniEnv};
 use crate::flannel_env;
-use crate::netconf::{self, NetConf, DEFAULT_SUBNET_FILE_WAIT, MAX_SUBNET_FILE_WAIT};
+use crate::netconf::{self, NetConf, DEFAULT_SUBNET_FILE_WAIT};
 use crate::version::{self, CURRENT_VERSION};
 
 /// Environment variable (seconds) for how long ADD waits for subnet.env when the
@@ -285,8 +285,7 @@ fn subnet_file_wait(conf: &NetConf, getenv: &dyn Fn(&str) -> Option<String>) -> 
     }
     getenv(SUBNET_FILE_WAIT_ENV)
         .and_then(|s| s.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(|s| Duration::from_secs_f64(s).min(MAX_SUBNET_FILE_WAIT))
+        .and_then(netconf::wait_from_secs)
         .unwrap_or(DEFAULT_SUBNET_FILE_WAIT)
 }
 
@@ -451,6 +450,7 @@ fn cmd_status(text: &str) -> Result<Outcome, CniError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::netconf::MAX_SUBNET_FILE_WAIT;
     use std::collections::HashMap;
 
     fn run_with(vars: &[(&str, &str)], stdin: &str) -> Outcome {
@@ -649,6 +649,11 @@ mod tests {
         assert_eq!(
             subnet_file_wait(&conf, &|_| Some("junk".into())),
             DEFAULT_SUBNET_FILE_WAIT
+        );
+        assert_eq!(
+            subnet_file_wait(&conf, &|_| Some("1e20".into())),
+            MAX_SUBNET_FILE_WAIT,
+            "capped, not a panic"
         );
         let conf = NetConf::parse(r#"{"name":"n","subnetFileWait":3}"#).unwrap();
         assert_eq!(

@@ -37,6 +37,7 @@ const KEYS: &[&str] = &[
     "hairpinMode",
     "table",
     "priority",
+    "subnetFileWait",
 ];
 
 fn leaf() -> impl Strategy<Value = Value> {
@@ -150,9 +151,7 @@ impl Sandbox {
     /// Points every file the plugin may touch into the sandbox.
     fn confine(&self, v: Value) -> Value {
         let Value::Object(mut m) = v else { return v };
-        m.retain(|k, _| {
-            !["subnetfile", "datadir", "subnetfilewait"].contains(&k.to_ascii_lowercase().as_str())
-        });
+        m.retain(|k, _| !["subnetfile", "datadir"].contains(&k.to_ascii_lowercase().as_str()));
         m.insert(
             "subnetFile".into(),
             Value::String(self.path().join("subnet.env").display().to_string()),
@@ -253,5 +252,39 @@ proptest! {
         let stderr = String::from_utf8_lossy(&out.stderr);
         prop_assert!(!stderr.contains("panicked"), "{}", stderr);
         check_outcome(code, &out.stdout)?;
+    }
+}
+
+/// Every number a netconf may carry for the wait, on every command: a clear error or
+/// a capped wait, never a panic (a DEL that panics leaves a pod that cannot be
+/// deleted).
+#[test]
+fn extreme_subnet_file_waits_never_panic() {
+    for wait in [
+        "1e20",
+        "1.7976931348623157e308",
+        "-1",
+        "-1e20",
+        "0",
+        "0.25",
+        "599.999",
+    ] {
+        for cmd in COMMANDS {
+            let sb = Sandbox::new();
+            let env = sb.env(cmd);
+            let conf: Value = serde_json::from_str(&format!(
+                r#"{{"cniVersion":"1.0.0","name":"cbr0","type":"flannel","subnetFileWait":{wait}}}"#
+            ))
+            .unwrap();
+            let stdin = sb.confine(conf).to_string();
+            let o = flannel_cni::run(&|k| env.get(k).cloned(), &mut stdin.as_bytes());
+            check_outcome(o.exit_code, &o.stdout).unwrap_or_else(|e| panic!("{cmd} {wait}: {e}"));
+            if wait.starts_with('-') && ["ADD", "DEL"].contains(cmd) {
+                assert_ne!(
+                    o.exit_code, 0,
+                    "{cmd} with subnetFileWait {wait} must be refused"
+                );
+            }
+        }
     }
 }
