@@ -56,8 +56,8 @@ impl FoldedObject {
                 .or_else(|| fields.iter().find(|f| f.eq_ignore_ascii_case(&key)));
             let Some(canonical) = canonical else { continue };
             if value.get() == "null" {
-                // Go leaves the field as it was; a later duplicate may still set it.
-                out.remove(canonical);
+                // Go's decoder leaves a (non-pointer, non-map, non-slice) field as it
+                // was: an earlier duplicate's value stays, a later one may still set it.
                 continue;
             }
             out.insert(*canonical, value);
@@ -125,6 +125,14 @@ mod tests {
         let o = FoldedObject::parse(r#"{"Foo":1,"VNI":null}"#, FIELDS).unwrap();
         assert_eq!(o.get::<u32>("VNI").unwrap(), None);
         assert!(o.raw("Foo").is_none());
+    }
+
+    #[test]
+    fn a_later_null_keeps_the_earlier_duplicate_as_go_does() {
+        let o = FoldedObject::parse(r#"{"VNI":3,"vni":null}"#, FIELDS).unwrap();
+        assert_eq!(o.get::<u32>("VNI").unwrap(), Some(3));
+        let o = FoldedObject::parse(r#"{"VNI":null,"VNI":4}"#, FIELDS).unwrap();
+        assert_eq!(o.get::<u32>("VNI").unwrap(), Some(4));
     }
 
     #[test]
