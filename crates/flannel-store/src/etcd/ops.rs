@@ -44,6 +44,17 @@ pub(crate) struct Ops {
     pub lease: LeaseClient,
 }
 
+/// The longest TTL taken as given: ~285 years. A server answering more (a hostile
+/// or broken etcd) gets this, rather than an overflow.
+const MAX_TTL_SECS: i64 = 9_000_000_000;
+
+/// `now + ttl` seconds as etcd reported them: a negative TTL is 0, a huge one is
+/// capped, and the sum never overflows `SystemTime`.
+pub(crate) fn expiry_after(now: SystemTime, ttl: i64) -> SystemTime {
+    let secs = ttl.clamp(0, MAX_TTL_SECS).unsigned_abs();
+    now.checked_add(Duration::from_secs(secs)).unwrap_or(now)
+}
+
 impl Ops {
     pub async fn get(
         &self,
@@ -65,8 +76,7 @@ impl Ops {
             lc.grant(LEASE_TTL_SECS, None),
         )
         .await?;
-        let ttl = u64::try_from(resp.ttl()).unwrap_or(0);
-        Ok((resp.id(), SystemTime::now() + Duration::from_secs(ttl)))
+        Ok((resp.id(), expiry_after(SystemTime::now(), resp.ttl())))
     }
 
     /// Revokes an etcd lease we granted but did not use; failure only leaves an empty
@@ -119,9 +129,7 @@ impl Ops {
         let mut lc = self.lease.clone();
         let now = SystemTime::now();
         match tokio::time::timeout(REQUEST_TIMEOUT, lc.time_to_live(id, None)).await {
-            Ok(Ok(resp)) if resp.ttl() >= 0 => {
-                Ok(now + Duration::from_secs(resp.ttl().unsigned_abs()))
-            }
+            Ok(Ok(resp)) if resp.ttl() >= 0 => Ok(expiry_after(now, resp.ttl())),
             Ok(Ok(_)) => Ok(now - Duration::from_secs(1)),
             // gRPC NOT_FOUND (5): "requested lease not found".
             Ok(Err(etcd_client::Error::GRpcStatus(s))) if s.code() as i32 == 5 => {
@@ -165,5 +173,26 @@ impl Ops {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_ttls_neither_panic_nor_wrap() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(expiry_after(now, 30), now + Duration::from_secs(30));
+        assert_eq!(expiry_after(now, -5), now, "a negative TTL is 0");
+        let far = expiry_after(now, i64::MAX);
+        assert_eq!(
+            far,
+            now + Duration::from_secs(MAX_TTL_SECS as u64),
+            "capped"
+        );
+        // Even at the end of SystemTime's range the sum cannot overflow.
+        let late = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::MAX / 4);
+        let _ = expiry_after(late, i64::MAX);
     }
 }

@@ -105,8 +105,8 @@ impl Resumable {
                 // revision. (The header of an event response is not a safe resume
                 // point: a catching-up watcher may get fewer revisions than it names.)
                 let resume = match events.last().and_then(|e| e.kv()) {
-                    Some(kv) => Some(kv.mod_revision() + 1),
-                    None if !resp.created() => resp.header().map(|h| h.revision() + 1),
+                    Some(kv) => Some(after(kv.mod_revision())),
+                    None if !resp.created() => resp.header().map(|h| after(h.revision())),
                     None => None,
                 };
                 Step::Events { events, resume }
@@ -266,7 +266,7 @@ pub(crate) async fn watch_leases(
                     watch_client.clone(),
                     keys.subnets_prefix.clone(),
                     true,
-                    listing.revision + 1,
+                    after(listing.revision),
                 ))
             }
         };
@@ -404,7 +404,7 @@ pub(crate) async fn watch_own_lease(
                     watch_client.clone(),
                     etcd_key.clone(),
                     false,
-                    revision + 1,
+                    after(revision),
                 ))
             }
         };
@@ -464,5 +464,23 @@ pub(crate) async fn watch_own_lease(
                 }
             }
         }
+    }
+}
+/// The revision to resume a watch from, after `rev` was seen. Saturating: a hostile
+/// or broken server announcing `i64::MAX` must not make the agent panic or wrap to a
+/// negative revision (which etcd reads as "from the start").
+fn after(rev: i64) -> i64 {
+    rev.saturating_add(1).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::after;
+
+    #[test]
+    fn resume_revisions_saturate() {
+        assert_eq!(after(41), 42);
+        assert_eq!(after(i64::MAX), i64::MAX, "no wrap to a negative revision");
+        assert_eq!(after(-7), 1, "a nonsense revision resumes from the first");
     }
 }
