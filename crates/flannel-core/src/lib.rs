@@ -7,11 +7,13 @@ pub mod config;
 pub mod events;
 pub mod gojson;
 pub mod lease;
+pub mod peer_filter;
 pub mod subnet;
 pub mod subnet_env;
 
 pub use config::{BackendConfig, ConfigError, NetworkConfig};
 pub use events::{LeaseEvent, LeaseTracker, LeaseUpdate};
 pub use lease::{Lease, LeaseAttrs, LeaseKey, MacAddr, VxlanData};
+pub use peer_filter::{PeerFilter, PeerScope, RejectReason, Rejection};
 pub use subnet::{Window, Window4, Window6};
 pub use subnet_env::{PreviousSubnets, SubnetEnv};

@@ -418,6 +418,38 @@ fn readiness_follows_startup_and_every_metric_family_moves() {
     )
     .unwrap();
 
+    // Failure path 3: a hostile lease that would take over the default route is
+    // refused, counted once, and changes nothing in the kernel.
+    let routes_before = lab.ip_in(&h0, &["route", "show"]).unwrap();
+    let hostile = format!("{ETCD_PREFIX}/subnets/0.0.0.0-0");
+    lab.etcd()
+        .put(
+            &hostile,
+            r#"{"PublicIP":"198.18.0.99","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:99"}}"#,
+        )
+        .unwrap();
+    poll_until(
+        "the hostile lease to be refused and counted",
+        DEADLINE,
+        Duration::from_millis(200),
+        || {
+            let s = a.scrape();
+            Ok(value(
+                &s,
+                "flanneld_leases_rejected_total",
+                &[("reason", "outside_network")],
+            ) == Some(1.0))
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        lab.ip_in(&h0, &["route", "show"]).unwrap(),
+        routes_before,
+        "a refused lease must not reach the kernel"
+    );
+    lab.wait_reachable(p0, ip1).unwrap();
+    assert!(lab.etcd().delete(&hostile).unwrap());
+
     let fin = a.scrape();
     eprintln!("{what}: final metrics of {h0}:\n{}", a.get("/metrics").body);
     // The page changed when the peer joined.

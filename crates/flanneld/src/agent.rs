@@ -8,7 +8,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
 use flannel_backend::{Backend, BackendOptions};
-use flannel_core::{Lease, LeaseEvent, LeaseKey, LeaseUpdate, NetworkConfig, SubnetEnv};
+use flannel_core::{
+    Lease, LeaseEvent, LeaseKey, LeaseUpdate, NetworkConfig, PeerFilter, PeerScope, SubnetEnv,
+};
 use flannel_store::etcd::WatchHealth;
 use flannel_store::{AcquireRequest, OwnLeaseEvent};
 use tokio::sync::mpsc;
@@ -189,6 +191,11 @@ impl Agent {
             );
         }
         let mut peers = PeerSet::default();
+        let mut filter = PeerFilter::new(PeerScope {
+            network: config.network.filter(|_| config.enable_ipv4),
+            network6: config.ipv6_network.filter(|_| config.enable_ipv6),
+            own: lease.key,
+        });
         let mut retry_at: Option<tokio::time::Instant> = None;
         let mut resync_at = resync_every.map(|d| tokio::time::Instant::now() + d);
 
@@ -202,7 +209,10 @@ impl Agent {
                     if self.store.watch_health.is_none() {
                         self.metrics.set_watch_active(true);
                     }
-                    let ok = self.apply_update(&mut *backend, &mut peers, update).await;
+                    let ok = match self.admit(&mut filter, update) {
+                        Some(update) => self.apply_update(&mut *backend, &mut peers, update).await,
+                        None => true,
+                    };
                     if !ok {
                         retry_at = Some(tokio::time::Instant::now() + APPLY_RETRY);
                     }
@@ -265,6 +275,26 @@ impl Agent {
             t.abort();
         }
         Ok(exit)
+    }
+
+    /// Takes out of a watch update the peer leases that must not reach the kernel,
+    /// warning once per refused lease; `None` when nothing is left for the backend.
+    fn admit(&self, filter: &mut PeerFilter, update: LeaseUpdate) -> Option<LeaseUpdate> {
+        let out = filter.filter(update);
+        for r in &out.rejected {
+            self.metrics.lease_rejected(r.reason);
+            match r.conflicts_with {
+                Some(other) => warn!(
+                    subnet = %r.key, reason = r.reason.as_str(), conflicts_with = %other,
+                    "ignoring a peer lease that overlaps another peer's; it is used once that one is gone"
+                ),
+                None => warn!(
+                    subnet = %r.key, reason = r.reason.as_str(),
+                    "ignoring a peer lease that must not be routed (see docs/compatibility.md, \"Peer leases are checked\")"
+                ),
+            }
+        }
+        out.update
     }
 
     /// Hands one watch update to the backend; false when the kernel refused it.

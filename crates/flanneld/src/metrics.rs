@@ -48,6 +48,11 @@ struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WhatLabels {
     what: String,
 }
@@ -81,9 +86,10 @@ enum Fam {
     KernelApply,
     ReconcileErrors,
     RulesRestored,
+    LeasesRejected,
 }
 
-const TRACKED: [(Fam, &str); 9] = [
+const TRACKED: [(Fam, &str); 10] = [
     (Fam::LeaseHeld, "flanneld_lease_held"),
     (Fam::LeaseExpiry, "flanneld_lease_expiry_timestamp_seconds"),
     (Fam::StoreConnected, "flanneld_store_connected"),
@@ -93,6 +99,7 @@ const TRACKED: [(Fam, &str); 9] = [
     (Fam::KernelApply, "flanneld_kernel_apply_duration_seconds"),
     (Fam::ReconcileErrors, "flanneld_reconcile_errors"),
     (Fam::RulesRestored, "flanneld_rules_restored"),
+    (Fam::LeasesRejected, "flanneld_leases_rejected"),
 ];
 
 /// Families updated through [`BackendCounters`] handles: "updated" = some value > 0.
@@ -115,6 +122,7 @@ pub struct Metrics {
     kernel_apply: Family<WhatLabels, Histogram, fn() -> Histogram>,
     reconcile_errors: Family<WhatLabels, Counter>,
     rules_restored: Counter,
+    leases_rejected: Family<ReasonLabels, Counter>,
     packets: Family<TrafficLabels, Counter>,
     bytes: Family<TrafficLabels, Counter>,
     drops: Family<DropLabels, Counter>,
@@ -232,6 +240,17 @@ impl Metrics {
             "Times the periodic resync found masquerade/forward rules missing and re-applied them",
             rules_restored.clone(),
         );
+        let leases_rejected = Family::<ReasonLabels, Counter>::default();
+        for reason in flannel_core::RejectReason::ALL {
+            let _ = leases_rejected.get_or_create(&ReasonLabels {
+                reason: reason.as_str(),
+            });
+        }
+        r.add(
+            "flanneld_leases_rejected",
+            "Peer leases refused before reaching the kernel (outside the network, host bits, overlapping ours or another peer), by reason",
+            leases_rejected.clone(),
+        );
         let packets = Family::<TrafficLabels, Counter>::default();
         r.add(
             PACKETS,
@@ -270,6 +289,7 @@ impl Metrics {
             kernel_apply,
             reconcile_errors,
             rules_restored,
+            leases_rejected,
             packets,
             bytes,
             drops,
@@ -337,6 +357,16 @@ impl Metrics {
             })
             .inc();
         self.touch(Fam::ReconcileErrors);
+    }
+
+    /// A peer lease was refused (counted once per refusal, not per resync).
+    pub fn lease_rejected(&self, reason: flannel_core::RejectReason) {
+        self.leases_rejected
+            .get_or_create(&ReasonLabels {
+                reason: reason.as_str(),
+            })
+            .inc();
+        self.touch(Fam::LeasesRejected);
     }
 
     /// The rule resync found rules missing and re-applied them.
@@ -514,6 +544,7 @@ mod tests {
         m.observe_kernel_apply("rules", Duration::from_millis(3));
         m.reconcile_error("routes");
         m.rules_restored();
+        m.lease_rejected(flannel_core::RejectReason::OutsideNetwork);
         // The udp backend's counters as the data path would advance them.
         let mut src = m.packet_source.lock().unwrap();
         if src.is_none() {
@@ -549,7 +580,7 @@ mod tests {
     #[test]
     fn every_declared_family_has_an_update_path() {
         let m = Metrics::new();
-        assert_eq!(m.families().len(), 13);
+        assert_eq!(m.families().len(), 14);
         let before = m.families_never_updated();
         assert!(
             before.contains(&"flanneld_lease_held".to_string()),
