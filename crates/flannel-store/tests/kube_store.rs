@@ -861,3 +861,91 @@ async fn steady_state_api_load() -> Result<()> {
     );
     Ok(())
 }
+
+/// Two nodes publishing the same podCIDR: the first keeps the routes, the second is
+/// refused; deleting the refused one changes nothing, deleting the owner hands the
+/// key to the waiting node (a change of public IP, not a removal); a node whose
+/// podCIDRs has two IPv4 entries is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_sharing_a_pod_cidr_do_not_alias() -> Result<()> {
+    let env = env().await?;
+    env.fake.create_node(flannel_node(
+        "n1",
+        "10.244.1.0/24",
+        "192.168.10.1",
+        "aa:aa:aa:aa:aa:01",
+    ))?;
+    env.fake.create_node(flannel_node(
+        "n2",
+        "10.244.2.0/24",
+        "192.168.10.2",
+        "aa:aa:aa:aa:aa:02",
+    ))?;
+    env.fake.create_node(flannel_node(
+        "n3",
+        "10.244.2.0/24",
+        "192.168.10.3",
+        "aa:aa:aa:aa:aa:03",
+    ))?;
+    let store = Arc::new(env.store("n1").await?);
+    let (mut rx, task) = start_watch(&store, "10.244.1.0-24");
+    let full = match next_update(&mut rx).await? {
+        LeaseUpdate::Full(l) => l,
+        other => bail!("first update must be Full, got {other:?}"),
+    };
+    assert_eq!(full.len(), 1, "{full:?}");
+    assert_eq!(
+        full[0].attrs.public_ip.to_string(),
+        "192.168.10.2",
+        "first by name"
+    );
+
+    // The refused node goes: nothing changes for the routed one. A later node with
+    // an unrelated CIDR proves the watch delivered the deletion first.
+    env.fake.delete_node("n3")?;
+    env.fake.create_node(flannel_node(
+        "n4",
+        "10.244.4.0/24",
+        "192.168.10.4",
+        "aa:aa:aa:aa:aa:04",
+    ))?;
+    let ev = next_events(&mut rx).await?;
+    assert!(
+        matches!(&ev[..], [LeaseEvent::Added(l)] if l.key == key("10.244.4.0-24")),
+        "deleting the refused node must not remove the owner's lease: {ev:?}"
+    );
+
+    // A waiting node takes over when the owner goes.
+    env.fake.create_node(flannel_node(
+        "n5",
+        "10.244.2.0/24",
+        "192.168.10.5",
+        "aa:aa:aa:aa:aa:05",
+    ))?;
+    env.fake.delete_node("n2")?;
+    let ev = next_events(&mut rx).await?;
+    assert!(
+        matches!(&ev[..], [LeaseEvent::Changed { current, .. }] if current.key == key("10.244.2.0-24") && current.attrs.public_ip.to_string() == "192.168.10.5"),
+        "{ev:?}"
+    );
+
+    // Two IPv4 entries in podCIDRs: skipped, not the second overwriting the first.
+    let mut twice = flannel_node("n6", "10.244.6.0/24", "192.168.10.6", "aa:aa:aa:aa:aa:06");
+    if let Some(s) = twice.spec.as_mut() {
+        s.pod_cidrs = Some(vec!["10.244.6.0/24".into(), "10.244.7.0/24".into()]);
+    }
+    env.fake.create_node(twice)?;
+    env.fake.create_node(flannel_node(
+        "n8",
+        "10.244.8.0/24",
+        "192.168.10.8",
+        "aa:aa:aa:aa:aa:08",
+    ))?;
+    let ev = next_events(&mut rx).await?;
+    assert!(
+        matches!(&ev[..], [LeaseEvent::Added(l)] if l.key == key("10.244.8.0-24")),
+        "{ev:?}"
+    );
+    task.abort();
+    Ok(())
+}

@@ -43,9 +43,11 @@ pub fn pod_cidrs(node: &Node) -> Result<PodCidrs, String> {
         ..Default::default()
     };
     for c in &list {
+        let twice = || format!("spec.podCIDRs {list:?} has two entries of the same family");
         match c.parse::<IpNet>() {
-            Ok(IpNet::V4(n)) => out.v4 = Some(n.trunc()),
-            Ok(IpNet::V6(n)) => out.v6 = Some(n.trunc()),
+            Ok(IpNet::V4(n)) if out.v4.is_none() => out.v4 = Some(n.trunc()),
+            Ok(IpNet::V6(n)) if out.v6.is_none() => out.v6 = Some(n.trunc()),
+            Ok(_) => return Err(twice()),
             Err(_) => return Err(format!("pod CIDR {c:?} is not a valid CIDR")),
         }
     }

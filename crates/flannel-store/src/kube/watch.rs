@@ -58,11 +58,20 @@ impl Backoff {
 
 /// The leases known from nodes, by node name, and the tracker that turns node
 /// changes into lease events.
+///
+/// Two nodes can publish the same podCIDR (a misconfigured or hostile node). The
+/// tracker is keyed by lease key, so each key has one owner node, the first seen;
+/// the other node is refused with a warning and waits. Deleting either node then
+/// touches only its own claim: the owner's routes stay while it lives, and when it
+/// goes the waiting node takes the key over (a change of public IP, not a removal).
 struct State<'a> {
     store: &'a KubeStore,
     own_key: LeaseKey,
     tracker: LeaseTracker,
-    by_node: HashMap<String, LeaseKey>,
+    /// Every node's usable lease.
+    claims: HashMap<String, flannel_core::Lease>,
+    /// The node whose lease is routed, per key.
+    owner: HashMap<LeaseKey, String>,
     skipped: HashMap<String, String>,
 }
 
@@ -109,10 +118,64 @@ impl State<'_> {
         });
     }
 
+    fn warn_conflict(&self, name: &str, key: &LeaseKey) {
+        if let Some(owner) = self.owner.get(key) {
+            tracing::warn!(
+                "ignoring node {name}: it publishes pod CIDR {key}, which node {owner} \
+                 already has; it is used if that node goes away"
+            );
+        }
+    }
+
+    /// The owner of `key` after `name` no longer claims it: a waiting node (by name
+    /// order), or none.
+    fn successor(&self, key: &LeaseKey, name: &str) -> Option<String> {
+        let mut waiting: Vec<&String> = self
+            .claims
+            .iter()
+            .filter(|(n, l)| n.as_str() != name && l.key == *key)
+            .map(|(n, _)| n)
+            .collect();
+        waiting.sort();
+        waiting.first().map(|n| n.to_string())
+    }
+
+    /// `name` no longer claims `key` (its claim is already gone from `claims`).
+    fn release(&mut self, name: &str, key: LeaseKey) -> Vec<LeaseEvent> {
+        if self.owner.get(&key).map(String::as_str) != Some(name) {
+            return Vec::new();
+        }
+        match self.successor(&key, name) {
+            Some(next) => {
+                tracing::info!("node {next} takes over pod CIDR {key} from node {name}");
+                let lease = self.claims[&next].clone();
+                self.owner.insert(key, next);
+                self.tracker.put(lease).into_iter().collect()
+            }
+            None => {
+                self.owner.remove(&key);
+                self.tracker.delete(&key).into_iter().collect()
+            }
+        }
+    }
+
+    /// `name` now claims `lease` (already recorded in `claims`).
+    fn claim(&mut self, name: &str, lease: flannel_core::Lease) -> Vec<LeaseEvent> {
+        match self.owner.get(&lease.key) {
+            Some(o) if o != name => {
+                self.warn_conflict(name, &lease.key);
+                Vec::new()
+            }
+            _ => {
+                self.owner.insert(lease.key, name.to_string());
+                self.tracker.put(lease).into_iter().collect()
+            }
+        }
+    }
+
     /// A complete node list: the events that bring the known set to it.
     fn snapshot(&mut self, nodes: &[Node]) -> Vec<LeaseEvent> {
-        let mut leases = Vec::new();
-        let mut by_node = HashMap::new();
+        let mut claims = HashMap::new();
         let mut own_present = false;
         for n in nodes {
             let name = n.metadata.name.clone().unwrap_or_default();
@@ -121,8 +184,7 @@ impl State<'_> {
                 continue;
             }
             if let Some(l) = self.lease_of(n) {
-                by_node.insert(name, l.key);
-                leases.push(l);
+                claims.insert(name, l);
             }
         }
         self.skipped.retain(|name, _| {
@@ -130,9 +192,33 @@ impl State<'_> {
                 .iter()
                 .any(|n| n.metadata.name.as_deref() == Some(name))
         });
-        self.by_node = by_node;
+        // An owner that still claims its key keeps it; other keys go to the first
+        // claimer by name.
+        let mut owner: HashMap<LeaseKey, String> = self
+            .owner
+            .drain()
+            .filter(|(k, n)| claims.get(n).is_some_and(|l| l.key == *k))
+            .collect();
+        let mut names: Vec<&String> = claims.keys().collect();
+        names.sort();
+        for name in names {
+            let key = claims[name].key;
+            owner.entry(key).or_insert_with(|| name.clone());
+        }
+        self.claims = claims;
+        self.owner = owner;
+        for (name, l) in &self.claims {
+            if self.owner.get(&l.key) != Some(name) {
+                self.warn_conflict(name, &l.key);
+            }
+        }
         self.own_seen(own_present);
-        self.tracker.snapshot(leases)
+        let routed: Vec<flannel_core::Lease> = self
+            .owner
+            .values()
+            .map(|n| self.claims[n].clone())
+            .collect();
+        self.tracker.snapshot(routed)
     }
 
     fn applied(&mut self, node: &Node) -> Vec<LeaseEvent> {
@@ -143,19 +229,24 @@ impl State<'_> {
         }
         let mut events = Vec::new();
         let lease = self.lease_of(node);
-        let old = self.by_node.get(&name).copied();
+        let old = self.claims.get(&name).map(|l| l.key);
         match (old, lease) {
-            (Some(k), Some(l)) if k == l.key => events.extend(self.tracker.put(l)),
-            (old, Some(l)) => {
-                if let Some(k) = old {
-                    events.extend(self.tracker.delete(&k));
+            (Some(k), Some(l)) if k == l.key => {
+                self.claims.insert(name.clone(), l.clone());
+                if self.owner.get(&k) == Some(&name) {
+                    events.extend(self.tracker.put(l));
                 }
-                self.by_node.insert(name, l.key);
-                events.extend(self.tracker.put(l));
+            }
+            (old, Some(l)) => {
+                self.claims.insert(name.clone(), l.clone());
+                if let Some(k) = old {
+                    events.extend(self.release(&name, k));
+                }
+                events.extend(self.claim(&name, l));
             }
             (Some(k), None) => {
-                self.by_node.remove(&name);
-                events.extend(self.tracker.delete(&k));
+                self.claims.remove(&name);
+                events.extend(self.release(&name, k));
             }
             (None, None) => {}
         }
@@ -169,8 +260,8 @@ impl State<'_> {
             return Vec::new();
         }
         self.skipped.remove(&name);
-        match self.by_node.remove(&name) {
-            Some(k) => self.tracker.delete(&k).into_iter().collect(),
+        match self.claims.remove(&name) {
+            Some(l) => self.release(&name, l.key),
             None => Vec::new(),
         }
     }
@@ -218,7 +309,8 @@ pub(crate) async fn run(
         store,
         own_key: own,
         tracker: LeaseTracker::new(None),
-        by_node: HashMap::new(),
+        claims: HashMap::new(),
+        owner: HashMap::new(),
         skipped: HashMap::new(),
     };
     let started = Instant::now();
