@@ -288,6 +288,12 @@ impl DataPath {
         for t in &got.tun {
             let (n, fl) =
                 tun::queue_info(t.as_raw_fd()).map_err(|e| UdpError::io("TUNGETIFF", e))?;
+            if n != cfg.tun_name {
+                return mismatch(format!(
+                    "the keeper of {} handed over a queue of {n}",
+                    cfg.tun_name
+                ));
+            }
             name = n;
             vnet = fl.vnet_hdr;
         }

@@ -104,6 +104,32 @@ fn connect(dev: &str) -> io::Result<Option<OwnedFd>> {
     Ok(Some(s))
 }
 
+/// The credentials of the process at the other end of a connected unix socket.
+fn peer_cred(s: RawFd) -> io::Result<libc::ucred> {
+    // SAFETY: ucred is plain old data; getsockopt fills it.
+    let mut cred: libc::ucred = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred/len describe a writable ucred.
+    cvt(unsafe {
+        libc::getsockopt(
+            s,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(cred)
+}
+
+/// Whether the other end is root or runs as `me`. Both sides check: the keeper
+/// hands fds only to its own kind, and the agent takes fds (and so a TUN device's
+/// traffic) only from a keeper no other user could have started in its place on
+/// the abstract socket name.
+fn trusted_peer(s: RawFd, me: libc::uid_t) -> bool {
+    peer_cred(s).is_ok_and(|c| c.uid == 0 || c.uid == me)
+}
+
 fn send_byte(s: RawFd, b: u8) -> io::Result<()> {
     // SAFETY: sends one byte from a live local.
     let r = unsafe { libc::send(s, (&b as *const u8).cast(), 1, libc::MSG_NOSIGNAL) };
@@ -137,6 +163,14 @@ pub fn fetch(dev: &str) -> io::Result<Option<Inherited>> {
     let Some(s) = connect(dev)? else {
         return Ok(None);
     };
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !trusted_peer(s.as_raw_fd(), me) {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("the process answering as the keeper of {dev} runs as another user"),
+        ));
+    }
     send_byte(s.as_raw_fd(), b'F')?;
     let mut data = [0u8; 2];
     let mut iov = libc::iovec {
@@ -331,20 +365,7 @@ fn run(spec: &str) -> i32 {
 
 /// Serves one request; true when asked to quit.
 fn serve(c: RawFd, me: libc::uid_t, fds: &[RawFd], nt: usize, ns: usize) -> bool {
-    // SAFETY: ucred is plain old data; getsockopt fills it.
-    let mut cred: libc::ucred = unsafe { mem::zeroed() };
-    let mut len = mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: cred/len describe a writable ucred.
-    let ok = unsafe {
-        libc::getsockopt(
-            c,
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    } == 0;
-    if !ok || (cred.uid != 0 && cred.uid != me) {
+    if !trusted_peer(c, me) {
         return false;
     }
     let tv = libc::timeval {
