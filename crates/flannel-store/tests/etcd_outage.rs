@@ -52,10 +52,16 @@ async fn watches_survive_a_twenty_second_etcd_outage() -> Result<()> {
             &cfg,
             &AcquireRequest {
                 attrs: vxlan_attrs("10.10.0.1", 1, "02:00:00:00:00:01"),
-                previous: PreviousSubnets::default(),
+                // A fixed own subnet: a random one could be one of the peers' subnets
+                // the test writes later (a flaky failure, about 1 run in 50).
+                previous: PreviousSubnets {
+                    subnet: Some("10.5.1.0/24".parse()?),
+                    ..PreviousSubnets::default()
+                },
             },
         )
         .await?;
+    assert_eq!(own.key.to_string(), "10.5.1.0-24");
     let mut health = store.watch_health();
 
     let (tx, mut rx) = mpsc::channel(16);
