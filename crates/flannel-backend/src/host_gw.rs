@@ -184,12 +184,7 @@ fn not_started() -> BackendError {
 #[async_trait]
 impl Backend for HostGwBackend {
     async fn register(&mut self, config: &NetworkConfig) -> Result<LeaseAttrs, BackendError> {
-        if !config.enable_ipv4 || config.enable_ipv6 {
-            return Err(BackendError::Config(
-                "host-gw: only IPv4 is supported by this flannel-rs build (EnableIPv6 must be false)"
-                    .into(),
-            ));
-        }
+        crate::ipv4_only(config, TYPE)?;
         let addr = self.ext.addr.ok_or_else(|| {
             BackendError::Config(format!(
                 "host-gw: interface {} has no IPv4 address",

@@ -568,11 +568,7 @@ fn not_started() -> BackendError {
 #[async_trait]
 impl Backend for VxlanBackend {
     async fn register(&mut self, config: &NetworkConfig) -> Result<LeaseAttrs, BackendError> {
-        if !config.enable_ipv4 || config.enable_ipv6 {
-            return Err(cfg_err(
-                "only IPv4 is supported by this flannel-rs build (EnableIPv6 must be false)",
-            ));
-        }
+        crate::ipv4_only(config, TYPE)?;
         self.network = config.network;
         let local = self.local_addr()?;
         tracing::info!(
