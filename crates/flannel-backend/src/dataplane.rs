@@ -257,6 +257,26 @@ enum Op {
     Fdb(MacAddr, IpAddr),
 }
 
+/// Runs `plan` (nothing when it is empty) and adds its writes to `writes`; failures
+/// are reported under `context`.
+pub(crate) async fn run(
+    nl: &Netlink,
+    dev: Option<u32>,
+    desired: &Desired,
+    plan: &Plan,
+    writes: &mut u64,
+    context: &str,
+) -> Result<(), BackendError> {
+    if plan.is_empty() {
+        return Ok(());
+    }
+    *writes += plan.ops() as u64;
+    execute(nl, dev, desired, plan)
+        .await
+        .into_result(context)
+        .map(|_| ())
+}
+
 /// Runs `plan` against device `dev` (neighbour/FDB entries) in phase order. Each
 /// request future owns its data (a cloned connection handle), which keeps the
 /// futures `Send + 'static` for the pipelined batch.

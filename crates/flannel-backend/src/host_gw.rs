@@ -2,7 +2,7 @@
 //! (docs/compatibility.md, "host-gw routes"). Works only when every peer is on a network
 //! directly connected to the external interface; other peers are refused with an error.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
@@ -12,8 +12,8 @@ use flannel_net::netlink::{Netlink, Route, RTN_UNICAST};
 use ipnet::{IpNet, Ipv4Net};
 use serde_json::value::RawValue;
 
-use crate::dataplane::{self, Desired, Ownership, State};
-use crate::peers::{type_matches, PeerSet, RouteLookups, Warnings};
+use crate::dataplane::{self, Desired, Ownership, Plan, State};
+use crate::peers::{self, PeerSet, RouteLookups, Warnings};
 use crate::{Backend, BackendError, ExternalInterface};
 
 const TYPE: &str = "host-gw";
@@ -81,21 +81,10 @@ impl HostGwBackend {
         leases: &[Lease],
         refresh: impl Fn(&Result<Route, String>) -> bool,
     ) -> BTreeMap<Ipv4Net, Ipv4Addr> {
-        let mut usable = Vec::new();
-        for l in leases {
-            if !type_matches(l, TYPE, &mut self.warnings) {
-                continue;
-            }
-            if self.own.is_some_and(|o| o == l.subnet()) {
-                continue;
-            }
-            if l.attrs.public_ip.is_unspecified() {
-                self.warnings
-                    .warn(l.key, "ignored: it has no public IP".into());
-                continue;
-            }
-            usable.push(l);
-        }
+        let usable: Vec<&Lease> = leases
+            .iter()
+            .filter(|l| peers::usable(l, TYPE, self.own, &mut self.warnings))
+            .collect();
         self.lookups
             .update(&self.nl, usable.iter().map(|l| l.attrs.public_ip), refresh)
             .await;
@@ -121,6 +110,24 @@ impl HostGwBackend {
         out
     }
 
+    /// Runs `plan`, counting its writes.
+    async fn run_plan(
+        &mut self,
+        desired: &Desired,
+        plan: &Plan,
+        context: &str,
+    ) -> Result<(), BackendError> {
+        dataplane::run(
+            &self.nl,
+            None,
+            desired,
+            plan,
+            &mut self.peer_writes,
+            context,
+        )
+        .await
+    }
+
     fn desired<'a>(&self, peers: impl IntoIterator<Item = (&'a Ipv4Net, &'a Ipv4Addr)>) -> Desired {
         let mut d = Desired::default();
         for (subnet, gw) in peers {
@@ -140,9 +147,8 @@ impl HostGwBackend {
         let network = self.network.ok_or_else(not_started)?;
         let leases = self.peers.all();
         let peers = self.plan_peers(&leases, refresh).await;
-        let used: HashSet<Ipv4Addr> = leases.iter().map(|l| l.attrs.public_ip).collect();
-        self.lookups.retain(&used);
-        self.warnings.retain(|k| self.peers.leases.contains_key(k));
+        self.peers
+            .prune(&leases, &mut self.lookups, &mut self.warnings);
         let desired = self.desired(&peers);
         let own = Ownership {
             network,
@@ -167,11 +173,7 @@ impl HostGwBackend {
         for r in &plan.route_del {
             tracing::info!("host-gw: removing route {} via {:?}", r.dst, r.gateway);
         }
-        self.peer_writes += plan.ops() as u64;
-        dataplane::execute(&self.nl, None, &desired, &plan)
-            .await
-            .into_result("host-gw reconcile")
-            .map(|_| ())
+        self.run_plan(&desired, &plan, "host-gw reconcile").await
     }
 }
 
@@ -182,12 +184,7 @@ fn not_started() -> BackendError {
 #[async_trait]
 impl Backend for HostGwBackend {
     async fn register(&mut self, config: &NetworkConfig) -> Result<LeaseAttrs, BackendError> {
-        if !config.enable_ipv4 || config.enable_ipv6 {
-            return Err(BackendError::Config(
-                "host-gw: only IPv4 is supported by this flannel-rs build (EnableIPv6 must be false)"
-                    .into(),
-            ));
-        }
+        crate::ipv4_only(config, TYPE)?;
         let addr = self.ext.addr.ok_or_else(|| {
             BackendError::Config(format!(
                 "host-gw: interface {} has no IPv4 address",
@@ -226,44 +223,14 @@ impl Backend for HostGwBackend {
 
     async fn apply(&mut self, events: &[LeaseEvent]) -> Result<(), BackendError> {
         self.network.ok_or_else(not_started)?;
-        self.peers.apply(events);
-        let mut touched: Vec<Ipv4Net> = events.iter().map(|e| e.key().v4.trunc()).collect();
-        touched.sort();
-        touched.dedup();
-        let mut current = Vec::new();
-        for e in events {
-            match e {
-                LeaseEvent::Added(l) | LeaseEvent::Changed { current: l, .. } => {
-                    if self.peers.leases.get(&l.key) == Some(l) {
-                        current.push(l.clone());
-                    }
-                }
-                LeaseEvent::Removed(l) => {
-                    self.warnings.clear(&l.key);
-                    tracing::info!("host-gw: subnet {} removed", l.subnet());
-                }
-            }
-        }
-        let new_peers = self.plan_peers(&current, |_| false).await;
-        let old: BTreeMap<Ipv4Net, Ipv4Addr> = touched
-            .iter()
-            .filter_map(|s| self.programmed.get(s).map(|g| (*s, *g)))
-            .collect();
-        for s in &touched {
-            self.programmed.remove(s);
-        }
-        self.programmed
-            .extend(new_peers.iter().map(|(k, v)| (*k, *v)));
+        let batch = self.peers.apply_batch(events, &mut self.warnings, |l| {
+            tracing::info!("host-gw: subnet {} removed", l.subnet());
+        });
+        let new_peers = self.plan_peers(&batch.current, |_| false).await;
+        let old = peers::swap_touched(&mut self.programmed, &batch.touched, &new_peers);
         let desired = self.desired(&new_peers);
         let plan = dataplane::diff(&desired, &self.desired(&old).as_state());
-        if plan.is_empty() {
-            return Ok(());
-        }
-        self.peer_writes += plan.ops() as u64;
-        dataplane::execute(&self.nl, None, &desired, &plan)
-            .await
-            .into_result("host-gw lease events")
-            .map(|_| ())
+        self.run_plan(&desired, &plan, "host-gw lease events").await
     }
 
     fn resync_interval(&self) -> Option<Duration> {

@@ -101,6 +101,16 @@ impl BackendError {
     }
 }
 
+/// Refuses a network that is not IPv4-only, for a backend of type `ty`.
+pub(crate) fn ipv4_only(config: &NetworkConfig, ty: &str) -> Result<(), BackendError> {
+    if !config.enable_ipv4 || config.enable_ipv6 {
+        return Err(BackendError::Config(format!(
+            "{ty}: only IPv4 is supported by this flannel-rs build (EnableIPv6 must be false)"
+        )));
+    }
+    Ok(())
+}
+
 /// Counters of a backend that carries packets itself (udp): totals since start.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PacketStats {

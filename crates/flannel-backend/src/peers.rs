@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use flannel_core::{Lease, LeaseEvent, LeaseKey};
 use flannel_net::netlink::{Netlink, Route};
+use ipnet::Ipv4Net;
 
 /// Remembers the warning last logged for each lease so a bad lease is reported once
 /// (and again only if what is wrong with it changes), not on every resync.
@@ -56,6 +57,37 @@ pub(crate) fn type_matches(lease: &Lease, ours: &str, warnings: &mut Warnings) -
     false
 }
 
+/// Whether a route-programming backend of type `ours` can use `lease`: of our type,
+/// not our own subnet (`own`), and with a public IP. A refused lease gets its warning.
+pub(crate) fn usable(
+    lease: &Lease,
+    ours: &str,
+    own: Option<Ipv4Net>,
+    warnings: &mut Warnings,
+) -> bool {
+    if !type_matches(lease, ours, warnings) {
+        return false;
+    }
+    if own.is_some_and(|o| o == lease.subnet()) {
+        return false;
+    }
+    if lease.attrs.public_ip.is_unspecified() {
+        warnings.warn(lease.key, "ignored: it has no public IP".into());
+        return false;
+    }
+    true
+}
+
+/// What one batch of lease events touched.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    /// The subnets the events name, sorted, each once.
+    pub touched: Vec<Ipv4Net>,
+    /// The added or changed leases that are still current after the whole batch
+    /// (the latest state of a subnet wins within one batch), in event order.
+    pub current: Vec<Lease>,
+}
+
 /// The current set of other hosts' leases, by key.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct PeerSet {
@@ -83,6 +115,61 @@ impl PeerSet {
     pub fn all(&self) -> Vec<Lease> {
         self.leases.values().cloned().collect()
     }
+
+    /// [`apply`](Self::apply)s `events` and says what they touched. A removed
+    /// lease's warning is forgotten, then `on_removed` hears of it.
+    pub fn apply_batch(
+        &mut self,
+        events: &[LeaseEvent],
+        warnings: &mut Warnings,
+        mut on_removed: impl FnMut(&Lease),
+    ) -> Batch {
+        self.apply(events);
+        let mut touched: Vec<Ipv4Net> = events.iter().map(|e| e.key().v4.trunc()).collect();
+        touched.sort();
+        touched.dedup();
+        let mut current = Vec::new();
+        for e in events {
+            match e {
+                LeaseEvent::Added(l) | LeaseEvent::Changed { current: l, .. } => {
+                    if self.leases.get(&l.key) == Some(l) {
+                        current.push(l.clone());
+                    }
+                }
+                LeaseEvent::Removed(l) => {
+                    warnings.clear(&l.key);
+                    on_removed(l);
+                }
+            }
+        }
+        Batch { touched, current }
+    }
+
+    /// Forgets the route lookups and warnings of leases that are gone; `leases` is
+    /// [`all`](Self::all) as planned.
+    pub fn prune(&self, leases: &[Lease], lookups: &mut RouteLookups, warnings: &mut Warnings) {
+        let used: HashSet<Ipv4Addr> = leases.iter().map(|l| l.attrs.public_ip).collect();
+        lookups.retain(&used);
+        warnings.retain(|k| self.leases.contains_key(k));
+    }
+}
+
+/// Replaces what is programmed for the `touched` subnets with `new` and returns what
+/// was programmed for them before.
+pub(crate) fn swap_touched<V: Copy>(
+    programmed: &mut BTreeMap<Ipv4Net, V>,
+    touched: &[Ipv4Net],
+    new: &BTreeMap<Ipv4Net, V>,
+) -> BTreeMap<Ipv4Net, V> {
+    let old: BTreeMap<Ipv4Net, V> = touched
+        .iter()
+        .filter_map(|s| programmed.get(s).map(|v| (*s, *v)))
+        .collect();
+    for s in touched {
+        programmed.remove(s);
+    }
+    programmed.extend(new.iter().map(|(k, v)| (*k, *v)));
+    old
 }
 
 /// The kernel's route lookup (`ip route get`) for peers' public IPs, cached so a

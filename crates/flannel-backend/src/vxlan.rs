@@ -16,8 +16,8 @@ use flannel_net::netlink::{IpFamily, LinkInfo, Netlink, Route, VxlanSpec, RTN_UN
 use ipnet::{IpNet, Ipv4Net};
 use serde_json::value::RawValue;
 
-use crate::dataplane::{self, Desired, Ownership, State};
-use crate::peers::{type_matches, PeerSet, RouteLookups, Warnings};
+use crate::dataplane::{self, Desired, Ownership, Plan, State};
+use crate::peers::{self, PeerSet, RouteLookups, Warnings};
 use crate::KernelError;
 use crate::{Backend, BackendError, BackendOptions, ExternalInterface};
 
@@ -388,15 +388,7 @@ impl VxlanBackend {
     ) -> BTreeMap<Ipv4Net, Peer> {
         let mut usable = Vec::new();
         for l in leases {
-            if !type_matches(l, TYPE, &mut self.warnings) {
-                continue;
-            }
-            if self.own.is_some_and(|o| o == l.subnet()) {
-                continue;
-            }
-            if l.attrs.public_ip.is_unspecified() {
-                self.warnings
-                    .warn(l.key, "ignored: it has no public IP".into());
+            if !peers::usable(l, TYPE, self.own, &mut self.warnings) {
                 continue;
             }
             let data = match &l.attrs.backend_data {
@@ -486,6 +478,18 @@ impl VxlanBackend {
         d
     }
 
+    /// Runs `plan` on device `dev`, counting its writes.
+    async fn run_plan(
+        &mut self,
+        dev: u32,
+        desired: &Desired,
+        plan: &Plan,
+        context: &str,
+    ) -> Result<(), BackendError> {
+        let writes = &mut self.peer_writes;
+        dataplane::run(&self.nl, Some(dev), desired, plan, writes, context).await
+    }
+
     /// Reads what we own from the kernel.
     async fn kernel_state(&self, dev: u32) -> Result<State, BackendError> {
         let own = self.ownership()?;
@@ -513,9 +517,8 @@ impl VxlanBackend {
         let dev = self.device_index().ok_or_else(not_started)?;
         let leases = self.peers.all();
         let peers = self.plan_peers(&leases, refresh).await;
-        let used: HashSet<Ipv4Addr> = leases.iter().map(|l| l.attrs.public_ip).collect();
-        self.lookups.retain(&used);
-        self.warnings.retain(|k| self.peers.leases.contains_key(k));
+        self.peers
+            .prune(&leases, &mut self.lookups, &mut self.warnings);
         let desired = self.desired(dev, &peers);
         let current = self.kernel_state(dev).await?;
         let plan = dataplane::diff(&desired, &current);
@@ -532,11 +535,7 @@ impl VxlanBackend {
             plan.neigh_del.len(),
             plan.fdb_del.len()
         );
-        self.peer_writes += plan.ops() as u64;
-        dataplane::execute(&self.nl, Some(dev), &desired, &plan)
-            .await
-            .into_result("vxlan reconcile")
-            .map(|_| ())
+        self.run_plan(dev, &desired, &plan, "vxlan reconcile").await
     }
 
     /// Makes sure the device still exists (someone may have deleted it); recreates
@@ -569,11 +568,7 @@ fn not_started() -> BackendError {
 #[async_trait]
 impl Backend for VxlanBackend {
     async fn register(&mut self, config: &NetworkConfig) -> Result<LeaseAttrs, BackendError> {
-        if !config.enable_ipv4 || config.enable_ipv6 {
-            return Err(cfg_err(
-                "only IPv4 is supported by this flannel-rs build (EnableIPv6 must be false)",
-            ));
-        }
+        crate::ipv4_only(config, TYPE)?;
         self.network = config.network;
         let local = self.local_addr()?;
         tracing::info!(
@@ -640,33 +635,10 @@ impl Backend for VxlanBackend {
 
     async fn apply(&mut self, events: &[LeaseEvent]) -> Result<(), BackendError> {
         let dev = self.device_index().ok_or_else(not_started)?;
-        self.peers.apply(events);
-        let mut touched: Vec<Ipv4Net> = events.iter().map(|e| e.key().v4.trunc()).collect();
-        touched.sort();
-        touched.dedup();
-        let mut current = Vec::new();
-        for e in events {
-            match e {
-                LeaseEvent::Added(l) | LeaseEvent::Changed { current: l, .. } => {
-                    // The latest state of a subnet wins within one batch.
-                    if self.peers.leases.get(&l.key) == Some(l) {
-                        current.push(l.clone());
-                    }
-                }
-                LeaseEvent::Removed(l) => self.warnings.clear(&l.key),
-            }
-        }
-        current.dedup_by(|a, b| a.key == b.key);
-        let new_peers = self.plan_peers(&current, |_| false).await;
-        let old: BTreeMap<Ipv4Net, Peer> = touched
-            .iter()
-            .filter_map(|s| self.programmed.get(s).map(|p| (*s, *p)))
-            .collect();
-        for s in &touched {
-            self.programmed.remove(s);
-        }
-        self.programmed
-            .extend(new_peers.iter().map(|(k, v)| (*k, *v)));
+        let mut batch = self.peers.apply_batch(events, &mut self.warnings, |_| {});
+        batch.current.dedup_by(|a, b| a.key == b.key);
+        let new_peers = self.plan_peers(&batch.current, |_| false).await;
+        let old = peers::swap_touched(&mut self.programmed, &batch.touched, &new_peers);
         let desired = self.desired(dev, &new_peers);
         let mut plan = dataplane::diff(&desired, &self.desired(dev, &old).as_state());
         // Another peer may still use an FDB entry a removed one shared.
@@ -682,14 +654,8 @@ impl Backend for VxlanBackend {
             IpAddr::V4(v4) => !still.contains(&(*mac, *v4)),
             IpAddr::V6(_) => true,
         });
-        if plan.is_empty() {
-            return Ok(());
-        }
-        self.peer_writes += plan.ops() as u64;
-        dataplane::execute(&self.nl, Some(dev), &desired, &plan)
+        self.run_plan(dev, &desired, &plan, "vxlan lease events")
             .await
-            .into_result("vxlan lease events")
-            .map(|_| ())
     }
 
     fn resync_interval(&self) -> Option<Duration> {

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use flannel_backend::vxlan::VxlanBackend;
 use flannel_backend::{Backend, BackendOptions};
-use flannel_core::{LeaseAttrs, LeaseEvent, VxlanData};
+use flannel_core::{Lease, LeaseAttrs, LeaseEvent, VxlanData};
 use flannel_testkit::privileged;
 use serde_json::value::RawValue;
 
@@ -14,16 +14,97 @@ fn raw(s: &str) -> Box<RawValue> {
     RawValue::from_string(s.to_string()).unwrap()
 }
 
-async fn backend(h: &Host, cfg: &str) -> (VxlanBackend, LeaseAttrs) {
-    let mut be = VxlanBackend::new(
-        &raw(cfg),
-        h.ext.clone(),
-        h.nl.clone(),
-        BackendOptions::default(),
-    )
-    .unwrap();
+/// Hosts a (1) and b (2), or `None` when `test` cannot run here.
+async fn hosts(test: &str) -> Option<(Host, Host)> {
+    if !privileged(test) {
+        return None;
+    }
+    Some(two_hosts(1, 2).await)
+}
+
+async fn backend_with(h: &Host, cfg: &str, opts: BackendOptions) -> (VxlanBackend, LeaseAttrs) {
+    let mut be = VxlanBackend::new(&raw(cfg), h.ext.clone(), h.nl.clone(), opts).unwrap();
     let attrs = be.register(&config(cfg)).await.unwrap();
     (be, attrs)
+}
+
+async fn backend(h: &Host, cfg: &str) -> (VxlanBackend, LeaseAttrs) {
+    backend_with(h, cfg, BackendOptions::default()).await
+}
+
+/// A registered backend, its lease attributes and its lease.
+struct Side {
+    be: VxlanBackend,
+    attrs: LeaseAttrs,
+    lease: Lease,
+}
+
+/// A backend registered on `h` and started on its own lease.
+async fn started(h: &Host, cfg: &str) -> Side {
+    let (mut be, attrs) = backend(h, cfg).await;
+    let lease = h.lease(&attrs);
+    be.start(&config(cfg), &lease).await.unwrap();
+    Side { be, attrs, lease }
+}
+
+/// The lease of a host whose backend registered (made its device) and went away.
+async fn published(h: &Host, cfg: &str) -> Lease {
+    let (_, attrs) = backend(h, cfg).await;
+    h.lease(&attrs)
+}
+
+/// Backends on both hosts, each started and reconciled with the other as its peer.
+async fn connected(a: &Host, b: &Host, cfg: &str) -> (Side, Side) {
+    let (mut sa, mut sb) = (started(a, cfg).await, started(b, cfg).await);
+    sa.be
+        .reconcile(std::slice::from_ref(&sb.lease))
+        .await
+        .unwrap();
+    sb.be
+        .reconcile(std::slice::from_ref(&sa.lease))
+        .await
+        .unwrap();
+    (sa, sb)
+}
+
+/// `l` published from `ip` with VTEP MAC `mac` (VNI 1), and with `key` for another
+/// subnet.
+fn moved(l: &Lease, key: Option<&str>, ip: &str, mac: &str) -> Lease {
+    let mut m = l.clone();
+    if let Some(k) = key {
+        m.key = k.parse().unwrap();
+    }
+    m.attrs.public_ip = ip.parse().unwrap();
+    let data = format!(r#"{{"VNI":1,"VtepMAC":"{mac}"}}"#);
+    m.attrs.backend_data = Some(raw(&data));
+    m
+}
+
+/// What Go flanneld programs on `h` for a peer with subnet IP `ip`, VTEP MAC `mac` and
+/// public IP `public`: neighbour, FDB entry and onlink route (proto boot).
+fn go_peer(h: &Host, ip: &str, mac: &str, public: &str) {
+    for cmd in [
+        format!("ip neigh replace {ip} lladdr {mac} dev flannel.1 nud permanent"),
+        format!("bridge fdb replace {mac} dev flannel.1 dst {public} self permanent"),
+        format!("ip route replace {ip}/24 via {ip} dev flannel.1 onlink"),
+    ] {
+        h.sh(&cmd.split(' ').collect::<Vec<_>>());
+    }
+}
+
+/// `ip neigh` and `bridge fdb` of flannel.1 on `h`.
+fn entries(h: &Host) -> (String, String) {
+    (
+        h.sh(&["ip", "neigh", "show", "dev", "flannel.1"]),
+        h.sh(&["bridge", "fdb", "show", "dev", "flannel.1"]),
+    )
+}
+
+/// `ip -s -j link show flannel.1` on `h`, as text and parsed.
+fn tunnel_stats(h: &Host) -> (String, serde_json::Value) {
+    let link = h.sh(&["ip", "-s", "-j", "link", "show", "flannel.1"]);
+    let v = serde_json::from_str(&link).unwrap();
+    (link, v)
 }
 
 fn mac_of(attrs: &LeaseAttrs) -> String {
@@ -35,14 +116,12 @@ fn mac_of(attrs: &LeaseAttrs) -> String {
 
 #[tokio::test]
 async fn vxlan_pods_talk_and_kernel_state_matches_flannel() {
-    if !privileged("vxlan_pods_talk_and_kernel_state_matches_flannel") {
+    let Some((a, b)) = hosts("vxlan_pods_talk_and_kernel_state_matches_flannel").await else {
         return;
-    }
+    };
     let cfg = r#"{"Type":"vxlan"}"#;
-    let (a, b) = two_hosts(1, 2).await;
-    let (mut ba, attrs_a) = backend(&a, cfg).await;
-    let (mut bb, attrs_b) = backend(&b, cfg).await;
-    let (la, lb) = (a.lease(&attrs_a), b.lease(&attrs_b));
+    let (sa, sb) = connected(&a, &b, cfg).await;
+    let (mut ba, attrs_a, attrs_b, lb) = (sa.be, sa.attrs, sb.attrs, sb.lease);
     // The lease value is byte-for-byte flannel's.
     assert_eq!(
         attrs_a.encode(),
@@ -52,16 +131,11 @@ async fn vxlan_pods_talk_and_kernel_state_matches_flannel() {
         )
     );
     assert_eq!(ba.mtu(), 1450);
-    ba.start(&config(cfg), &la).await.unwrap();
-    bb.start(&config(cfg), &lb).await.unwrap();
-    ba.reconcile(std::slice::from_ref(&lb)).await.unwrap();
-    bb.reconcile(std::slice::from_ref(&la)).await.unwrap();
 
     assert!(pod_ping(&a.pod, &b.pod_ip), "pod a -> pod b over vxlan");
     assert!(pod_ping(&b.pod, &a.pod_ip), "pod b -> pod a over vxlan");
     // And the traffic really went through the tunnel device.
-    let link = a.sh(&["ip", "-s", "-j", "link", "show", "flannel.1"]);
-    let v: serde_json::Value = serde_json::from_str(&link).unwrap();
+    let (link, v) = tunnel_stats(&a);
     assert!(
         v[0]["stats64"]["tx"]["packets"].as_u64().unwrap() > 0,
         "{link}"
@@ -104,12 +178,11 @@ async fn vxlan_pods_talk_and_kernel_state_matches_flannel() {
         ),
         "{routes}"
     );
-    let neigh = a.sh(&["ip", "neigh", "show", "dev", "flannel.1"]);
+    let (neigh, fdb) = entries(&a);
     assert_eq!(
         neigh.trim(),
         format!("10.244.2.0 lladdr {} PERMANENT", mac_of(&attrs_b))
     );
-    let fdb = a.sh(&["bridge", "fdb", "show", "dev", "flannel.1"]);
     assert_eq!(
         fdb.trim(),
         format!("{} dst 198.18.0.2 self permanent", mac_of(&attrs_b))
@@ -141,11 +214,10 @@ async fn vxlan_pods_talk_and_kernel_state_matches_flannel() {
 
 #[tokio::test]
 async fn vxlan_options_gbp_port_learning_and_mtu() {
-    if !privileged("vxlan_options_gbp_port_learning_and_mtu") {
+    let Some((a, _b)) = hosts("vxlan_options_gbp_port_learning_and_mtu").await else {
         return;
-    }
+    };
     let cfg = r#"{"Type":"vxlan","VNI":5,"Port":4789,"GBP":true,"Learning":true,"MTU":1400}"#;
-    let (a, _b) = two_hosts(1, 2).await;
     let (be, attrs) = backend(&a, cfg).await;
     assert!(attrs
         .backend_data
@@ -168,24 +240,24 @@ async fn vxlan_options_gbp_port_learning_and_mtu() {
 
 #[tokio::test]
 async fn restart_reuses_device_and_changes_nothing() {
-    if !privileged("restart_reuses_device_and_changes_nothing") {
+    let Some((a, b)) = hosts("restart_reuses_device_and_changes_nothing").await else {
         return;
-    }
+    };
     let cfg = r#"{"Type":"vxlan"}"#;
-    let (a, b) = two_hosts(1, 2).await;
-    let (_, attrs_b) = backend(&b, cfg).await;
-    let lb = b.lease(&attrs_b);
+    let lb = published(&b, cfg).await;
     // A third peer, so more than one entry is checked.
-    let mut attrs_c = attrs_b.clone();
-    attrs_c.public_ip = "198.18.0.3".parse().unwrap();
-    attrs_c.backend_data = Some(raw(r#"{"VNI":1,"VtepMAC":"0a:58:0a:f4:03:00"}"#));
-    let mut lc = lb.clone();
-    lc.key = "10.244.3.0-24".parse().unwrap();
-    lc.attrs = attrs_c;
+    let lc = moved(
+        &lb,
+        Some("10.244.3.0-24"),
+        "198.18.0.3",
+        "0a:58:0a:f4:03:00",
+    );
 
-    let (mut first, attrs1) = backend(&a, cfg).await;
-    let la = a.lease(&attrs1);
-    first.start(&config(cfg), &la).await.unwrap();
+    let Side {
+        be: mut first,
+        attrs: attrs1,
+        lease: la,
+    } = started(&a, cfg).await;
     first.reconcile(&[lb.clone(), lc.clone()]).await.unwrap();
     let before = a.sh(&["ip", "-d", "route", "show", "table", "all"]);
     drop(first);
@@ -219,90 +291,19 @@ async fn restart_reuses_device_and_changes_nothing() {
 
 #[tokio::test]
 async fn reconcile_removes_stale_entries_and_adopts_go_routes() {
-    if !privileged("reconcile_removes_stale_entries_and_adopts_go_routes") {
+    let Some((a, b)) = hosts("reconcile_removes_stale_entries_and_adopts_go_routes").await else {
         return;
-    }
+    };
     let cfg = r#"{"Type":"vxlan"}"#;
-    let (a, b) = two_hosts(1, 2).await;
-    let (_, attrs_b) = backend(&b, cfg).await;
-    let lb = b.lease(&attrs_b);
-    let (mut be, attrs_a) = backend(&a, cfg).await;
-    be.start(&config(cfg), &a.lease(&attrs_a)).await.unwrap();
+    let lb = published(&b, cfg).await;
+    let mut be = started(&a, cfg).await.be;
 
     // What Go flanneld left: b's entries with proto boot (correct ones), plus a
     // peer that is gone (10.244.9.0/24).
-    let mb = mac_of(&attrs_b);
+    let mb = mac_of(&lb.attrs);
+    go_peer(&a, "10.244.2.0", &mb, "198.18.0.2");
+    go_peer(&a, "10.244.9.0", "0a:58:00:00:00:09", "198.18.0.9");
     for cmd in [
-        vec![
-            "ip",
-            "neigh",
-            "replace",
-            "10.244.2.0",
-            "lladdr",
-            &mb,
-            "dev",
-            "flannel.1",
-            "nud",
-            "permanent",
-        ],
-        vec![
-            "bridge",
-            "fdb",
-            "replace",
-            &mb,
-            "dev",
-            "flannel.1",
-            "dst",
-            "198.18.0.2",
-            "self",
-            "permanent",
-        ],
-        vec![
-            "ip",
-            "route",
-            "replace",
-            "10.244.2.0/24",
-            "via",
-            "10.244.2.0",
-            "dev",
-            "flannel.1",
-            "onlink",
-        ],
-        vec![
-            "ip",
-            "neigh",
-            "replace",
-            "10.244.9.0",
-            "lladdr",
-            "0a:58:00:00:00:09",
-            "dev",
-            "flannel.1",
-            "nud",
-            "permanent",
-        ],
-        vec![
-            "bridge",
-            "fdb",
-            "replace",
-            "0a:58:00:00:00:09",
-            "dev",
-            "flannel.1",
-            "dst",
-            "198.18.0.9",
-            "self",
-            "permanent",
-        ],
-        vec![
-            "ip",
-            "route",
-            "replace",
-            "10.244.9.0/24",
-            "via",
-            "10.244.9.0",
-            "dev",
-            "flannel.1",
-            "onlink",
-        ],
         // Not ours: an admin's static route in the network, a boot route outside it.
         vec![
             "ip",
@@ -347,9 +348,8 @@ async fn reconcile_removes_stale_entries_and_adopts_go_routes() {
         routes.contains("192.0.2.0/24 via 198.18.0.2 dev ua"),
         "{routes}"
     );
-    let neigh = a.sh(&["ip", "neigh", "show", "dev", "flannel.1"]);
+    let (neigh, fdb) = entries(&a);
     assert_eq!(neigh.trim(), format!("10.244.2.0 lladdr {mb} PERMANENT"));
-    let fdb = a.sh(&["bridge", "fdb", "show", "dev", "flannel.1"]);
     assert_eq!(fdb.trim(), format!("{mb} dst 198.18.0.2 self permanent"));
     // b's route was re-marked in place (replace), never deleted; its neighbour and
     // FDB entries were already right and were not touched.
@@ -370,20 +370,15 @@ async fn reconcile_removes_stale_entries_and_adopts_go_routes() {
 
 #[tokio::test]
 async fn changed_peer_is_updated_in_place() {
-    if !privileged("changed_peer_is_updated_in_place") {
+    let Some((a, b)) = hosts("changed_peer_is_updated_in_place").await else {
         return;
-    }
+    };
     let cfg = r#"{"Type":"vxlan"}"#;
-    let (a, b) = two_hosts(1, 2).await;
-    let (_, attrs_b) = backend(&b, cfg).await;
-    let lb = b.lease(&attrs_b);
-    let (mut be, attrs_a) = backend(&a, cfg).await;
-    be.start(&config(cfg), &a.lease(&attrs_a)).await.unwrap();
+    let lb = published(&b, cfg).await;
+    let mut be = started(&a, cfg).await.be;
     be.reconcile(std::slice::from_ref(&lb)).await.unwrap();
 
-    let mut changed = lb.clone();
-    changed.attrs.public_ip = "198.18.0.7".parse().unwrap();
-    changed.attrs.backend_data = Some(raw(r#"{"VNI":1,"VtepMAC":"0a:58:00:00:00:77"}"#));
+    let changed = moved(&lb, None, "198.18.0.7", "0a:58:00:00:00:77");
     let mut mon = monitor(&a.ns);
     be.apply(&[LeaseEvent::Changed {
         previous: lb.clone(),
@@ -392,12 +387,11 @@ async fn changed_peer_is_updated_in_place() {
     .await
     .unwrap();
     let events = mon.barrier();
-    let neigh = a.sh(&["ip", "neigh", "show", "dev", "flannel.1"]);
+    let (neigh, fdb) = entries(&a);
     assert_eq!(
         neigh.trim(),
         "10.244.2.0 lladdr 0a:58:00:00:00:77 PERMANENT"
     );
-    let fdb = a.sh(&["bridge", "fdb", "show", "dev", "flannel.1"]);
     assert_eq!(
         fdb.trim(),
         "0a:58:00:00:00:77 dst 198.18.0.7 self permanent"
@@ -416,22 +410,19 @@ async fn changed_peer_is_updated_in_place() {
     // The same change through a full reconcile (e.g. after a resync) is a no-op.
     let _ = mon.barrier();
     let writes = be.peer_writes();
-    be.reconcile(&[changed.clone()]).await.unwrap();
+    be.reconcile(std::slice::from_ref(&changed)).await.unwrap();
     assert!(mon.barrier().is_empty());
     assert_eq!(be.peer_writes(), writes, "nothing to write");
 }
 
 #[tokio::test]
 async fn bad_and_foreign_leases_are_skipped() {
-    if !privileged("bad_and_foreign_leases_are_skipped") {
+    let Some((a, b)) = hosts("bad_and_foreign_leases_are_skipped").await else {
         return;
-    }
+    };
     let cfg = r#"{"Type":"vxlan"}"#;
-    let (a, b) = two_hosts(1, 2).await;
-    let (_, attrs_b) = backend(&b, cfg).await;
-    let lb = b.lease(&attrs_b);
-    let (mut be, attrs_a) = backend(&a, cfg).await;
-    be.start(&config(cfg), &a.lease(&attrs_a)).await.unwrap();
+    let lb = published(&b, cfg).await;
+    let mut be = started(&a, cfg).await.be;
     let mk = |key: &str, ty: &str, data: Option<&str>| {
         let mut l = lb.clone();
         l.key = key.parse().unwrap();
@@ -467,16 +458,12 @@ async fn bad_and_foreign_leases_are_skipped() {
 
 #[tokio::test]
 async fn direct_routing_uses_the_underlay_for_neighbours() {
-    if !privileged("direct_routing_uses_the_underlay_for_neighbours") {
+    let Some((a, b)) = hosts("direct_routing_uses_the_underlay_for_neighbours").await else {
         return;
-    }
+    };
     let cfg = r#"{"Type":"vxlan","DirectRouting":true}"#;
-    let (a, b) = two_hosts(1, 2).await;
-    let (mut ba, attrs_a) = backend(&a, cfg).await;
-    let (mut bb, attrs_b) = backend(&b, cfg).await;
-    let (la, lb) = (a.lease(&attrs_a), b.lease(&attrs_b));
-    ba.start(&config(cfg), &la).await.unwrap();
-    bb.start(&config(cfg), &lb).await.unwrap();
+    let (mut sa, mut sb) = (started(&a, cfg).await, started(&b, cfg).await);
+    let (ba, bb, la, lb) = (&mut sa.be, &mut sb.be, &sa.lease, &sb.lease);
     // A third peer that is only reachable through a router: it gets the tunnel.
     a.sh(&[
         "ip",
@@ -488,12 +475,14 @@ async fn direct_routing_uses_the_underlay_for_neighbours() {
         "dev",
         "ua",
     ]);
-    let mut lc = lb.clone();
-    lc.key = "10.244.3.0-24".parse().unwrap();
-    lc.attrs.public_ip = "203.0.113.5".parse().unwrap();
-    lc.attrs.backend_data = Some(raw(r#"{"VNI":1,"VtepMAC":"0a:58:00:00:00:03"}"#));
+    let lc = moved(
+        lb,
+        Some("10.244.3.0-24"),
+        "203.0.113.5",
+        "0a:58:00:00:00:03",
+    );
     ba.reconcile(&[lb.clone(), lc.clone()]).await.unwrap();
-    bb.reconcile(std::slice::from_ref(&la)).await.unwrap();
+    bb.reconcile(std::slice::from_ref(la)).await.unwrap();
 
     let routes = a.sh(&["ip", "route"]);
     assert!(
@@ -504,12 +493,11 @@ async fn direct_routing_uses_the_underlay_for_neighbours() {
         routes.contains("10.244.3.0/24 via 10.244.3.0 dev flannel.1 proto 70 onlink"),
         "{routes}"
     );
-    let neigh = a.sh(&["ip", "neigh", "show", "dev", "flannel.1"]);
+    let (neigh, fdb) = entries(&a);
     assert_eq!(
         neigh.trim(),
         "10.244.3.0 lladdr 0a:58:00:00:00:03 PERMANENT"
     );
-    let fdb = a.sh(&["bridge", "fdb", "show", "dev", "flannel.1"]);
     assert_eq!(
         fdb.trim(),
         "0a:58:00:00:00:03 dst 203.0.113.5 self permanent"
@@ -517,32 +505,24 @@ async fn direct_routing_uses_the_underlay_for_neighbours() {
     assert!(pod_ping(&a.pod, &b.pod_ip));
     assert!(pod_ping(&b.pod, &a.pod_ip));
     // The pods' traffic went over the underlay, not the tunnel.
-    let link = a.sh(&["ip", "-s", "-j", "link", "show", "flannel.1"]);
-    let v: serde_json::Value = serde_json::from_str(&link).unwrap();
+    let (link, v) = tunnel_stats(&a);
     assert_eq!(v[0]["stats64"]["tx"]["packets"], 0, "{link}");
 }
 
 #[tokio::test]
 async fn deleted_device_is_recreated_with_its_entries_on_resync() {
-    if !privileged("deleted_device_is_recreated_with_its_entries_on_resync") {
+    let Some((a, b)) = hosts("deleted_device_is_recreated_with_its_entries_on_resync").await else {
         return;
-    }
+    };
     let cfg = r#"{"Type":"vxlan"}"#;
-    let (a, b) = two_hosts(1, 2).await;
-    let (mut ba, attrs_a) = backend(&a, cfg).await;
-    let (mut bb, attrs_b) = backend(&b, cfg).await;
-    let (la, lb) = (a.lease(&attrs_a), b.lease(&attrs_b));
-    ba.start(&config(cfg), &la).await.unwrap();
-    bb.start(&config(cfg), &lb).await.unwrap();
-    ba.reconcile(std::slice::from_ref(&lb)).await.unwrap();
-    bb.reconcile(std::slice::from_ref(&la)).await.unwrap();
+    let (mut sa, _sb) = connected(&a, &b, cfg).await;
     assert!(pod_ping(&a.pod, &b.pod_ip));
     a.sh(&["ip", "link", "del", "flannel.1"]);
     assert!(!ping_once(&a.pod, &b.pod_ip));
-    ba.resync().await.unwrap();
+    sa.be.resync().await.unwrap();
     let link = a.sh(&["ip", "link", "show", "flannel.1"]);
     assert!(
-        link.contains(&mac_of(&attrs_a)),
+        link.contains(&mac_of(&sa.attrs)),
         "same MAC after recreation: {link}"
     );
     assert!(pod_ping(&a.pod, &b.pod_ip));
@@ -550,11 +530,11 @@ async fn deleted_device_is_recreated_with_its_entries_on_resync() {
 
 #[tokio::test]
 async fn incompatible_device_is_recreated_with_the_published_mac() {
-    if !privileged("incompatible_device_is_recreated_with_the_published_mac") {
+    let Some((a, _b)) = hosts("incompatible_device_is_recreated_with_the_published_mac").await
+    else {
         return;
-    }
+    };
     let cfg = r#"{"Type":"vxlan"}"#;
-    let (a, _b) = two_hosts(1, 2).await;
     // A flannel.1 on another port (and learning on) cannot talk to the cluster.
     a.sh(&[
         "ip",
@@ -576,34 +556,19 @@ async fn incompatible_device_is_recreated_with_the_published_mac() {
     let opts = BackendOptions {
         vtep_mac: Some(published),
     };
-    let mut be = VxlanBackend::new(&raw(cfg), a.ext.clone(), a.nl.clone(), opts).unwrap();
-    let attrs = be.register(&config(cfg)).await.unwrap();
+    let (_be, attrs) = backend_with(&a, cfg, opts).await;
     assert_eq!(mac_of(&attrs), "0a:58:22:22:22:22");
     let link = a.sh(&["ip", "-d", "link", "show", "flannel.1"]);
     assert!(link.contains("link/ether 0a:58:22:22:22:22"), "{link}");
     assert!(link.contains("dstport 8472 nolearning"), "{link}");
 
     // A compatible device is kept as it is, whatever MAC was published before.
-    let mut be = VxlanBackend::new(
-        &raw(cfg),
-        a.ext.clone(),
-        a.nl.clone(),
-        BackendOptions::default(),
-    )
-    .unwrap();
-    let attrs = be.register(&config(cfg)).await.unwrap();
+    let (_be, attrs) = backend(&a, cfg).await;
     assert_eq!(mac_of(&attrs), "0a:58:22:22:22:22");
     // A non-vxlan device of that name is replaced too.
     a.sh(&["ip", "link", "del", "flannel.1"]);
     a.sh(&["ip", "link", "add", "flannel.1", "type", "bridge"]);
-    let mut be = VxlanBackend::new(
-        &raw(cfg),
-        a.ext.clone(),
-        a.nl.clone(),
-        BackendOptions::default(),
-    )
-    .unwrap();
-    be.register(&config(cfg)).await.unwrap();
+    let (_be, _) = backend(&a, cfg).await;
     assert!(a
         .sh(&["ip", "-d", "link", "show", "flannel.1"])
         .contains("vxlan id 1"));

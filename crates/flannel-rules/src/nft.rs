@@ -245,29 +245,18 @@ impl RuleEngine for NftEngine {
 /// The whole transaction for `rules` (both families).
 fn batch(rules: &RuleSet, fully_random: bool, shape: Shape) -> Vec<NfObject<'static>> {
     let mut cmds = Vec::new();
-    if let Some(f) = rules.ipv4 {
-        family_cmds(
-            &mut cmds,
-            NfFamily::IP,
-            TABLE_V4,
-            IpNet::V4(f.network),
-            IpNet::V4(f.subnet),
-            rules,
-            fully_random,
-            shape,
-        );
-    }
-    if let Some(f) = rules.ipv6 {
-        family_cmds(
-            &mut cmds,
-            NfFamily::IP6,
-            TABLE_V6,
-            IpNet::V6(f.network),
-            IpNet::V6(f.subnet),
-            rules,
-            fully_random,
-            shape,
-        );
+    let families = [
+        rules.ipv4.map(|f| {
+            let (c, s) = (IpNet::V4(f.network), IpNet::V4(f.subnet));
+            (NfFamily::IP, TABLE_V4, c, s)
+        }),
+        rules.ipv6.map(|f| {
+            let (c, s) = (IpNet::V6(f.network), IpNet::V6(f.subnet));
+            (NfFamily::IP6, TABLE_V6, c, s)
+        }),
+    ];
+    for (fam, table, c, s) in families.into_iter().flatten() {
+        family_cmds(&mut cmds, fam, table, c, s, rules, fully_random, shape);
     }
     cmds
 }
@@ -307,47 +296,40 @@ fn family_cmds(
         PRIO_SRCNAT,
     );
 
-    cmds.push(add(NfListObject::Chain(fwd_chain.clone())));
-    cmds.push(NfObject::CmdObject(NfCmd::Flush(FlushObject::Chain(
-        fwd_chain.clone(),
-    ))));
-    if rules.forward {
-        for stmts in forward_rules(c) {
-            cmds.push(add(NfListObject::Rule(rule(
-                fam,
-                table,
-                CHAIN_FORWARD,
-                stmts,
-            ))));
-        }
-    } else {
-        cmds.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Chain(
-            fwd_chain,
-        ))));
-    }
-
-    cmds.push(add(NfListObject::Chain(nat_chain.clone())));
-    cmds.push(NfObject::CmdObject(NfCmd::Flush(FlushObject::Chain(
-        nat_chain.clone(),
-    ))));
-    if rules.ip_masq {
-        for stmts in masq_rules(c, s, fully_random) {
-            cmds.push(add(NfListObject::Rule(rule(
-                fam,
-                table,
-                CHAIN_POSTRTG,
-                stmts,
-            ))));
-        }
-    } else {
-        cmds.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Chain(
-            nat_chain,
-        ))));
-    }
+    let forward = rules.forward.then(|| forward_rules(c));
+    chain_cmds(cmds, fam, table, CHAIN_FORWARD, fwd_chain, forward);
+    let masq = rules.ip_masq.then(|| masq_rules(c, s, fully_random));
+    chain_cmds(cmds, fam, table, CHAIN_POSTRTG, nat_chain, masq);
     if !rules.forward && !rules.ip_masq {
         cmds.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Table(
             table_obj(fam, table),
         ))));
+    }
+}
+
+/// Declares and flushes `chain` (`name` in `table`), then fills it with `fill`'s
+/// rules, or deletes it when there is no `fill`.
+fn chain_cmds(
+    cmds: &mut Vec<NfObject<'static>>,
+    fam: NfFamily,
+    table: &'static str,
+    name: &'static str,
+    chain: Chain<'static>,
+    fill: Option<Vec<Vec<Statement<'static>>>>,
+) {
+    cmds.push(add(NfListObject::Chain(chain.clone())));
+    cmds.push(NfObject::CmdObject(NfCmd::Flush(FlushObject::Chain(
+        chain.clone(),
+    ))));
+    match fill {
+        Some(rules) => {
+            for stmts in rules {
+                cmds.push(add(NfListObject::Rule(rule(fam, table, name, stmts))));
+            }
+        }
+        None => cmds.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Chain(
+            chain,
+        )))),
     }
 }
 

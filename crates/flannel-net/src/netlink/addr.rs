@@ -71,6 +71,24 @@ impl Netlink {
         m
     }
 
+    /// Sends an add (`add`, replacing what is there) or a delete of `addr/prefix_len`
+    /// on link `index` and waits for the kernel's answer.
+    async fn addr_request(
+        &self,
+        add: bool,
+        index: u32,
+        addr: IpAddr,
+        prefix_len: u8,
+    ) -> Result<(), Cause> {
+        let m = Self::address_message(index, addr, prefix_len);
+        if add {
+            let flags = NLM_F_CREATE | NLM_F_REPLACE;
+            self.ack(RouteNetlinkMessage::NewAddress(m), flags).await
+        } else {
+            self.ack(RouteNetlinkMessage::DelAddress(m), 0).await
+        }
+    }
+
     /// Adds `addr/prefix_len` (scope global) to the link; present already is success.
     pub async fn addr_add(
         &self,
@@ -78,18 +96,14 @@ impl Netlink {
         addr: IpAddr,
         prefix_len: u8,
     ) -> Result<(), NetlinkError> {
-        let m = Self::address_message(index, addr, prefix_len);
-        self.ack(
-            RouteNetlinkMessage::NewAddress(m),
-            NLM_F_CREATE | NLM_F_REPLACE,
-        )
-        .await
-        .map_err(|c| {
-            NetlinkError::new(
-                format!("add address {addr}/{prefix_len} to link #{index}"),
-                c,
-            )
-        })
+        self.addr_request(true, index, addr, prefix_len)
+            .await
+            .map_err(|c| {
+                NetlinkError::new(
+                    format!("add address {addr}/{prefix_len} to link #{index}"),
+                    c,
+                )
+            })
     }
 
     /// Removes an address; an address that is not there is success.
@@ -99,8 +113,7 @@ impl Netlink {
         addr: IpAddr,
         prefix_len: u8,
     ) -> Result<(), NetlinkError> {
-        let m = Self::address_message(index, addr, prefix_len);
-        match self.ack(RouteNetlinkMessage::DelAddress(m), 0).await {
+        match self.addr_request(false, index, addr, prefix_len).await {
             Ok(()) | Err(Cause::Errno(libc::EADDRNOTAVAIL)) | Err(Cause::Errno(libc::ENODEV)) => {
                 Ok(())
             }

@@ -172,7 +172,9 @@ pub(super) fn route_message(r: &Route) -> RouteMessage {
     m
 }
 
-pub(super) fn parse_neigh(m: &NeighbourMessage) -> Option<Neighbour> {
+/// The destination IP and link-layer address a neighbour or FDB message carries (the
+/// last of each attribute wins).
+fn neigh_attrs(m: &NeighbourMessage) -> (Option<IpAddr>, Option<MacAddr>) {
     let mut dst = None;
     let mut lladdr = None;
     for a in &m.attributes {
@@ -182,6 +184,11 @@ pub(super) fn parse_neigh(m: &NeighbourMessage) -> Option<Neighbour> {
             _ => {}
         }
     }
+    (dst, lladdr)
+}
+
+pub(super) fn parse_neigh(m: &NeighbourMessage) -> Option<Neighbour> {
+    let (dst, lladdr) = neigh_attrs(m);
     Some(Neighbour {
         index: m.header.ifindex,
         dst: dst?,
@@ -191,15 +198,7 @@ pub(super) fn parse_neigh(m: &NeighbourMessage) -> Option<Neighbour> {
 }
 
 pub(super) fn parse_fdb(m: &NeighbourMessage) -> Option<FdbEntry> {
-    let mut dst = None;
-    let mut mac = None;
-    for a in &m.attributes {
-        match a {
-            NeighbourAttribute::Destination(d) => dst = neigh_ip(d),
-            NeighbourAttribute::LinkLayerAddress(b) => mac = mac_from(b),
-            _ => {}
-        }
-    }
+    let (dst, mac) = neigh_attrs(m);
     Some(FdbEntry {
         index: m.header.ifindex,
         mac: mac?,

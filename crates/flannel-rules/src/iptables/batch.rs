@@ -1,6 +1,7 @@
 //! The text of our rule sets and the `iptables-restore` batches that put them in
 //! place (or take them out) over what `iptables-save` shows.
 
+use super::saved::SavedTable;
 use super::*;
 
 /// The lines of our chain, in `iptables-save` form, so they compare verbatim.
@@ -47,9 +48,9 @@ pub(super) fn is_ours(set: Set, line: &str) -> bool {
         || line.contains(&format!(" -g {} ", set.chain))
 }
 
-/// Restore input that turns the saved state of one set into `wanted` (`None`: removed).
-/// Empty when nothing of the set exists and nothing is wanted.
-pub(super) fn set_batch(saved: &Saved, set: Set, wanted: Option<&[String]>) -> String {
+/// What the saved state holds of one set: its table, whether our chain is declared,
+/// and the rules of other chains that belong to the set ([`is_ours`]), in order.
+fn found(saved: &Saved, set: Set) -> (Option<&SavedTable>, bool, Vec<&str>) {
     let table = saved.tables.get(set.table);
     let chain_exists = table.is_some_and(|t| t.chains.iter().any(|c| c == set.chain));
     let ours: Vec<&str> = table
@@ -61,6 +62,13 @@ pub(super) fn set_batch(saved: &Saved, set: Set, wanted: Option<&[String]>) -> S
                 .collect()
         })
         .unwrap_or_default();
+    (table, chain_exists, ours)
+}
+
+/// Restore input that turns the saved state of one set into `wanted` (`None`: removed).
+/// Empty when nothing of the set exists and nothing is wanted.
+pub(super) fn set_batch(saved: &Saved, set: Set, wanted: Option<&[String]>) -> String {
+    let (table, chain_exists, ours) = found(saved, set);
     let mut out = String::new();
     match wanted {
         Some(lines) => {
@@ -129,17 +137,7 @@ pub(super) fn jump_first(saved: &Saved, set: Set) -> bool {
 /// one jump exists (its position is not checked: like upstream, a rule another agent puts
 /// first does not start a fight; the next apply puts ours first again).
 pub(super) fn set_in_place(saved: &Saved, set: Set, wanted: Option<&[String]>) -> bool {
-    let table = saved.tables.get(set.table);
-    let chain_exists = table.is_some_and(|t| t.chains.iter().any(|c| c == set.chain));
-    let ours: Vec<&str> = table
-        .map(|t| {
-            t.rules
-                .iter()
-                .filter(|(chain, line)| chain != set.chain && is_ours(set, line))
-                .map(|(_, l)| l.as_str())
-                .collect()
-        })
-        .unwrap_or_default();
+    let (table, chain_exists, ours) = found(saved, set);
     match wanted {
         None => !chain_exists && ours.is_empty(),
         Some(lines) => {
