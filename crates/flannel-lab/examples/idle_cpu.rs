@@ -126,15 +126,9 @@ fn main() -> Result<()> {
         ("vxlan, --ip-masq, iptables mode", false),
         ("vxlan, --ip-masq, nftables mode", true),
     ] {
-        let config = serde_json::json!({
-            "Network": flannel_lab::lab::DEFAULT_NETWORK,
-            "EnableNFTables": nft,
-            "Backend": {"Type": "vxlan"},
-        })
-        .to_string();
         let mut lab = Lab::builder()
             .hosts(2)
-            .config_json(&config)
+            .nftables(nft)
             .ip_masq(true)
             .build()
             .context("building the lab")?;

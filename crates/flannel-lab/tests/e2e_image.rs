@@ -515,15 +515,9 @@ fn check_install_cni(img: &Image, docs: &[Value], spec: &Value) {
 
 /// Host 1 runs the image's flanneld, host 2 the plain binary.
 fn lab_with_image_agent(img: &Image, nft: bool) {
-    let config = serde_json::json!({
-        "Network": flannel_lab::lab::DEFAULT_NETWORK,
-        "EnableNFTables": nft,
-        "Backend": {"Type": "vxlan"},
-    })
-    .to_string();
     let mut lab = Lab::builder()
         .hosts(2)
-        .config_json(&config)
+        .nftables(nft)
         .ip_masq(true)
         .start_agents(false)
         .timeout(Duration::from_secs(90))

@@ -360,15 +360,9 @@ fn masquerade_scenario(what: &str, nft: bool) {
     if !tools_ready(what) {
         return;
     }
-    let config = serde_json::json!({
-        "Network": flannel_lab::lab::DEFAULT_NETWORK,
-        "EnableNFTables": nft,
-        "Backend": {"Type": "vxlan"},
-    })
-    .to_string();
     let mut lab = Lab::builder()
         .hosts(2)
-        .config_json(&config)
+        .nftables(nft)
         .ip_masq(true)
         .timeout(DEADLINE)
         .build()

@@ -104,6 +104,14 @@ fn flannel_node(name: &str, cidr: &str, ip: &str, mac: &str) -> Node {
     n
 }
 
+/// Creates annotated flannel nodes: (name, podCIDR, public IP, VTEP MAC) each.
+fn create_nodes(env: &Env, nodes: &[(&str, &str, &str, &str)]) -> Result<()> {
+    for (name, cidr, ip, mac) in nodes {
+        env.fake.create_node(flannel_node(name, cidr, ip, mac))?;
+    }
+    Ok(())
+}
+
 fn annotations(n: &Node) -> BTreeMap<String, String> {
     n.metadata.annotations.clone().unwrap_or_default()
 }
@@ -273,18 +281,13 @@ async fn acquire_honours_overwrite_and_changed_mac() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_changes_become_lease_events_and_heartbeats_do_not() -> Result<()> {
     let env = env().await?;
-    env.fake.create_node(flannel_node(
-        "n1",
-        "10.244.1.0/24",
-        "192.168.10.1",
-        "aa:aa:aa:aa:aa:01",
-    ))?;
-    env.fake.create_node(flannel_node(
-        "n2",
-        "10.244.2.0/24",
-        "192.168.10.2",
-        "aa:aa:aa:aa:aa:02",
-    ))?;
+    create_nodes(
+        &env,
+        &[
+            ("n1", "10.244.1.0/24", "192.168.10.1", "aa:aa:aa:aa:aa:01"),
+            ("n2", "10.244.2.0/24", "192.168.10.2", "aa:aa:aa:aa:aa:02"),
+        ],
+    )?;
     // Registered but not (yet) running flannel.
     env.fake
         .create_node(flannel_kube_fake::node("n3", &["10.244.3.0/24"]))?;
@@ -481,18 +484,13 @@ async fn gone_watch_relists_and_loses_nothing() -> Result<()> {
     let env = env().await?;
     env.fake
         .create_node(flannel_kube_fake::node("n1", &["10.244.1.0/24"]))?;
-    env.fake.create_node(flannel_node(
-        "n2",
-        "10.244.2.0/24",
-        "192.168.10.2",
-        "aa:aa:aa:aa:aa:02",
-    ))?;
-    env.fake.create_node(flannel_node(
-        "n3",
-        "10.244.3.0/24",
-        "192.168.10.3",
-        "aa:aa:aa:aa:aa:03",
-    ))?;
+    create_nodes(
+        &env,
+        &[
+            ("n2", "10.244.2.0/24", "192.168.10.2", "aa:aa:aa:aa:aa:02"),
+            ("n3", "10.244.3.0/24", "192.168.10.3", "aa:aa:aa:aa:aa:03"),
+        ],
+    )?;
     let store = Arc::new(env.store("n1").await?);
     let (mut rx, _task) = start_watch(&store, "10.244.1.0-24");
     assert!(matches!(next_update(&mut rx).await?, LeaseUpdate::Full(l) if l.len() == 2));
@@ -869,24 +867,14 @@ async fn steady_state_api_load() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_sharing_a_pod_cidr_do_not_alias() -> Result<()> {
     let env = env().await?;
-    env.fake.create_node(flannel_node(
-        "n1",
-        "10.244.1.0/24",
-        "192.168.10.1",
-        "aa:aa:aa:aa:aa:01",
-    ))?;
-    env.fake.create_node(flannel_node(
-        "n2",
-        "10.244.2.0/24",
-        "192.168.10.2",
-        "aa:aa:aa:aa:aa:02",
-    ))?;
-    env.fake.create_node(flannel_node(
-        "n3",
-        "10.244.2.0/24",
-        "192.168.10.3",
-        "aa:aa:aa:aa:aa:03",
-    ))?;
+    create_nodes(
+        &env,
+        &[
+            ("n1", "10.244.1.0/24", "192.168.10.1", "aa:aa:aa:aa:aa:01"),
+            ("n2", "10.244.2.0/24", "192.168.10.2", "aa:aa:aa:aa:aa:02"),
+            ("n3", "10.244.2.0/24", "192.168.10.3", "aa:aa:aa:aa:aa:03"),
+        ],
+    )?;
     let store = Arc::new(env.store("n1").await?);
     let (mut rx, task) = start_watch(&store, "10.244.1.0-24");
     let full = match next_update(&mut rx).await? {

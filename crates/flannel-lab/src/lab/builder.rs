@@ -9,6 +9,7 @@ pub struct LabBuilder {
     backend: String,
     network: String,
     config: Option<String>,
+    nftables: bool,
     prefix: Option<String>,
     start_agents: bool,
     ip_masq: bool,
@@ -40,7 +41,14 @@ impl LabBuilder {
         self.network = cidr.to_string();
         self
     }
-    /// The complete network config JSON, replacing `network` and `backend`.
+    /// `EnableNFTables` in the config built from `network` and `backend` (rules by
+    /// the nftables engine instead of iptables).
+    pub fn nftables(mut self, on: bool) -> Self {
+        self.nftables = on;
+        self
+    }
+    /// The complete network config JSON, replacing `network`, `backend` and
+    /// `nftables`.
     pub fn config_json(mut self, json: &str) -> Self {
         self.config = Some(json.to_string());
         self
@@ -102,7 +110,11 @@ impl LabBuilder {
                 "backend JSON must be an object, got {backend}"
             )));
         }
-        Ok(json!({"Network": self.network, "Backend": backend}).to_string())
+        let mut config = json!({"Network": self.network, "Backend": backend});
+        if self.nftables {
+            config["EnableNFTables"] = json!(true);
+        }
+        Ok(config.to_string())
     }
 
     /// Creates everything; on any failure what was created is removed again.
@@ -230,6 +242,7 @@ impl Lab {
             backend: json!({"Type": "vxlan"}).to_string(),
             network: DEFAULT_NETWORK.to_string(),
             config: None,
+            nftables: false,
             prefix: None,
             start_agents: true,
             ip_masq: true,
