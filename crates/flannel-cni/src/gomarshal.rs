@@ -80,31 +80,24 @@ fn write_value(out: &mut String, v: &GoValue) {
             }
             out.push(']');
         }
-        GoValue::Map(map) => {
-            out.push('{');
-            for (i, (k, v)) in map.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write_string(out, k);
-                out.push(':');
-                write_value(out, v);
-            }
-            out.push('}');
-        }
-        GoValue::Struct(fields) => {
-            out.push('{');
-            for (i, (k, v)) in fields.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write_string(out, k);
-                out.push(':');
-                write_value(out, v);
-            }
-            out.push('}');
-        }
+        // A map's entries come sorted (BTreeMap), a struct's in field order; both are
+        // written the same way.
+        GoValue::Map(map) => write_object(out, map.iter().map(|(k, v)| (k.as_str(), v))),
+        GoValue::Struct(fields) => write_object(out, fields.iter().map(|(k, v)| (*k, v))),
     }
+}
+
+fn write_object<'a>(out: &mut String, entries: impl Iterator<Item = (&'a str, &'a GoValue)>) {
+    out.push('{');
+    for (i, (k, v)) in entries.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        write_string(out, k);
+        out.push(':');
+        write_value(out, v);
+    }
+    out.push('}');
 }
 
 /// A string literal with Go's escaping (HTML-safe, as `json.Marshal` does by default).
