@@ -170,12 +170,7 @@ impl Lab {
     /// An error if it had to be killed because it did not exit in time.
     pub fn stop_agent(&mut self, h: usize) -> Result<ExitStatus> {
         let timeout = self.timeout;
-        let host = self.host_mut(h)?;
-        let ns = host.ns.clone();
-        let agent = host
-            .agent
-            .as_mut()
-            .ok_or_else(|| LabError::Invalid(format!("no flanneld was started on {ns}")))?;
+        let (agent, ns) = self.started_agent(h)?;
         let (st, killed) = agent.terminate(timeout)?;
         if killed {
             return Err(LabError::Timeout {
@@ -188,14 +183,20 @@ impl Lab {
 
     /// SIGKILL to host `h`'s flanneld (and reap it).
     pub fn kill_agent(&mut self, h: usize) -> Result<()> {
+        self.started_agent(h)?.0.kill()?;
+        Ok(())
+    }
+
+    /// Host `h`'s flanneld process and the host's namespace name.
+    fn started_agent(&mut self, h: usize) -> Result<(&mut Proc, String)> {
         let host = self.host_mut(h)?;
         let ns = host.ns.clone();
-        let agent = host
-            .agent
-            .as_mut()
-            .ok_or_else(|| LabError::Invalid(format!("no flanneld was started on {ns}")))?;
-        agent.kill()?;
-        Ok(())
+        match host.agent.as_mut() {
+            Some(agent) => Ok((agent, ns)),
+            None => Err(LabError::Invalid(format!(
+                "no flanneld was started on {ns}"
+            ))),
+        }
     }
 
     /// VmRSS of host `h`'s flanneld in KiB.
