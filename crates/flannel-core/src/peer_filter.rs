@@ -97,11 +97,6 @@ fn overlap6(a: Option<Ipv6Net>, b: Option<Ipv6Net>) -> bool {
     }
 }
 
-fn overlaps(a: &LeaseKey, b: &LeaseKey) -> bool {
-    overlap4(a.v4.trunc(), b.v4.trunc())
-        || overlap6(a.v6.map(|n| n.trunc()), b.v6.map(|n| n.trunc()))
-}
-
 impl PeerFilter {
     pub fn new(scope: PeerScope) -> Self {
         PeerFilter {
@@ -121,27 +116,39 @@ impl PeerFilter {
         self.refused.len()
     }
 
+    /// Whether two keys overlap in a family the cluster uses. (A disabled family's
+    /// part is a placeholder: IPv6-only nodes all publish `0.0.0.0/0` for IPv4.)
+    fn overlaps(&self, a: &LeaseKey, b: &LeaseKey) -> bool {
+        (self.scope.network.is_some() && overlap4(a.v4.trunc(), b.v4.trunc()))
+            || (self.scope.network6.is_some()
+                && overlap6(a.v6.map(|n| n.trunc()), b.v6.map(|n| n.trunc())))
+    }
+
     /// Why `key` would be refused next to the accepted peers (`None`: it is fine).
     fn check(&self, key: &LeaseKey) -> Option<(RejectReason, Option<LeaseKey>)> {
         let s = &self.scope;
-        let v4_inside = s.network.is_none_or(|n| n.contains(&key.v4));
-        let v6_inside = match (key.v6, s.network6) {
-            (Some(k), Some(n)) => n.contains(&k),
-            (Some(_), None) => false,
-            (None, _) => true,
-        };
-        if !v4_inside || !v6_inside {
-            return Some((RejectReason::OutsideNetwork, None));
+        if let Some(n) = s.network {
+            if !n.contains(&key.v4) {
+                return Some((RejectReason::OutsideNetwork, None));
+            }
+            if key.v4 != key.v4.trunc() {
+                return Some((RejectReason::HostBits, None));
+            }
         }
-        if key.v4 != key.v4.trunc() || key.v6.is_some_and(|n| n != n.trunc()) {
-            return Some((RejectReason::HostBits, None));
+        if let (Some(n), Some(k)) = (s.network6, key.v6) {
+            if !n.contains(&k) {
+                return Some((RejectReason::OutsideNetwork, None));
+            }
+            if k != k.trunc() {
+                return Some((RejectReason::HostBits, None));
+            }
         }
-        if overlaps(key, &s.own) {
+        if self.overlaps(key, &s.own) {
             return Some((RejectReason::OverlapsOwn, None));
         }
         self.accepted
             .keys()
-            .find(|k| *k != key && overlaps(k, key))
+            .find(|k| *k != key && self.overlaps(k, key))
             .map(|k| (RejectReason::OverlapsPeer, Some(*k)))
     }
 
@@ -385,6 +392,25 @@ mod tests {
         assert_eq!(out.rejected.len(), 2);
     }
 
+    #[test]
+    fn ipv6_only_ignores_the_ipv4_placeholder() {
+        let mut f = PeerFilter::new(PeerScope {
+            network: None,
+            network6: Some("fd00::/48".parse().unwrap()),
+            own: "0.0.0.0-0&fd00:0:0:1::-64".parse().unwrap(),
+        });
+        let out = f.filter(LeaseUpdate::Full(vec![
+            lease("0.0.0.0-0&fd00:0:0:2::-64"),
+            lease("0.0.0.0-0&fd00:0:0:3::-64"),
+            lease("0.0.0.0-0&fd00:1::-64"),
+        ]));
+        assert_eq!(
+            keys(&out.update),
+            ["0.0.0.0-0&fd00:0:0:2::-64", "0.0.0.0-0&fd00:0:0:3::-64"]
+        );
+        assert_eq!(out.rejected.len(), 1, "only the one outside fd00::/48");
+    }
+
     proptest! {
         /// Whatever the store sends, what passes lies inside the network, has no
         /// host bits and overlaps neither our subnet nor another passed peer.
@@ -414,9 +440,9 @@ mod tests {
             for (i, a) in passed.iter().enumerate() {
                 prop_assert!(net.contains(&a.v4));
                 prop_assert_eq!(a.v4, a.v4.trunc());
-                prop_assert!(!overlaps(a, &own));
+                prop_assert!(!f.overlaps(a, &own));
                 for b in &passed[i + 1..] {
-                    prop_assert!(!overlaps(a, b), "{} and {}", a, b);
+                    prop_assert!(!f.overlaps(a, b), "{} and {}", a, b);
                 }
             }
         }
