@@ -227,7 +227,9 @@ fn compact(raw: &RawValue) -> String {
 pub struct Lease {
     pub key: LeaseKey,
     pub attrs: LeaseAttrs,
-    /// `None` for a reservation (a key without TTL).
+    /// For this host's own lease: when it expires (`None`: a reservation, a key
+    /// without TTL). Other hosts' leases carry `None`: their expiry is not looked
+    /// up (one etcd round trip per lease) because nothing needs it.
     pub expiration: Option<SystemTime>,
 }
 

@@ -302,6 +302,9 @@ fn fake_subnet(i: usize) -> Ipv4Net {
         .expect("prefix 24 is valid")
 }
 
+/// flanneld's lease TTL (24 h).
+const LEASE_TTL_SECS: u64 = 24 * 3600;
+
 /// A lease value as the backend `ty` writes it, for a fake peer on the underlay.
 fn fake_lease_value(ty: &str, i: usize) -> String {
     // Fake peers sit on the underlay (198.18.0.2-.250) so host-gw routes resolve.
@@ -345,7 +348,8 @@ fn convergence(
     let kvs: Vec<(String, String)> = (0..n)
         .map(|i| (Lab::lease_key_for(fake_subnet(i)), fake_lease_value(&ty, i)))
         .collect();
-    lab.etcd().put_many(&kvs)?;
+    // As flanneld writes them: each key on its own 24 h etcd lease.
+    lab.etcd().put_many_leased(&kvs, LEASE_TTL_SECS)?;
     let t0 = Instant::now();
     lab.spawn_agent(0)?;
     let mut seen = 0;
@@ -388,7 +392,7 @@ fn convergence(
         let deleted = format!("Deleted {subnet} ");
         let mark = mon.mark();
         let t0 = Instant::now();
-        lab.etcd().put(&key, &value)?;
+        lab.etcd().put_leased(&key, &value, LEASE_TTL_SECS)?;
         let t = mon
             .wait_for_after(mark, opts.timeout, |l| l.starts_with(&route))
             .ok_or_else(|| LabError::Timeout {

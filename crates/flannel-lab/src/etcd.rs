@@ -135,6 +135,16 @@ impl Etcd {
         Ok(())
     }
 
+    /// Puts `key` on a fresh etcd lease of `ttl` seconds, as flanneld writes a lease.
+    pub fn put_leased(&self, key: &str, value: &str, ttl: u64) -> Result<()> {
+        let id = self.grant(ttl)?;
+        self.call(
+            "/v3/kv/put",
+            json!({"key": b64(key.as_bytes()), "value": b64(value.as_bytes()), "lease": id.to_string()}),
+        )?;
+        Ok(())
+    }
+
     pub fn get(&self, key: &str) -> Result<Option<String>> {
         let v = self.call("/v3/kv/range", json!({"key": b64(key.as_bytes())}))?;
         match v
@@ -180,13 +190,43 @@ impl Etcd {
         Ok(deleted_count(&v))
     }
 
+    /// A new etcd lease with `ttl` seconds; its id.
+    pub fn grant(&self, ttl: u64) -> Result<i64> {
+        let v = self.call("/v3/lease/grant", json!({ "TTL": ttl }))?;
+        // The gateway writes int64 as a JSON string.
+        v.get("ID")
+            .and_then(|id| id.as_str().and_then(|s| s.parse().ok()).or(id.as_i64()))
+            .ok_or_else(|| err("lease grant", format!("no ID in {v}")))
+    }
+
     /// Puts all pairs in as few transactions as etcd allows ([`MAX_TXN_OPS`] each).
     pub fn put_many(&self, kvs: &[(String, String)]) -> Result<()> {
-        for chunk in kvs.chunks(MAX_TXN_OPS) {
+        self.put_txns(kvs, &[])
+    }
+
+    /// Puts all pairs the way flanneld writes its leases: each key attached to an
+    /// etcd lease of its own with `ttl` seconds (a benchmark must pay what a real
+    /// cluster costs, e.g. one lease lookup per key where the agent does that).
+    pub fn put_many_leased(&self, kvs: &[(String, String)], ttl: u64) -> Result<()> {
+        let ids = kvs
+            .iter()
+            .map(|_| self.grant(ttl))
+            .collect::<Result<Vec<i64>>>()?;
+        self.put_txns(kvs, &ids)
+    }
+
+    /// Puts the pairs in transactions, the i-th on etcd lease `leases[i]` if given.
+    fn put_txns(&self, kvs: &[(String, String)], leases: &[i64]) -> Result<()> {
+        for (n, chunk) in kvs.chunks(MAX_TXN_OPS).enumerate() {
             let ops: Vec<Value> = chunk
                 .iter()
-                .map(|(k, v)| {
-                    json!({"requestPut": {"key": b64(k.as_bytes()), "value": b64(v.as_bytes())}})
+                .enumerate()
+                .map(|(i, (k, v))| {
+                    let mut put = json!({"key": b64(k.as_bytes()), "value": b64(v.as_bytes())});
+                    if let Some(id) = leases.get(n * MAX_TXN_OPS + i) {
+                        put["lease"] = json!(id.to_string());
+                    }
+                    json!({ "requestPut": put })
                 })
                 .collect();
             let v = self.call("/v3/kv/txn", json!({"success": ops}))?;

@@ -66,9 +66,9 @@ pub(crate) async fn list(ops: &Ops, keys: &KeyLayout) -> Result<Listing, StoreEr
             }
         }
     }
-    let expiries = ops
-        .expiries(decoded.iter().map(|(kv, _, _)| kv.lease()))
-        .await?;
+    // No expiry lookups: a peer's expiry is not needed to program it, and this
+    // host's own lease is rewritten (with a fresh expiry) when it is reused. One
+    // TimeToLive round trip per lease was most of a 5000-node start.
     let leases = decoded
         .into_iter()
         .map(|(kv, key, attrs)| Listed {
@@ -77,7 +77,7 @@ pub(crate) async fn list(ops: &Ops, keys: &KeyLayout) -> Result<Listing, StoreEr
             lease: Lease {
                 key,
                 attrs,
-                expiration: expiries.get(&kv.lease()).copied(),
+                expiration: None,
             },
         })
         .collect();

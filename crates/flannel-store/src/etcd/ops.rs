@@ -4,14 +4,12 @@
 //! failing them, so without a deadline a call made while etcd is down would hang
 //! forever; every call here has one and turns into `StoreError::Unavailable`.
 
-use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::time::{Duration, SystemTime};
 
 use etcd_client::{
     Compare, CompareOp, GetOptions, GetResponse, KvClient, LeaseClient, PutOptions, Txn, TxnOp,
 };
-use tokio::task::JoinSet;
 
 use crate::StoreError;
 
@@ -19,8 +17,6 @@ use crate::StoreError;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// TTL of every lease write, as upstream (24 h).
 pub const LEASE_TTL_SECS: i64 = 24 * 60 * 60;
-/// How many TimeToLive lookups run at once when a listing holds many leases.
-const TTL_CONCURRENCY: usize = 16;
 
 pub(crate) async fn timed<T>(
     what: &str,
@@ -143,36 +139,6 @@ impl Ops {
                 REQUEST_TIMEOUT.as_secs()
             ))),
         }
-    }
-
-    /// Expiries of many etcd leases (ids 0, meaning "no lease", are skipped).
-    pub async fn expiries(
-        &self,
-        ids: impl IntoIterator<Item = i64>,
-    ) -> Result<HashMap<i64, SystemTime>, StoreError> {
-        let ids: BTreeSet<i64> = ids.into_iter().filter(|id| *id != 0).collect();
-        let mut out = HashMap::with_capacity(ids.len());
-        let mut pending = ids.into_iter();
-        let mut running = JoinSet::new();
-        loop {
-            while running.len() < TTL_CONCURRENCY {
-                let Some(id) = pending.next() else { break };
-                let ops = self.clone();
-                running.spawn(async move { (id, ops.expiry(id).await) });
-            }
-            match running.join_next().await {
-                None => break,
-                Some(Ok((id, r))) => {
-                    out.insert(id, r?);
-                }
-                Some(Err(e)) => {
-                    return Err(StoreError::Unavailable(format!(
-                        "etcd lease time-to-live lookup failed: {e}"
-                    )))
-                }
-            }
-        }
-        Ok(out)
     }
 }
 

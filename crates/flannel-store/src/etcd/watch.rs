@@ -154,25 +154,23 @@ fn set_health(health: &watch::Sender<WatchHealth>, h: WatchHealth) {
 
 /// One decoded change from a watch response.
 enum Change {
-    Put(LeaseKey, LeaseAttrs, i64),
+    Put(LeaseKey, LeaseAttrs),
     Delete(LeaseKey),
 }
 
 /// Turns the events of one response into tracker changes. Every event is applied
 /// (upstream applies only the first of a response); unusable ones are logged with
 /// their key and skipped.
-async fn apply(
-    ops: &Ops,
-    keys: &KeyLayout,
-    tracker: &mut LeaseTracker,
-    events: &[Event],
-) -> Result<Vec<LeaseEvent>, StoreError> {
+///
+/// A peer's expiry is not looked up (one TimeToLive round trip per event): no
+/// backend needs it, and renewals (same attributes) cause no lease event anyway.
+fn apply(keys: &KeyLayout, tracker: &mut LeaseTracker, events: &[Event]) -> Vec<LeaseEvent> {
     let mut changes = Vec::with_capacity(events.len());
     for ev in events {
         let Some(kv) = ev.kv() else { continue };
         match ev.event_type() {
             EventType::Put => match decode_kv(keys, kv) {
-                Ok((key, attrs)) => changes.push(Change::Put(key, attrs, kv.lease())),
+                Ok((key, attrs)) => changes.push(Change::Put(key, attrs)),
                 Err(e) => {
                     tracing::warn!("skipping an unusable lease update from etcd: {e}");
                     // A lease overwritten with garbage is no longer usable; a fresh
@@ -188,25 +186,18 @@ async fn apply(
             },
         }
     }
-    // Look every expiry up before touching the tracker, so that a failure leaves it
-    // as it was and the response can simply be read again.
-    let ids = changes.iter().filter_map(|c| match c {
-        Change::Put(_, _, id) => Some(*id),
-        Change::Delete(_) => None,
-    });
-    let expiries = ops.expiries(ids).await?;
     let mut out = Vec::new();
     for c in changes {
         match c {
-            Change::Put(key, attrs, id) => out.extend(tracker.put(Lease {
+            Change::Put(key, attrs) => out.extend(tracker.put(Lease {
                 key,
                 attrs,
-                expiration: expiries.get(&id).copied(),
+                expiration: None,
             })),
             Change::Delete(key) => out.extend(tracker.delete(&key)),
         }
     }
-    Ok(out)
+    out
 }
 
 /// The lease watch (see [`crate::LeaseStore::watch_leases`]).
@@ -276,27 +267,15 @@ pub(crate) async fn watch_leases(
         };
         match step {
             Step::Events { events, resume } => {
-                match apply(ops, keys, &mut tracker, &events).await {
-                    Ok(batch) => {
-                        if let Some(r) = resume {
-                            w.commit(r);
-                        }
-                        backoff.reset();
-                        errors.recovered();
-                        set_health(health, WatchHealth::Watching);
-                        if !batch.is_empty() && tx.send(LeaseUpdate::Events(batch)).await.is_err() {
-                            return Ok(());
-                        }
-                    }
-                    Err(e) => {
-                        w.reset();
-                        let e = e.to_string();
-                        errors.warn(&e);
-                        set_health(health, WatchHealth::Reconnecting { error: e });
-                        if sleep_or_closed(&tx, backoff.next_delay()).await {
-                            return Ok(());
-                        }
-                    }
+                let batch = apply(keys, &mut tracker, &events);
+                if let Some(r) = resume {
+                    w.commit(r);
+                }
+                backoff.reset();
+                errors.recovered();
+                set_health(health, WatchHealth::Watching);
+                if !batch.is_empty() && tx.send(LeaseUpdate::Events(batch)).await.is_err() {
+                    return Ok(());
                 }
             }
             Step::Compacted { compact_revision } => {
