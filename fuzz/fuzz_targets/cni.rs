@@ -14,7 +14,9 @@ use flannel_core::gojson::FoldedObject;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
-const COMMANDS: &[&str] = &["ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION", "BOGUS", ""];
+const COMMANDS: &[&str] = &[
+    "ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION", "BOGUS", "",
+];
 
 struct Sandbox {
     _dir: tempfile::TempDir,

@@ -43,7 +43,9 @@ fuzz_target!(|data: &[u8]| {
                 assert!(c.window_v4().is_some());
             }
             if c.enable_ipv6 {
-                let net = c.ipv6_network.expect("validated v6 config has an IPv6Network");
+                let net = c
+                    .ipv6_network
+                    .expect("validated v6 config has an IPv6Network");
                 let (min, max) = (c.ipv6_subnet_min.unwrap(), c.ipv6_subnet_max.unwrap());
                 assert!(c.ipv6_subnet_len >= net.prefix_len(), "{c:?}");
                 assert!(c.ipv6_subnet_len <= 128, "{c:?}");

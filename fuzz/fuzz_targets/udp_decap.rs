@@ -75,7 +75,11 @@ fuzz_target!(|data: &[u8]| {
 
     if rx {
         let mut d = Decap::new(vnet, le);
-        let from = if unknown { Ipv4Addr::new(10, 10, 0, 9) } else { PEER };
+        let from = if unknown {
+            Ipv4Addr::new(10, 10, 0, 9)
+        } else {
+            PEER
+        };
         decap(&mut d, &peers, from, &mut buf, stride);
         return;
     }
