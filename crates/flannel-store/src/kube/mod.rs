@@ -38,6 +38,13 @@ pub use annotations::{Annotations, PrefixError, DEFAULT_PREFIX};
 pub use counter::ApiRequestCounts;
 pub use node::NodeStartupInfo;
 
+/// The pure node conversions, for the fuzz targets in `fuzz/` only.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::node::{annotation_changes, is_managed, node_to_lease, pod_cidrs, startup_info};
+}
+
 use counter::{CountLayer, Counters};
 
 /// The RBAC rules flanneld needs (resource, verbs), all in the core API group. The
