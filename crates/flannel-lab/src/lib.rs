@@ -22,6 +22,7 @@ pub mod e2e;
 pub mod error;
 pub mod etcd;
 pub mod lab;
+pub mod leases;
 pub mod measure;
 pub mod process;
 

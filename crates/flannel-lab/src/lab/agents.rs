@@ -33,7 +33,7 @@ impl Lab {
         };
         v.extend([
             flanneld.display().to_string(),
-            format!("--etcd-endpoints={}", self.etcd.endpoint()),
+            format!("--etcd-endpoints={}", self.etcd.endpoints()),
             format!("--etcd-prefix={ETCD_PREFIX}"),
             format!("--iface={}", host.ip),
             format!("--subnet-file={}", host.subnet_file().display()),
