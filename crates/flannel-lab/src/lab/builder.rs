@@ -132,7 +132,7 @@ impl LabBuilder {
                 self.hosts
             )));
         }
-        if !(1..=7).contains(&self.etcd_members) || self.etcd_members % 2 == 0 {
+        if !(1..=7).contains(&self.etcd_members) || self.etcd_members.is_multiple_of(2) {
             return Err(LabError::Invalid(format!(
                 "etcd members must be 1, 3, 5 or 7 (a quorum needs an odd count), got {}",
                 self.etcd_members
