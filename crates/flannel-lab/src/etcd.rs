@@ -225,15 +225,10 @@ impl Etcd {
     /// client to learn about that member.
     pub fn status(&self) -> Result<(u64, u64)> {
         let v = self.call("/v3/maintenance/status", json!({}))?;
-        let id = |v: Option<&Value>| -> u64 {
-            // uint64 fields come as JSON strings; a zero value is left out.
-            match v {
-                Some(Value::String(s)) => s.parse().unwrap_or(0),
-                Some(Value::Number(n)) => n.as_u64().unwrap_or(0),
-                _ => 0,
-            }
-        };
-        Ok((id(v.pointer("/header/member_id")), id(v.get("leader"))))
+        Ok((
+            gateway_u64(v.pointer("/header/member_id")),
+            gateway_u64(v.get("leader")),
+        ))
     }
 
     pub fn put(&self, key: &str, value: &str) -> Result<()> {
@@ -264,6 +259,16 @@ impl Etcd {
             Some(kv) => Ok(Some(unb64("range", &kv["value"])?)),
             None => Ok(None),
         }
+    }
+
+    /// The id of the etcd lease `key` is attached to (`Some(0)`: none; `None`: no
+    /// such key). flanneld attaches every renewal to a fresh lease.
+    pub fn lease_of(&self, key: &str) -> Result<Option<i64>> {
+        let v = self.call("/v3/kv/range", json!({"key": b64(key.as_bytes())}))?;
+        Ok(v.get("kvs")
+            .and_then(|k| k.as_array())
+            .and_then(|a| a.first())
+            .map(|kv| i64::try_from(gateway_u64(kv.get("lease"))).unwrap_or(0)))
     }
 
     /// All keys starting with `prefix`, in key order, with their values.
@@ -348,8 +353,13 @@ impl Etcd {
 }
 
 fn deleted_count(v: &Value) -> u64 {
-    // The gateway writes int64 as JSON strings and leaves out zero values.
-    match v.get("deleted") {
+    gateway_u64(v.get("deleted"))
+}
+
+/// A 64-bit integer field of a gateway response: written as a JSON string (or a
+/// number), and left out when zero.
+fn gateway_u64(v: Option<&Value>) -> u64 {
+    match v {
         Some(Value::String(s)) => s.parse().unwrap_or(0),
         Some(Value::Number(n)) => n.as_u64().unwrap_or(0),
         _ => 0,
