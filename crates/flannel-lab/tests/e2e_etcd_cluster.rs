@@ -419,11 +419,11 @@ fn a_member_down_for_a_minute() {
     let (written, deleted) = writer.finish();
     c.check_no_event_lost_or_doubled(&written, &deleted);
     c.check_agents_kept_their_leases();
-    for h in 0..2 {
+    for (h, before) in leases_before.iter().enumerate() {
         let now = c.lab.etcd().lease_of(&c.leases[h].0).unwrap();
         assert_ne!(
             now,
-            leases_before[h],
+            *before,
             "host {}'s lease was not renewed (same etcd lease) while a member was down",
             h + 1
         );
