@@ -82,7 +82,8 @@ impl Agent {
         let backend_opts = BackendOptions {
             vtep_mac: overrides.vtep_mac,
         };
-        let mut backend = crate::backends::new(&config, ext.clone(), netlink, backend_opts)?;
+        let mut backend =
+            crate::backends::new(&config, ext.clone(), netlink.clone(), backend_opts)?;
         let resync_every = backend.resync_interval();
         if let Some(source) = backend.packet_stats() {
             self.metrics
@@ -121,9 +122,17 @@ impl Agent {
         let _rules_resync =
             traffic_rules::install(&self.opts, &config, rules, self.metrics.clone()).await?;
         self.readiness.set_rules_in_place(true);
-        if self.opts.ip_blackhole_route {
-            warn!("--ip-blackhole-route is not supported by flannel-rs yet; no blackhole route was added");
-        }
+        let _blackhole = if self.opts.ip_blackhole_route {
+            let routes = crate::blackhole::wanted(&lease, config.enable_ipv4);
+            let every = Duration::from_secs(self.opts.iptables_resync.max(1));
+            Some(
+                crate::blackhole::install(netlink, routes, every)
+                    .await
+                    .context("adding the blackhole route (--ip-blackhole-route)")?,
+            )
+        } else {
+            None
+        };
 
         let env = SubnetEnv {
             network: config.network.filter(|_| config.enable_ipv4),

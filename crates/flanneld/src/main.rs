@@ -4,6 +4,7 @@
 
 mod agent;
 mod backends;
+mod blackhole;
 mod cleanup;
 mod http;
 mod iface_select;

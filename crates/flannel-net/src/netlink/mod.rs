@@ -57,6 +57,7 @@ pub const RT_SCOPE_HOST: u8 = 254;
 /// Route types (`rtm_type`).
 pub const RTN_UNICAST: u8 = 1;
 pub const RTN_LOCAL: u8 = 2;
+pub const RTN_BLACKHOLE: u8 = 6;
 /// Neighbour states and flags.
 pub const NUD_PERMANENT: u16 = 0x80;
 pub const NUD_NOARP: u16 = 0x40;
