@@ -6,11 +6,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use flannel_backend::{Backend, BackendOptions};
-use flannel_core::{
-    Lease, LeaseEvent, LeaseKey, LeaseUpdate, NetworkConfig, PeerFilter, PeerScope, SubnetEnv,
-};
+use flannel_core::{Lease, LeaseEvent, LeaseKey, LeaseUpdate, PeerFilter, PeerScope, SubnetEnv};
 use flannel_store::etcd::WatchHealth;
 use flannel_store::{AcquireRequest, OwnLeaseEvent};
 use tokio::sync::mpsc;
@@ -64,7 +62,10 @@ impl Agent {
         }
         info!(backend = %config.backend.backend_type, network = ?config.network, ipv6_network = ?config.ipv6_network, "network config read");
         if !config.enable_nftables {
-            check_bridge_netfilter(&config)?;
+            crate::host_checks::bridge_netfilter(&config)?;
+        }
+        for w in crate::host_checks::forwarding_off(&config, |p| std::fs::read_to_string(p).ok()) {
+            warn!("{w}");
         }
 
         let netlink = flannel_net::Netlink::connect()
@@ -426,22 +427,4 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-/// Upstream refuses to start in iptables mode without br_netfilter, because pod
-/// traffic on the bridge would bypass the masquerade and forward rules.
-fn check_bridge_netfilter(config: &NetworkConfig) -> Result<()> {
-    let mut need = Vec::new();
-    if config.enable_ipv4 {
-        need.push("/proc/sys/net/bridge/bridge-nf-call-iptables");
-    }
-    if config.enable_ipv6 {
-        need.push("/proc/sys/net/bridge/bridge-nf-call-ip6tables");
-    }
-    for p in need {
-        if !std::path::Path::new(p).exists() {
-            bail!("{p} does not exist: load the br_netfilter module (modprobe br_netfilter), or set \"EnableNFTables\": true");
-        }
-    }
-    Ok(())
 }

@@ -6,6 +6,7 @@ mod agent;
 mod backends;
 mod blackhole;
 mod cleanup;
+mod host_checks;
 mod http;
 mod iface_select;
 mod metrics;
