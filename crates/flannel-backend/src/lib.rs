@@ -19,6 +19,7 @@ pub mod host_gw;
 mod peers;
 pub mod udp;
 pub mod vxlan;
+pub mod wireguard;
 
 pub use flannel_net::netlink::RTPROT_FLANNEL;
 
