@@ -384,6 +384,23 @@ impl Sessions {
     }
 }
 
+impl Sessions {
+    /// Every peer with its counters, in slot order (for the UAPI `get`).
+    pub fn peers(&self) -> Vec<(PeerSpec, PeerStats)> {
+        self.peers
+            .iter()
+            .flatten()
+            .filter_map(|p| Some((p.spec.clone(), self.peer_stats(&p.spec.public_key)?)))
+            .collect()
+    }
+
+    /// The device's private key, for the UAPI `get` only (as wireguard-go serves it
+    /// to root on the control socket).
+    pub fn private_key_bytes(&self) -> [u8; 32] {
+        self.private.to_bytes()
+    }
+}
+
 /// What `wg show` reports per peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerStats {
@@ -392,6 +409,8 @@ pub struct PeerStats {
     pub rx_bytes: u64,
     pub endpoint: SocketAddr,
 }
+
+pub mod uapi;
 
 #[cfg(test)]
 mod tests;

@@ -223,3 +223,51 @@ fn roaming_and_updates_keep_the_session() {
     );
     assert_eq!(p.b.peer_count(), 1);
 }
+
+/// `wg show` (wireguard-tools, an independent client of the UAPI) reads our socket.
+#[tokio::test]
+async fn wg_show_lists_peers_endpoints_and_transfer() {
+    if !flannel_testkit::require("wg_show_lists_peers_endpoints_and_transfer", &["wg"]) {
+        return;
+    }
+    let (p, _) = established();
+    let a_pub = p.a.public_key().to_string();
+    let b = std::sync::Arc::new(std::sync::Mutex::new(p.b));
+    // A unique device name: the socket lives in the shared /var/run/wireguard.
+    let dev = format!("flt{}", std::process::id() % 1_000_000);
+    let path = uapi::socket_path(&dev);
+    let server = uapi::serve(&dev, 51820, b.clone()).unwrap();
+    let out = tokio::process::Command::new("wg")
+        .args(["show", &dev, "dump"])
+        .output()
+        .await
+        .unwrap();
+    // set is refused: the peers are the cluster's.
+    let set = tokio::process::Command::new("wg")
+        .args(["set", &dev, "listen-port", "1"])
+        .output()
+        .await
+        .unwrap();
+    server.abort();
+    let _ = std::fs::remove_file(&path);
+    assert!(!set.status.success(), "wg set was accepted");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "wg show: {}{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Vec<&str>> = text.lines().map(|l| l.split('\t').collect()).collect();
+    // Interface line: private key, public key, listen port, fwmark.
+    assert_eq!(lines[0][1], key_of(&secret(2)).to_string());
+    assert_eq!(lines[0][2], "51820");
+    // Peer line: public key, psk, endpoint, allowed ips, handshake, rx, tx, keepalive.
+    assert_eq!(lines.len(), 2, "{text}");
+    let peer = &lines[1];
+    assert_eq!(peer[0], a_pub);
+    assert_ne!(peer[1], "(none)", "the PSK is configured");
+    assert_eq!(peer[2], A_ADDR);
+    assert_eq!(peer[3], "10.244.1.0/24");
+    assert_ne!(peer[4], "0", "a handshake happened");
+    assert!(peer[5].parse::<u64>().unwrap() > 0, "rx bytes: {text}");
+}
