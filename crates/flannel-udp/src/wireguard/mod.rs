@@ -187,7 +187,8 @@ impl Sessions {
                     PublicKey::from(spec.public_key.0),
                     spec.psk,
                     (spec.keepalive > 0).then_some(spec.keepalive),
-                    (slot as u32) << 8,
+                    // boringtun puts the index in the upper 24 bits of its session ids.
+                    slot as u32,
                     Some(self.limiter.clone()),
                 );
                 *state = Some(PeerState { spec, tunn });
@@ -351,6 +352,9 @@ impl Sessions {
     /// Packets the peers' timers want sent now (handshake retries, rekeys,
     /// keepalives); call about every 250 ms. `send` gets each datagram.
     pub fn tick(&mut self, out: &mut [u8], mut send: impl FnMut(&[u8], SocketAddr)) {
+        // The limiter counts handshakes per second only if someone starts each
+        // second; without this it would soon demand cookies forever.
+        self.limiter.reset_count();
         for p in self.peers.iter_mut().flatten() {
             if let TunnResult::WriteToNetwork(b) = p.tunn.update_timers(out) {
                 send(b, p.spec.endpoint);
@@ -410,6 +414,7 @@ pub struct PeerStats {
     pub endpoint: SocketAddr,
 }
 
+pub mod device;
 pub mod uapi;
 
 #[cfg(test)]

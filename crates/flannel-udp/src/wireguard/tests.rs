@@ -271,3 +271,68 @@ async fn wg_show_lists_peers_endpoints_and_transfer() {
     assert_ne!(peer[4], "0", "a handshake happened");
     assert!(peer[5].parse::<u64>().unwrap() > 0, "rx bytes: {text}");
 }
+
+/// Three devices, each with two peers: every pair completes a handshake and
+/// carries data, whichever slot its peer landed in.
+#[test]
+fn three_devices_each_with_two_peers() {
+    let secrets = [secret(11), secret(12), secret(13)];
+    let addrs: Vec<SocketAddr> = (1..=3)
+        .map(|i| format!("198.18.0.{i}:51820").parse().unwrap())
+        .collect();
+    let nets = ["10.244.1.0/24", "10.244.2.0/24", "10.244.3.0/24"];
+    let mut devs: Vec<Sessions> = secrets.iter().map(|s| Sessions::new(s.clone())).collect();
+    for (i, d) in devs.iter_mut().enumerate() {
+        for j in 0..3 {
+            if i != j {
+                d.set_peer(spec(key_of(&secrets[j]), &addrs[j].to_string(), nets[j]));
+            }
+        }
+    }
+    let mut buf = vec![0u8; 2048];
+    for i in 0..3 {
+        for j in 0..3 {
+            if i == j {
+                continue;
+            }
+            let inner = ipv4([10, 244, i as u8 + 1, 5], [10, 244, j as u8 + 1, 5], b"hi");
+            // Deliver everything in flight until the packet arrives or nothing moves.
+            let mut queue: Vec<(usize, SocketAddr, Vec<u8>)> = Vec::new();
+            if let Action::Send { len, to } = devs[i].encapsulate(&inner, &mut buf) {
+                queue.push((i, to, buf[..len].to_vec()));
+            }
+            let mut delivered = false;
+            let mut rounds = 0;
+            while let Some((src, to, d)) = queue.pop() {
+                rounds += 1;
+                assert!(rounds < 50, "{i}->{j}: no end");
+                let dst = addrs.iter().position(|a| *a == to).unwrap();
+                match devs[dst].decapsulate(addrs[src], &d, &mut buf) {
+                    Action::Send { len, to } => {
+                        queue.push((dst, to, buf[..len].to_vec()));
+                        let from = addrs[src];
+                        let dev = &mut devs[dst];
+                        let mut more = Vec::new();
+                        dev.flush(from, &mut buf, |d, to| more.push((dst, to, d.to_vec())));
+                        queue.extend(more);
+                    }
+                    Action::Deliver { len } => {
+                        assert_eq!(&buf[..len], &inner[..]);
+                        delivered = true;
+                    }
+                    Action::Nothing => {
+                        let from = addrs[src];
+                        let mut more = Vec::new();
+                        devs[dst].flush(from, &mut buf, |d, to| more.push((dst, to, d.to_vec())));
+                        queue.extend(more);
+                    }
+                    Action::Dropped(r) => panic!("{i}->{j}: dropped at {dst}: {r:?}"),
+                }
+                if delivered {
+                    break;
+                }
+            }
+            assert!(delivered, "{i}->{j} never arrived");
+        }
+    }
+}
