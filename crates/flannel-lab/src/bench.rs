@@ -53,6 +53,8 @@ pub struct BenchOptions {
     pub scale_counts: Vec<usize>,
     /// Join/leave samples per scale run (p99 needs about 100).
     pub scale_joins: usize,
+    /// Alternating ip -batch / agent start rounds per scale run (medians reported).
+    pub scale_rounds: usize,
     /// Where to copy the agent log of each scale run (`scale-<type>-<n>.log`).
     pub log_dir: Option<std::path::PathBuf>,
 }
@@ -118,6 +120,7 @@ impl Default for BenchOptions {
             sections: Sections::default(),
             scale_counts: vec![1000, 5000, 10000],
             scale_joins: 100,
+            scale_rounds: 3,
             log_dir: None,
         }
     }
@@ -178,7 +181,8 @@ pub struct Scale {
     pub backend: String,
     pub leases: usize,
     /// Agent spawn → all `leases` routes present in its host (the agent's lease
-    /// exists already, as on a restart), ms.
+    /// exists already, as on a restart; the host holds none of the entries), ms,
+    /// median of the rounds.
     pub start_to_routes_ms: f64,
     /// The agent's own log: full lease set received → kernel programmed, ms.
     pub agent_apply_ms: Option<f64>,
@@ -212,6 +216,11 @@ pub struct Scale {
     pub leave_p99_ms: f64,
     /// The bench's etcd put round trip itself (part of every join sample), p50, ms.
     pub put_p50_ms: f64,
+    /// Every round in order: (start -> all routes, ip -batch), ms; the figures
+    /// above are medians.
+    pub rounds: Vec<(f64, f64)>,
+    /// The agent's apply time of every round, ms.
+    pub agent_apply_rounds_ms: Vec<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -683,7 +692,7 @@ fn log_field(log: &str, message: &str, key: &str) -> Option<f64> {
 /// the line it writes once a full lease set is programmed, and the routes are
 /// counted then; between, they are counted only every 50 ms (agents that write no
 /// such line).
-fn wait_routes(lab: &mut Lab, n: usize, timeout: Duration) -> Result<Instant> {
+fn wait_routes(lab: &mut Lab, n: usize, timeout: Duration, log_from: u64) -> Result<Instant> {
     use std::io::{Read, Seek, SeekFrom};
     let pid = lab
         .agent_pid(0)
@@ -692,7 +701,7 @@ fn wait_routes(lab: &mut Lab, n: usize, timeout: Duration) -> Result<Instant> {
     let mut log = std::fs::File::open(&log_path)
         .map_err(|e| LabError::io(log_path.display().to_string(), e))?;
     // Only what this start writes.
-    let mut offset = log.seek(SeekFrom::End(0)).unwrap_or(0);
+    let mut offset = log_from;
     let mut tail = String::new();
     let start = Instant::now();
     let mut last_count = start;
@@ -774,30 +783,9 @@ fn scale(
     let base_link = lab.hosts()[1].link.clone();
     let base_ip = lab.hosts()[1].ip.to_string();
     let dev = if ty == "vxlan" {
-        let dev = "flannel.1".to_string();
-        lab.ip_in(
-            &base,
-            &[
-                "link",
-                "add",
-                &dev,
-                "type",
-                "vxlan",
-                "id",
-                "1",
-                "local",
-                &base_ip,
-                "dev",
-                &base_link,
-                "dstport",
-                "8472",
-                "nolearning",
-            ],
-        )?;
-        lab.ip_in(&base, &["link", "set", &dev, "up"])?;
-        dev
+        "flannel.1".to_string()
     } else {
-        base_link
+        base_link.clone()
     };
     let mut b = Batches::default();
     let entries: usize = peers.iter().map(|p| p.batch_lines(&ty, &dev, &mut b)).sum();
@@ -812,34 +800,93 @@ fn scale(
     b.neigh.push_str(&b.routes);
     let ip_file = write("ip", &b.neigh)?;
     drop(b);
-    let t0 = Instant::now();
-    if let Some(f) = &fdb_file {
-        crate::process::run(crate::process::command(
-            "bridge",
-            &["-n", &base, "-batch", f],
-        ))?;
-    }
-    lab.ip_in(&base, &["-batch", &ip_file])?;
-    let ip_batch = t0.elapsed();
-    let in_base = count_proc_routes(&lab.run_in(&base, &["cat", "/proc/net/route"])?);
-    if in_base != n {
-        return Err(LabError::Invalid(format!(
-            "the ip -batch baseline made {in_base} routes, not {n}"
-        )));
-    }
+    let agent_ns = lab.hosts()[0].ns.clone();
+    // Between rounds both hosts lose what was written: the vxlan device with all
+    // its entries, or our routes.
+    let clear = |lab: &Lab, ns: &str| -> Result<()> {
+        if ty == "vxlan" {
+            lab.ip_in(ns, &["link", "del", "flannel.1"])?;
+        } else {
+            lab.ip_in(ns, &["route", "flush", "proto", "70"])?;
+        }
+        Ok(())
+    };
+    let log_path = lab.hosts()[0].log_file();
+    let (mut starts, mut applies, mut batches) = (Vec::new(), Vec::new(), Vec::new());
+    let mut agent_subnet_file_ms = None;
+    for round in 0..opts.scale_rounds.max(1) {
+        if round > 0 {
+            let st = lab.stop_agent(0)?;
+            if !st.success() {
+                return Err(LabError::Invalid(format!("flanneld exit on SIGTERM: {st}")));
+            }
+            clear(&lab, &agent_ns)?;
+            clear(&lab, &base)?;
+        }
+        // The baseline: the same entries in host 1 with `bridge -batch` + `ip -batch`.
+        if ty == "vxlan" {
+            lab.ip_in(
+                &base,
+                &[
+                    "link",
+                    "add",
+                    &dev,
+                    "type",
+                    "vxlan",
+                    "id",
+                    "1",
+                    "local",
+                    &base_ip,
+                    "dev",
+                    &base_link,
+                    "dstport",
+                    "8472",
+                    "nolearning",
+                ],
+            )?;
+            lab.ip_in(&base, &["link", "set", &dev, "up"])?;
+        }
+        let t0 = Instant::now();
+        if let Some(f) = &fdb_file {
+            crate::process::run(crate::process::command(
+                "bridge",
+                &["-n", &base, "-batch", f],
+            ))?;
+        }
+        lab.ip_in(&base, &["-batch", &ip_file])?;
+        batches.push(t0.elapsed());
+        let in_base = count_proc_routes(&lab.run_in(&base, &["cat", "/proc/net/route"])?);
+        if in_base != n {
+            return Err(LabError::Invalid(format!(
+                "the ip -batch baseline made {in_base} routes, not {n}"
+            )));
+        }
 
-    // The agent with N peers.
-    let t0 = Instant::now();
-    lab.spawn_agent(0)?;
-    let done = wait_routes(&mut lab, n, opts.timeout)?;
-    let start_to_routes = done.saturating_duration_since(t0);
+        // The agent with N peers (its lease exists: a restart).
+        let log_from = std::fs::metadata(&log_path).map_or(0, |m| m.len());
+        let t0 = Instant::now();
+        lab.spawn_agent(0)?;
+        let done = wait_routes(&mut lab, n, opts.timeout, log_from)?;
+        starts.push(done.saturating_duration_since(t0));
+        let log = lab.agent_log(0)?;
+        let tail = log.get(log_from as usize..).unwrap_or("");
+        applies.extend(log_field(tail, PROGRAMMED_MARK, "elapsed_ms"));
+        agent_subnet_file_ms = log_field(tail, "subnet file written", "elapsed_ms");
+        say(&format!(
+            "  {n} leases, round {}: start -> all routes {:.0} ms, agent apply {} ms; ip -batch {:.0} ms for {entries} entries",
+            round + 1,
+            ms(*starts.last().expect("pushed")),
+            applies.last().map_or("-".into(), |a| format!("{a:.0}")),
+            ms(*batches.last().expect("pushed"))
+        ));
+    }
+    let start_to_routes = median(&starts).unwrap_or_default();
+    let ip_batch = median(&batches).unwrap_or_default();
+    let agent_apply_ms = (!applies.is_empty()).then(|| median_f64(applies.iter().copied()));
     std::thread::sleep(Duration::from_secs(1));
     let rss = lab.agent_rss_kib(0)?;
-    let log = lab.agent_log(0)?;
-    let agent_apply_ms = log_field(&log, PROGRAMMED_MARK, "elapsed_ms");
-    let agent_subnet_file_ms = log_field(&log, "subnet file written", "elapsed_ms");
     say(&format!(
-        "  {n} leases: start -> all routes {:.0} ms (ip -batch {:.0} ms for {entries} entries), RSS {rss_idle} -> {rss} KiB",
+        "  {n} leases: median start -> all routes {:.0} ms (ip -batch {:.0} ms), RSS {rss_idle} -> {rss} KiB",
         ms(start_to_routes),
         ms(ip_batch)
     ));
@@ -920,6 +967,12 @@ fn scale(
         leave_p50_ms: p(&leave, 50),
         leave_p99_ms: p(&leave, 99),
         put_p50_ms: p(&put, 50),
+        rounds: starts
+            .iter()
+            .zip(&batches)
+            .map(|(s, b)| (ms(*s), ms(*b)))
+            .collect(),
+        agent_apply_rounds_ms: applies,
     };
     say(&format!(
         "  join p50/p99 {:.1}/{:.1} ms, leave p50/p99 {:.1}/{:.1} ms ({} samples; etcd put itself p50 {:.1} ms)",

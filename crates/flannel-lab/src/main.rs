@@ -86,6 +86,9 @@ enum Cmd {
         /// Join/leave samples per scale run (p99 wants about 100).
         #[arg(long, default_value_t = 100)]
         scale_joins: usize,
+        /// Alternating ip -batch / agent start rounds per scale run (medians).
+        #[arg(long, default_value_t = 3)]
+        scale_rounds: usize,
         /// Copy the agent log of each scale run into this directory.
         #[arg(long)]
         logs: Option<PathBuf>,
@@ -145,6 +148,7 @@ fn main() -> ExitCode {
                         sections,
                         scale,
                         scale_joins,
+                        scale_rounds,
                         logs,
                     } => {
                         let opts = BenchOptions {
@@ -165,6 +169,7 @@ fn main() -> ExitCode {
                             sections,
                             scale_counts: scale,
                             scale_joins,
+                            scale_rounds,
                             log_dir: logs,
                             ..BenchOptions::default()
                         };
