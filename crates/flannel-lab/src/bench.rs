@@ -24,7 +24,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::error::{LabError, Result};
-use crate::lab::{poll_until, Lab};
+use crate::lab::Lab;
 use crate::measure::{median, percentile};
 
 /// What to measure.
@@ -459,11 +459,6 @@ fn fake_lease_value(ty: &str, i: usize) -> String {
     attrs.encode()
 }
 
-fn count_lease_routes(lab: &Lab) -> Result<usize> {
-    let out = lab.ip_in(&lab.hosts()[0].ns, &["-4", "route", "show"])?;
-    Ok(out.lines().filter(|l| l.starts_with("10.")).count())
-}
-
 fn convergence(
     opts: &BenchOptions,
     backend: &Value,
@@ -486,20 +481,11 @@ fn convergence(
         .collect();
     // As flanneld writes them: each key on its own 24 h etcd lease.
     lab.etcd().put_many_leased(&kvs, LEASE_TTL_SECS)?;
+    let log_from = std::fs::metadata(lab.hosts()[0].log_file()).map_or(0, |m| m.len());
     let t0 = Instant::now();
     lab.spawn_agent(0)?;
-    let mut seen = 0;
-    poll_until(
-        &format!("{n} routes in the host"),
-        opts.timeout,
-        Duration::from_millis(20),
-        || {
-            lab.check_agent(0)?;
-            seen = count_lease_routes(&lab)?;
-            Ok(seen >= n)
-        },
-    )?;
-    let secs = t0.elapsed().as_secs_f64();
+    let done = wait_routes(&mut lab, n, opts.timeout, log_from)?;
+    let secs = done.saturating_duration_since(t0).as_secs_f64();
     let rss = lab.agent_rss_kib(0)?;
     say(&format!("  {n} leases: {secs:.2} s, RSS {rss} KiB"));
     report.convergence.push(Convergence {
