@@ -249,6 +249,15 @@ impl Etcd {
         Ok(())
     }
 
+    /// Puts `key` on the existing etcd lease `id` (e.g. granted ahead of a timed put).
+    pub fn put_on_lease(&self, key: &str, value: &str, id: i64) -> Result<()> {
+        self.call(
+            "/v3/kv/put",
+            json!({"key": b64(key.as_bytes()), "value": b64(value.as_bytes()), "lease": id.to_string()}),
+        )?;
+        Ok(())
+    }
+
     pub fn get(&self, key: &str) -> Result<Option<String>> {
         let v = self.call("/v3/kv/range", json!({"key": b64(key.as_bytes())}))?;
         match v

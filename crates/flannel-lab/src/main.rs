@@ -82,6 +82,22 @@ enum Cmd {
         /// Timed agent (re)starts.
         #[arg(long, default_value_t = 5)]
         starts: usize,
+        /// Comma-separated parts to run: throughput (with startup), convergence
+        /// (with churn), scale; or all.
+        #[arg(long, default_value = "all")]
+        sections: bench::Sections,
+        /// Comma-separated lease counts for the scale section.
+        #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000")]
+        scale: Vec<usize>,
+        /// Join/leave samples per scale run (p99 wants about 100).
+        #[arg(long, default_value_t = 100)]
+        scale_joins: usize,
+        /// Alternating ip -batch / agent start rounds per scale run (medians).
+        #[arg(long, default_value_t = 3)]
+        scale_rounds: usize,
+        /// Copy the agent log of each scale run into this directory.
+        #[arg(long)]
+        logs: Option<PathBuf>,
     },
     /// Remove the namespaces, processes and run directories of labs whose process
     /// is gone (or of the named lab, e.g. one left by `demo --keep`).
@@ -143,6 +159,11 @@ fn main() -> ExitCode {
                         leases,
                         joins,
                         starts,
+                        sections,
+                        scale,
+                        scale_joins,
+                        scale_rounds,
+                        logs,
                     } => {
                         let opts = BenchOptions {
                             backends: match backends
@@ -159,6 +180,11 @@ fn main() -> ExitCode {
                             lease_counts: leases,
                             joins,
                             starts,
+                            sections,
+                            scale_counts: scale,
+                            scale_joins,
+                            scale_rounds,
+                            log_dir: logs,
                             ..BenchOptions::default()
                         };
                         run_bench(&opts, json)
@@ -517,6 +543,53 @@ fn run_bench(opts: &BenchOptions, json_out: Option<PathBuf>) -> Result<()> {
                 s.backend, s.samples, s.median_ms, s.agent_rss_kib
             );
         }
+    }
+    if !report.scale.is_empty() {
+        println!(
+            "\nScale: N leases, each on its own 24 h etcd lease, public IPs over a /16 \
+             (same run; ip -batch writes the same kernel entries in a fresh namespace)"
+        );
+        println!(
+            "  {:<14} {:>6} {:>9} {:>9} {:>9} {:>6} {:>6} {:>8} {:>8} {:>7} {:>15} {:>15} {:>6}",
+            "BACKEND",
+            "LEASES",
+            "START ms",
+            "APPLY ms",
+            "IP-B ms",
+            "xSTART",
+            "xAPPLY",
+            "RSS0 KiB",
+            "RSS KiB",
+            "B/PEER",
+            "JOIN p50/p99",
+            "LEAVE p50/p99",
+            "PUT"
+        );
+        for s in &report.scale {
+            let opt =
+                |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
+            println!(
+                "  {:<14} {:>6} {:>9.0} {:>9} {:>9.0} {:>6.2} {:>6} {:>8} {:>8} {:>7.0} {:>15} {:>15} {:>6.1}",
+                s.backend,
+                s.leases,
+                s.start_to_routes_ms,
+                opt(s.agent_apply_ms, 0),
+                s.ip_batch_ms,
+                s.ratio_start,
+                opt(s.ratio_apply, 2),
+                s.rss_idle_kib,
+                s.rss_kib,
+                s.bytes_per_peer,
+                format!("{:.1}/{:.1}", s.join_p50_ms, s.join_p99_ms),
+                format!("{:.1}/{:.1}", s.leave_p50_ms, s.leave_p99_ms),
+                s.put_p50_ms
+            );
+        }
+        println!(
+            "  START: spawn -> all N routes; APPLY: the agent's own log, full lease set -> kernel \
+             programmed; xSTART/xAPPLY: ratio to ip -batch; B/PEER: (RSS - RSS0) / N; \
+             PUT: the bench's etcd put round trip (inside every join sample)"
+        );
     }
     for e in &report.errors {
         println!("\nerror: {e}");
