@@ -444,19 +444,7 @@ const LEASE_TTL_SECS: u64 = 24 * 3600;
 /// A lease value as the backend `ty` writes it, for a fake peer on the underlay.
 fn fake_lease_value(ty: &str, i: usize) -> String {
     // Fake peers sit on the underlay (198.18.0.2-.250) so host-gw routes resolve.
-    let ip = Ipv4Addr::new(198, 18, 0, 2 + (i % 249) as u8);
-    let mut attrs = LeaseAttrs::new(ip);
-    attrs.backend_type = ty.to_string();
-    if ty == "vxlan" {
-        attrs.backend_data = Some(
-            VxlanData {
-                vni: 1,
-                vtep_mac: MacAddr::random_local(&mut rand::rng()),
-            }
-            .encode(),
-        );
-    }
-    attrs.encode()
+    crate::leases::peer_lease_value(ty, Ipv4Addr::new(198, 18, 0, 2 + (i % 249) as u8))
 }
 
 fn convergence(
