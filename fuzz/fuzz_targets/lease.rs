@@ -1,8 +1,9 @@
 //! What another node wrote to the store: a lease key (the etcd key's last element),
-//! a lease value (`LeaseAttrs` JSON) and the vxlan BackendData inside it.
+//! a lease value (`LeaseAttrs` JSON) and the vxlan or wireguard BackendData inside it.
 #![no_main]
 
-use flannel_core::{LeaseAttrs, LeaseKey, MacAddr, VxlanData};
+use flannel_core::wireguard::{decode_key, encode_key};
+use flannel_core::{LeaseAttrs, LeaseKey, MacAddr, VxlanData, WireguardData};
 use libfuzzer_sys::fuzz_target;
 use serde_json::value::RawValue;
 
@@ -11,6 +12,18 @@ fn vxlan_round_trip(raw: &RawValue) {
         let enc = d.encode();
         assert_eq!(VxlanData::decode(&enc), Ok(d), "{}", enc.get());
     }
+}
+
+fn wireguard_round_trip(raw: &RawValue) {
+    if let Ok(d) = WireguardData::decode(raw) {
+        let enc = d.encode();
+        assert_eq!(WireguardData::decode(&enc), Ok(d), "{}", enc.get());
+    }
+}
+
+fn backend_data_round_trip(raw: &RawValue) {
+    vxlan_round_trip(raw);
+    wireguard_round_trip(raw);
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -38,11 +51,16 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(back.backend_type, a.backend_type);
         assert_eq!(back.encode(), enc);
         for raw in [&a.backend_data, &a.backend_v6_data].into_iter().flatten() {
-            vxlan_round_trip(raw);
+            backend_data_round_trip(raw);
         }
     }
 
     if let Ok(raw) = RawValue::from_string(text.to_string()) {
-        vxlan_round_trip(&raw);
+        backend_data_round_trip(&raw);
+    }
+
+    // A public key as it stands in the lease or in the key file.
+    if let Ok(k) = decode_key(text) {
+        assert_eq!(decode_key(&encode_key(&k)), Ok(k), "{text:?}");
     }
 });
