@@ -143,13 +143,14 @@ fuzz_target!(|data: &[u8]| {
     // stdin unchanged, through a BackendData Go would have written.
     let quoted = go_json_string(template);
     assert!(!quoted.contains(['<', '>', '&', '\u{2028}', '\u{2029}']));
+    let mut attrs = LeaseAttrs::new(Ipv4Addr::new(192, 168, 1, 7));
+    attrs.backend_type = "extension".into();
+    attrs.backend_data = Some(backend_data(template).expect("a JSON string"));
     let mut lease = Lease {
         key: "10.244.7.0-24".parse().unwrap(),
-        attrs: LeaseAttrs::new(Ipv4Addr::new(192, 168, 1, 7)),
+        attrs: attrs.into(),
         expiration: None,
     };
-    lease.attrs.backend_type = "extension".into();
-    lease.attrs.backend_data = Some(backend_data(template).expect("a JSON string"));
     let (env, stdin) = peer_input(&lease).expect("BackendData is a JSON string");
     assert_eq!(stdin, format!("{template}\n"));
     assert_eq!(
@@ -163,7 +164,7 @@ fuzz_target!(|data: &[u8]| {
     // Any other BackendData a peer may have written: a string or an error.
     if let Ok(raw) = RawValue::from_string(text.to_string()) {
         let is_string = serde_json::from_str::<String>(raw.get()).ok();
-        lease.attrs.backend_data = Some(raw);
+        std::sync::Arc::make_mut(&mut lease.attrs).backend_data = Some(raw);
         match peer_input(&lease) {
             Ok((_, stdin)) => assert_eq!(Some(stdin), is_string.map(|s| s + "\n")),
             Err(_) => assert!(is_string.is_none()),

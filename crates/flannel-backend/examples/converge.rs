@@ -34,7 +34,7 @@ fn peer(i: usize, ty: &str) -> Lease {
     }
     Lease {
         key: format!("10.{}.{}.0-24", i / 256, i % 256).parse().unwrap(),
-        attrs,
+        attrs: attrs.into(),
         expiration: None,
     }
 }
@@ -98,7 +98,7 @@ async fn run(ty: &str, n: usize) {
     .unwrap();
     let own = Lease {
         key: "10.255.255.0-24".parse().unwrap(),
-        attrs: LeaseAttrs::new(Ipv4Addr::new(198, 18, 0, 1)),
+        attrs: LeaseAttrs::new(Ipv4Addr::new(198, 18, 0, 1)).into(),
         expiration: None,
     };
     let peers: Vec<Lease> = (0..n).map(|i| peer(i, ty)).collect();

@@ -143,7 +143,7 @@ async fn extension_runs_its_commands() {
     assert_eq!(attrs.public_ip.to_string(), "198.18.0.1");
     let own = Lease {
         key: "10.244.1.0-24".parse().unwrap(),
-        attrs: attrs.clone(),
+        attrs: attrs.clone().into(),
         expiration: None,
     };
     be.start(&conf, &own).await.unwrap();
@@ -152,12 +152,12 @@ async fn extension_runs_its_commands() {
     peer_attrs.backend_data = Some(raw(r#""peer-data""#));
     let peer = Lease {
         key: "10.244.2.0-24".parse().unwrap(),
-        attrs: peer_attrs,
+        attrs: peer_attrs.into(),
         expiration: None,
     };
     let mut other = peer.clone();
     other.key = "10.244.3.0-24".parse().unwrap();
-    other.attrs.backend_type = "vxlan".into();
+    std::sync::Arc::make_mut(&mut other.attrs).backend_type = "vxlan".into();
     be.reconcile(&[peer.clone(), other]).await.unwrap();
     // Same set again: nothing runs.
     be.reconcile(std::slice::from_ref(&peer)).await.unwrap();

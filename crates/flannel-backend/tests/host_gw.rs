@@ -77,10 +77,10 @@ async fn unreachable_peers_are_refused_others_kept() {
     ]);
     let mut far = lb.clone();
     far.key = "10.244.3.0-24".parse().unwrap();
-    far.attrs.public_ip = "203.0.113.5".parse().unwrap();
+    std::sync::Arc::make_mut(&mut far.attrs).public_ip = "203.0.113.5".parse().unwrap();
     let mut foreign = lb.clone();
     foreign.key = "10.244.4.0-24".parse().unwrap();
-    foreign.attrs.backend_type = "vxlan".into();
+    std::sync::Arc::make_mut(&mut foreign.attrs).backend_type = "vxlan".into();
     ba.reconcile(&[lb.clone(), far.clone(), foreign])
         .await
         .unwrap();

@@ -74,9 +74,9 @@ fn moved(l: &Lease, key: Option<&str>, ip: &str, mac: &str) -> Lease {
     if let Some(k) = key {
         m.key = k.parse().unwrap();
     }
-    m.attrs.public_ip = ip.parse().unwrap();
+    std::sync::Arc::make_mut(&mut m.attrs).public_ip = ip.parse().unwrap();
     let data = format!(r#"{{"VNI":1,"VtepMAC":"{mac}"}}"#);
-    m.attrs.backend_data = Some(raw(&data));
+    std::sync::Arc::make_mut(&mut m.attrs).backend_data = Some(raw(&data));
     m
 }
 
@@ -426,8 +426,8 @@ async fn bad_and_foreign_leases_are_skipped() {
     let mk = |key: &str, ty: &str, data: Option<&str>| {
         let mut l = lb.clone();
         l.key = key.parse().unwrap();
-        l.attrs.backend_type = ty.into();
-        l.attrs.backend_data = data.map(raw);
+        std::sync::Arc::make_mut(&mut l.attrs).backend_type = ty.into();
+        std::sync::Arc::make_mut(&mut l.attrs).backend_data = data.map(raw);
         l
     };
     let peers = vec![

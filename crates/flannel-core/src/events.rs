@@ -122,7 +122,7 @@ mod tests {
     fn lease(key: &str, ip: &str) -> Lease {
         Lease {
             key: key.parse().unwrap(),
-            attrs: LeaseAttrs::new(ip.parse().unwrap()),
+            attrs: LeaseAttrs::new(ip.parse().unwrap()).into(),
             expiration: None,
         }
     }

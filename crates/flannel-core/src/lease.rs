@@ -4,7 +4,7 @@
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use ipnet::{Ipv4Net, Ipv6Net};
@@ -226,7 +226,11 @@ fn compact(raw: &RawValue) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     pub key: LeaseKey,
-    pub attrs: LeaseAttrs,
+    /// Shared, not copied: the store's tracker, the peer filter and the backend each
+    /// keep every peer's lease, and at 5000 peers three copies of the attributes
+    /// (with their two heap strings) were most of the agent's memory per peer.
+    /// Change one with `Arc::make_mut`.
+    pub attrs: Arc<LeaseAttrs>,
     /// For this host's own lease: when it expires (`None`: a reservation, a key
     /// without TTL). Other hosts' leases carry `None`: their expiry is not looked
     /// up (one etcd round trip per lease) because nothing needs it.

@@ -373,7 +373,7 @@ mod tests {
     fn lease_of(key: LeaseKey) -> Lease {
         Lease {
             key,
-            attrs: LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 1)),
+            attrs: LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 1)).into(),
             expiration: None,
         }
     }

@@ -189,7 +189,7 @@ async fn acquire_publishes_annotations_exactly_once() -> Result<()> {
     let attrs = vxlan_attrs("192.168.10.1", "12:c6:65:89:b4:e3");
     let lease = store.acquire(&config, &request(attrs.clone())).await?;
     assert_eq!(lease.key, key("10.244.1.0-24"));
-    assert_eq!(lease.attrs, attrs);
+    assert_eq!(*lease.attrs, attrs);
 
     let node = env.fake.node("n1").context("n1")?;
     let want: BTreeMap<String, String> = [

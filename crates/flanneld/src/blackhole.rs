@@ -115,7 +115,7 @@ mod tests {
         let mut key: LeaseKey = "10.244.3.0-24".parse().unwrap();
         let lease = Lease {
             key,
-            attrs: LeaseAttrs::new("192.0.2.1".parse().unwrap()),
+            attrs: LeaseAttrs::new("192.0.2.1".parse().unwrap()).into(),
             expiration: None,
         };
         let r = wanted(&lease, true);

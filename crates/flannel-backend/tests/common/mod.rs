@@ -33,7 +33,7 @@ impl Host {
         let key = format!("{}-24", self.subnet.trim_end_matches("/24"));
         Lease {
             key: key.parse().unwrap(),
-            attrs: attrs.clone(),
+            attrs: attrs.clone().into(),
             expiration: None,
         }
     }

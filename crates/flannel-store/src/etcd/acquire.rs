@@ -78,7 +78,7 @@ pub(crate) async fn list(ops: &Ops, keys: &KeyLayout) -> Result<Listing, StoreEr
             etcd_lease: kv.lease(),
             lease: Lease {
                 key,
-                attrs,
+                attrs: attrs.into(),
                 expiration: None,
             },
         })
@@ -280,7 +280,7 @@ pub(crate) async fn acquire(
                     tracing::info!("acquired lease {etcd_key}");
                     let lease = Lease {
                         key,
-                        attrs: req.attrs.clone(),
+                        attrs: req.attrs.clone().into(),
                         expiration: Some(expiration),
                     };
                     return Ok((lease, listing));
@@ -326,7 +326,7 @@ pub(crate) async fn rewrite(
     };
     Ok(Lease {
         key,
-        attrs: req.attrs.clone(),
+        attrs: req.attrs.clone().into(),
         expiration,
     })
 }
@@ -335,7 +335,7 @@ pub(crate) async fn rewrite(
 /// without one).
 pub(crate) async fn renew(ops: &Ops, keys: &KeyLayout, lease: &Lease) -> Result<Lease, StoreError> {
     let req = AcquireRequest {
-        attrs: lease.attrs.clone(),
+        attrs: LeaseAttrs::clone(&lease.attrs),
         previous: Default::default(),
     };
     rewrite(
@@ -371,7 +371,7 @@ mod tests {
             etcd_lease: 1,
             lease: Lease {
                 key: k,
-                attrs: LeaseAttrs::new(ip.parse().unwrap()),
+                attrs: LeaseAttrs::new(ip.parse().unwrap()).into(),
                 expiration: None,
             },
         }
@@ -478,7 +478,8 @@ mod tests {
         assert!(!w.fits(&"10.5.1.0-24".parse().unwrap()), "v6 part required");
         assert!(w.fits(&"10.5.1.0-24&fd00:10:5:1::-64".parse().unwrap()));
         let mut mine = listed("10.5.1.0-24&fd00:10:5:1::-64", "1.1.1.1");
-        mine.lease.attrs.public_ipv6 = Some("fd01::1".parse().unwrap());
+        std::sync::Arc::make_mut(&mut mine.lease.attrs).public_ipv6 =
+            Some("fd01::1".parse().unwrap());
         let mut r = req("1.1.1.1", None);
         r.attrs.public_ipv6 = Some("fd01::2".parse().unwrap());
         let (_, p) = plan(std::slice::from_ref(&mine), &[], &w, &r).unwrap();

@@ -191,7 +191,7 @@ fn apply(keys: &KeyLayout, tracker: &mut LeaseTracker, events: &[Event]) -> Vec<
         match c {
             Change::Put(key, attrs) => out.extend(tracker.put(Lease {
                 key,
-                attrs,
+                attrs: attrs.into(),
                 expiration: None,
             })),
             Change::Delete(key) => out.extend(tracker.delete(&key)),
@@ -306,7 +306,7 @@ async fn renewed(ops: &Ops, own: &Lease, kv: &etcd_client::KeyValue) -> Result<L
         .map_err(|e| e.to_string())
         .and_then(|v| LeaseAttrs::decode(v).map_err(|e| e.to_string()))
     {
-        Ok(a) => a,
+        Ok(a) => a.into(),
         Err(e) => {
             tracing::warn!(
                 "this host's lease key {} holds an unusable value ({e}); keeping our attributes",

@@ -571,7 +571,7 @@ impl KubeStore {
         self.own.send_replace(OwnNode::Present);
         Ok(Lease {
             key,
-            attrs: req.attrs.clone(),
+            attrs: req.attrs.clone().into(),
             expiration: None,
         })
     }

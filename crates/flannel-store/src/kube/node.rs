@@ -115,7 +115,7 @@ pub fn node_to_lease(
         .to_string();
     Ok(Lease {
         key,
-        attrs,
+        attrs: attrs.into(),
         expiration: None,
     })
 }
