@@ -483,6 +483,9 @@ fn wireguard_operations() {
     let mut lab = Lab::builder()
         .hosts(3)
         .config_json(OPS_CONFIG)
+        // Without masquerading, so that a spoofed source (below) leaves host 2 as it is
+        // instead of being rewritten to host 2's own address.
+        .ip_masq(false)
         .agent_arg("--healthz-ip=0.0.0.0")
         .agent_arg(&format!("--healthz-port={HEALTH_PORT}"))
         .timeout(DEADLINE)
@@ -668,6 +671,51 @@ fn wireguard_operations() {
                 && drops(&lab, 1, "unknown_key") >= unknown0 + 1.0
                 && drops(&lab, 1, "auth_failed") >= auth0 + 1.0)
         },
+    )
+    .unwrap();
+    // Cryptokey routing: host 2 (a real peer, authenticated) sends from an address
+    // outside its subnet; host 1 decrypts and drops it.
+    let h2 = lab.hosts()[2].ns.clone();
+    let spoof = "10.244.250.9";
+    let spoofed0 = drops(&lab, 1, "source_not_allowed");
+    lab.ip_in(
+        &h2,
+        &["addr", "add", &format!("{spoof}/32"), "dev", "flannel-wg"],
+    )
+    .unwrap();
+    let out = lab
+        .exec_in(
+            &h2,
+            &[
+                "ping",
+                "-n",
+                "-c",
+                "3",
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                "-I",
+                spoof,
+                &ip(&lab, pods[1]).to_string(),
+            ],
+        )
+        .unwrap();
+    lab.ip_in(
+        &h2,
+        &["addr", "del", &format!("{spoof}/32"), "dev", "flannel-wg"],
+    )
+    .unwrap();
+    assert!(
+        !out.status.success(),
+        "a spoofed source got answers: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    poll_until(
+        "the spoofed packets to be counted",
+        DEADLINE,
+        Duration::from_millis(100),
+        || Ok(drops(&lab, 1, "source_not_allowed") >= spoofed0 + 3.0),
     )
     .unwrap();
     let n = ping.replies().len();
