@@ -54,6 +54,8 @@ pub struct WireguardBackend {
     uapi: Option<tokio::task::JoinHandle<()>>,
     /// Made before the device so that metrics can hold it from the start.
     counters: Arc<DeviceCounters>,
+    /// A copy of the device's socket, to greet new peers the moment they are added.
+    greeter: Option<std::net::UdpSocket>,
     /// The peer each lease stands for, by lease key.
     peers: BTreeMap<LeaseKey, PeerSpec>,
 }
@@ -68,6 +70,7 @@ impl WireguardBackend {
             device: None,
             uapi: None,
             counters: Arc::new(DeviceCounters::default()),
+            greeter: None,
             peers: BTreeMap::new(),
         })
     }
@@ -116,6 +119,13 @@ impl WireguardBackend {
         }
         for p in self.peers.values() {
             s.set_peer(p.clone());
+        }
+        if let Some(sock) = &self.greeter {
+            let mut out = [0u8; 256];
+            s.greet(&mut out, |d, to| {
+                // Best effort: boringtun retries a lost initiation after 5 s.
+                let _ = sock.send_to(d, to);
+            });
         }
     }
 
@@ -202,6 +212,13 @@ impl Backend for WireguardBackend {
             }
         };
         let inherited = handles.inherited;
+        self.greeter = match handles.sock.try_clone() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "cannot copy the wireguard socket; new peers are greeted at the next tick");
+                None
+            }
+        };
         let device = Device::start_with(handles, sessions.clone(), self.counters.clone())
             .map_err(BackendError::kernel(format!("start {DEVICE}")))?;
         let index = flannel_udp::netconf::configure(

@@ -387,6 +387,14 @@ impl Sessions {
                 send(b, p.spec.endpoint);
             }
         }
+        self.greet(out, send);
+    }
+
+    /// Sends the handshake initiations new peers are owed (at most
+    /// `GREETINGS_PER_TICK`; [`Sessions::tick`] sends the rest later). Called by
+    /// `tick`, and by the owner right after it added peers, so that a restarted
+    /// node does not wait for the next tick to replace its peers' dead sessions.
+    pub fn greet(&mut self, out: &mut [u8], mut send: impl FnMut(&[u8], SocketAddr)) {
         for p in self
             .peers
             .iter_mut()
