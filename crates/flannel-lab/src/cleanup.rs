@@ -58,11 +58,31 @@ pub fn delete_namespaces(prefix: &str) -> Vec<LabError> {
         Err(e) => return vec![e],
     };
     for ns in names.iter().filter(|n| belongs(n, prefix)) {
+        release_keepers(ns);
         if let Err(e) = ip(&["netns", "del", ns]) {
             errors.push(e);
         }
     }
     errors
+}
+
+/// Deletes the TUN devices in `ns` first. An agent's fd keeper (udp, wireguard)
+/// lives in the namespace and holds its TUN device; it exits when the device is
+/// deleted. `ip netns del` alone only drops the name: the keeper would keep the
+/// namespace, its device and itself alive for good. Best effort: an error here
+/// shows up as a leftover keeper, not as a failed teardown.
+fn release_keepers(ns: &str) {
+    let Ok(out) = ip(&["-n", ns, "-o", "link", "show", "type", "tun"]) else {
+        return;
+    };
+    for name in out
+        .lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
+        .filter(|n| !n.is_empty())
+    {
+        let _ = ip(&["-n", ns, "link", "del", &name]);
+    }
 }
 
 /// The lab prefix (`flab-<pid>-<n>`) a namespace or directory name starts with,

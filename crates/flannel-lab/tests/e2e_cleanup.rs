@@ -43,6 +43,13 @@ fn host_gw_iptables_mode_cleanup_restores_a_fresh_host() {
     cleanup_scenario("e2e_cleanup host-gw/iptables", "host-gw", false, false);
 }
 
+/// The userspace wireguard device outlives a SIGTERM'd agent (its fd keeper holds
+/// it): the cleanup must stop the keeper and remove the device.
+#[test]
+fn wireguard_nftables_mode_cleanup_restores_a_fresh_host() {
+    cleanup_scenario("e2e_cleanup wireguard/nftables", "wireguard", true, false);
+}
+
 #[test]
 fn vxlan_nftables_mode_cleanup_restores_the_host_with_foreign_state() {
     cleanup_scenario("e2e_cleanup vxlan/nftables", "vxlan", true, true);
@@ -363,8 +370,17 @@ fn run_cleanup(lab: &Lab, h: usize, round: &str) {
     let host = &lab.hosts()[h];
     let flanneld = lab.agent_command(h).unwrap()[0].clone();
     let subnet_file = format!("--subnet-file={}", host.subnet_file().display());
+    // The host's own wireguard socket directory, as its agent had (the lab's
+    // hosts share one filesystem).
+    let socket_dir = format!(
+        "FLANNEL_WG_SOCKET_DIR={}",
+        host.dir.join("wireguard").display()
+    );
     let out = lab
-        .exec_in(&host.ns, &[&flanneld, "--cleanup", &subnet_file])
+        .exec_in(
+            &host.ns,
+            &["env", &socket_dir, &flanneld, "--cleanup", &subnet_file],
+        )
         .unwrap();
     assert!(
         out.status.success(),
@@ -415,10 +431,21 @@ fn cleanup_scenario(what: &str, backend: &str, nft: bool, foreign: bool) {
     let running = snapshot(&lab, &ns);
     // The run left its marks (so the comparison below can fail).
     let routes = running["ip route show table all"].join("\n");
-    assert!(
-        routes.contains(&format!("{peer_subnet} via ")),
-        "no route to the peer's {peer_subnet}:\n{routes}"
-    );
+    if backend == "wireguard" {
+        // One route for the whole network; the peers are behind the device.
+        assert!(
+            routes.contains(&format!(
+                "{} dev flannel-wg",
+                flannel_lab::lab::DEFAULT_NETWORK
+            )),
+            "no route over flannel-wg:\n{routes}"
+        );
+    } else {
+        assert!(
+            routes.contains(&format!("{peer_subnet} via ")),
+            "no route to the peer's {peer_subnet}:\n{routes}"
+        );
+    }
     let own = lab.host_subnet(0).unwrap();
     let blackhole = format!("blackhole {own} proto 70 metric 1000000");
     assert!(
@@ -454,6 +481,10 @@ fn cleanup_scenario(what: &str, backend: &str, nft: bool, foreign: bool) {
         let links = running["ip -d link"].join("\n");
         assert!(links.contains(" flannel.1: "), "{links}");
     }
+    if backend == "wireguard" {
+        let links = running["ip -d link"].join("\n");
+        assert!(links.contains(" flannel-wg: "), "{links}");
+    }
     if nft {
         let rules = running["nft list ruleset"].join("\n");
         assert!(rules.contains("table ip flannel-ipv4"), "{rules}");
@@ -469,7 +500,15 @@ fn cleanup_scenario(what: &str, backend: &str, nft: bool, foreign: bool) {
     assert!(st.success(), "flanneld exit on SIGTERM: {st}");
     // SIGTERM leaves everything in place (hitless restart): the cleanup has work.
     assert!(lab.subnet_file(0).unwrap().is_some());
-    assert_ne!(differences(&before, &snapshot(&lab, &ns)), "");
+    let stopped = snapshot(&lab, &ns);
+    assert_ne!(differences(&before, &stopped), "");
+    if backend == "wireguard" {
+        let links = stopped["ip -d link"].join("\n");
+        assert!(
+            links.contains(" flannel-wg: "),
+            "the keeper did not hold flannel-wg past SIGTERM:\n{links}"
+        );
+    }
 
     run_cleanup(&lab, 0, "first cleanup");
     assert!(

@@ -85,10 +85,6 @@ impl Agent {
         let mut backend =
             crate::backends::new(&config, ext.clone(), netlink.clone(), backend_opts)?;
         let resync_every = backend.resync_interval();
-        if let Some(source) = backend.packet_stats() {
-            self.metrics
-                .set_packet_source(&config.backend.backend_type, source);
-        }
         let mut attrs = backend
             .register(&config)
             .await
@@ -116,6 +112,11 @@ impl Agent {
             .start(&config, &lease)
             .await
             .context("starting the backend")?;
+        // After start: a backend's data path (and so its counters) may exist only now.
+        if let Some(source) = backend.packet_stats() {
+            self.metrics
+                .set_packet_source(&config.backend.backend_type, source);
+        }
         self.readiness.set_backend_ready(true);
 
         let rules = traffic_rules::wanted(&self.opts, &config, &lease);

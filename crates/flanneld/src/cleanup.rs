@@ -55,6 +55,17 @@ pub async fn run(opts: &Options) -> Result<()> {
         .context("opening a netlink socket")?;
     let mut errors = Vec::new();
 
+    // The userspace wireguard device's fd keeper and UAPI socket: the keeper first,
+    // or it would hold the device while the loop below deletes it.
+    match flannel_backend::wireguard::cleanup() {
+        Ok(true) => info!(
+            device = flannel_backend::wireguard::DEVICE,
+            "wireguard device, keeper and UAPI socket removed"
+        ),
+        Ok(false) => {}
+        Err(e) => errors.push(format!("wireguard: {e}")),
+    }
+
     for link in netlink.links().await.context("listing links")? {
         if is_flannel_link(&link.name, link.kind.as_deref()) {
             match netlink.link_del(link.index).await {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use flannel_core::{Lease, LeaseAttrs, LeaseEvent, LeaseKey, NetworkConfig, WireguardData};
 use flannel_net::netlink::{Netlink, Route, RT_SCOPE_LINK};
-use flannel_udp::wireguard::device::Device;
+use flannel_udp::wireguard::device::{Device, DeviceCounters, Handles};
 use flannel_udp::wireguard::{uapi, PeerSpec, Sessions};
 use ipnet::IpNet;
 use serde_json::value::RawValue;
@@ -15,10 +15,35 @@ use tracing::{info, warn};
 
 use super::config::WireguardConfig;
 use super::key::{key_file_path, PrivateKey};
-use crate::{Backend, BackendError, ExternalInterface, RTPROT_FLANNEL};
+use crate::{
+    Backend, BackendError, ExternalInterface, PacketStats, PacketStatsSource, RTPROT_FLANNEL,
+};
 
 /// Upstream's IPv4 device name.
 pub const DEVICE: &str = "flannel-wg";
+
+/// Present when the kernel has its WireGuard module loaded (or built in).
+const KERNEL_MODULE: &str = "/sys/module/wireguard";
+
+/// For `flanneld --cleanup`: stops the fd keeper of `flannel-wg` (the device goes
+/// with it) and removes the UAPI socket, in the calling thread's network
+/// namespace. Ok(false) when there was nothing to remove.
+pub fn cleanup() -> Result<bool, BackendError> {
+    let device = flannel_udp::remove_device(DEVICE)
+        .map_err(BackendError::kernel(format!("remove {DEVICE}")))?;
+    let path = uapi::socket_path(DEVICE);
+    let socket = match std::fs::remove_file(&path) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => {
+            return Err(BackendError::Other(format!(
+                "removing {}: {e}",
+                path.display()
+            )))
+        }
+    };
+    Ok(device || socket)
+}
 
 pub struct WireguardBackend {
     cfg: WireguardConfig,
@@ -27,6 +52,10 @@ pub struct WireguardBackend {
     sessions: Option<Arc<Mutex<Sessions>>>,
     device: Option<Device>,
     uapi: Option<tokio::task::JoinHandle<()>>,
+    /// Made before the device so that metrics can hold it from the start.
+    counters: Arc<DeviceCounters>,
+    /// A copy of the device's socket, to greet new peers the moment they are added.
+    greeter: Option<std::net::UdpSocket>,
     /// The peer each lease stands for, by lease key.
     peers: BTreeMap<LeaseKey, PeerSpec>,
 }
@@ -40,6 +69,8 @@ impl WireguardBackend {
             sessions: None,
             device: None,
             uapi: None,
+            counters: Arc::new(DeviceCounters::default()),
+            greeter: None,
             peers: BTreeMap::new(),
         })
     }
@@ -89,6 +120,13 @@ impl WireguardBackend {
         for p in self.peers.values() {
             s.set_peer(p.clone());
         }
+        if let Some(sock) = &self.greeter {
+            let mut out = [0u8; 256];
+            s.greet(&mut out, |d, to| {
+                // Best effort: boringtun retries a lost initiation after 5 s.
+                let _ = sock.send_to(d, to);
+            });
+        }
     }
 
     fn public_ip(&self) -> Result<Ipv4Addr, BackendError> {
@@ -112,7 +150,8 @@ impl Backend for WireguardBackend {
         let path = key_file_path();
         let key = PrivateKey::load_or_create(&path)?;
         let public_key = key.public_key();
-        info!(key_file = %path.display(), public_key = %public_key, "wireguard key");
+        // No key material in the log, not even the public key (it is in the lease).
+        info!(key_file = %path.display(), "wireguard key loaded");
         self.sessions = Some(Arc::new(Mutex::new(Sessions::new(key.secret().clone()))));
         let mut attrs = LeaseAttrs::new(self.public_ip()?);
         attrs.backend_type = "wireguard".into();
@@ -134,20 +173,53 @@ impl Backend for WireguardBackend {
             .sessions
             .clone()
             .ok_or_else(|| BackendError::Other("wireguard: start before register".into()))?;
-        // As upstream: a device left from before is replaced.
-        if let Some(old) = self
-            .nl
-            .link_by_name(DEVICE)
-            .await
-            .map_err(BackendError::kernel(format!("look up {DEVICE}")))?
-        {
-            self.nl
-                .link_del(old.index)
-                .await
-                .map_err(BackendError::kernel(format!("delete the old {DEVICE}")))?;
-        }
         let listen = SocketAddr::from(([0, 0, 0, 0], self.cfg.listen_port));
-        let device = Device::start(DEVICE, listen, sessions.clone())
+        let keep = flannel_udp::keeper::hook_installed();
+        let inherited = if keep {
+            match Handles::inherit(DEVICE, listen) {
+                Ok(h) => h,
+                Err(e) => {
+                    warn!(device = DEVICE, error = %e, "cannot take over the previous device; making a new one");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let handles = match inherited {
+            Some(h) => h,
+            None => {
+                // As upstream: a device left from before is replaced.
+                if let Some(old) = self
+                    .nl
+                    .link_by_name(DEVICE)
+                    .await
+                    .map_err(BackendError::kernel(format!("look up {DEVICE}")))?
+                {
+                    self.nl
+                        .link_del(old.index)
+                        .await
+                        .map_err(BackendError::kernel(format!("delete the old {DEVICE}")))?;
+                }
+                let h = Handles::open(DEVICE, listen)
+                    .map_err(BackendError::kernel(format!("open {DEVICE}")))?;
+                if keep {
+                    if let Err(e) = h.keep(DEVICE) {
+                        warn!(device = DEVICE, error = %e, "cannot start the fd keeper; a restart will drop packets until the new agent is up");
+                    }
+                }
+                h
+            }
+        };
+        let inherited = handles.inherited;
+        self.greeter = match handles.sock.try_clone() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "cannot copy the wireguard socket; new peers are greeted at the next tick");
+                None
+            }
+        };
+        let device = Device::start_with(handles, sessions.clone(), self.counters.clone())
             .map_err(BackendError::kernel(format!("start {DEVICE}")))?;
         let index = flannel_udp::netconf::configure(
             &self.nl,
@@ -175,11 +247,20 @@ impl Backend for WireguardBackend {
                 .map_err(|e| BackendError::Other(format!("wireguard UAPI socket: {e}")))?,
         );
         self.device = Some(device);
+        let kernel_module = std::path::Path::new(KERNEL_MODULE).exists();
         info!(
             device = DEVICE,
             port = self.cfg.listen_port,
             mtu = self.mtu(),
-            "wireguard backend started: userspace data path (boringtun sessions, one TUN queue, a packet per system call)"
+            inherited,
+            data_path = "userspace",
+            kernel_wireguard = kernel_module,
+            "wireguard backend started: userspace data path (boringtun sessions on TUN {DEVICE}, one queue, a packet per system call){}",
+            if kernel_module {
+                "; the kernel's wireguard module is present, but its device is not used yet"
+            } else {
+                ""
+            }
         );
         Ok(())
     }
@@ -195,6 +276,20 @@ impl Backend for WireguardBackend {
             .collect();
         self.push_peers();
         Ok(())
+    }
+
+    fn packet_stats(&self) -> Option<PacketStatsSource> {
+        let c = self.counters.clone();
+        Some(Arc::new(move || {
+            use std::sync::atomic::Ordering::Relaxed;
+            PacketStats {
+                tx_packets: c.tx_packets.load(Relaxed),
+                tx_bytes: c.tx_bytes.load(Relaxed),
+                rx_packets: c.rx_packets.load(Relaxed),
+                rx_bytes: c.rx_bytes.load(Relaxed),
+                drops: c.drops(),
+            }
+        }))
     }
 
     async fn apply(&mut self, events: &[LeaseEvent]) -> Result<(), BackendError> {

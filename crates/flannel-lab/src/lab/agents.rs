@@ -63,8 +63,9 @@ impl Lab {
         let mut cmd = command("ip", &["netns", "exec", &host.ns]);
         cmd.args(&argv);
         // Every host has its own files, as its own machine would: the wireguard
-        // backend's key (the hosts share one filesystem).
+        // backend's key and its UAPI socket (the hosts share one filesystem).
         cmd.env("WIREGUARD_KEY_FILE", host.dir.join("wgkey"));
+        cmd.env("FLANNEL_WG_SOCKET_DIR", host.dir.join("wireguard"));
         for (k, v) in &self.agent_env {
             cmd.env(k, v);
         }

@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::{Action, DropReason, Sessions};
+use crate::keeper;
 use crate::tun::{self, QueueFlags};
 use crate::UdpError;
 
@@ -65,21 +66,26 @@ impl Device {
         listen: SocketAddr,
         sessions: Arc<Mutex<Sessions>>,
     ) -> Result<Device, UdpError> {
-        let (tun, _) = tun::open_queue(
-            name,
-            QueueFlags {
-                vnet_hdr: false,
-                multi_queue: false,
-            },
+        Self::start_with(
+            Handles::open(name, listen)?,
+            sessions,
+            Arc::new(DeviceCounters::default()),
         )
-        .map_err(|e| UdpError::io(format!("open TUN {name}"), e))?;
-        let sock =
-            UdpSocket::bind(listen).map_err(|e| UdpError::io(format!("bind UDP {listen}"), e))?;
+    }
+
+    /// Starts carrying packets over handles already open (fresh or from a
+    /// keeper), counting into `counters` (which the caller may have handed to
+    /// metrics before the device existed).
+    pub fn start_with(
+        handles: Handles,
+        sessions: Arc<Mutex<Sessions>>,
+        counters: Arc<DeviceCounters>,
+    ) -> Result<Device, UdpError> {
+        let Handles { tun, sock, .. } = handles;
         sock.set_read_timeout(Some(TICK))
             .map_err(|e| UdpError::io("UDP read timeout", e))?;
         let tun = Arc::new(tun);
         let stop = Arc::new(AtomicBool::new(false));
-        let counters = Arc::new(DeviceCounters::default());
         let sock = Arc::new(sock);
         let mut threads = Vec::new();
         {
@@ -138,6 +144,84 @@ impl Drop for Device {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+    }
+}
+
+/// How [`Handles::open`] opens the TUN; an inherited queue must match.
+const TUN_FLAGS: QueueFlags = QueueFlags {
+    vnet_hdr: false,
+    multi_queue: false,
+};
+
+/// The kernel objects a device runs on: its TUN queue and UDP socket. Obtained
+/// fresh, or from the fd keeper that held them while no agent ran (so packets
+/// waited in the TUN queue and the socket buffer instead of being dropped).
+pub struct Handles {
+    pub tun: OwnedFd,
+    pub sock: UdpSocket,
+    /// They came from a keeper: the device with its address and route survived.
+    pub inherited: bool,
+}
+
+impl Handles {
+    /// Creates TUN `name` (or attaches to it) and binds a UDP socket to `listen`.
+    pub fn open(name: &str, listen: SocketAddr) -> Result<Handles, UdpError> {
+        let (tun, _) = tun::open_queue(name, TUN_FLAGS)
+            .map_err(|e| UdpError::io(format!("open TUN {name}"), e))?;
+        let sock =
+            UdpSocket::bind(listen).map_err(|e| UdpError::io(format!("bind UDP {listen}"), e))?;
+        Ok(Handles {
+            tun,
+            sock,
+            inherited: false,
+        })
+    }
+
+    /// Takes over the TUN queue and socket the keeper of `name` holds, in this
+    /// network namespace. Ok(None) when no keeper runs. Handles that do not fit
+    /// (another device, other TUN flags, another port) are an error, and the
+    /// keeper is told to exit so the device can be made anew.
+    pub fn inherit(name: &str, listen: SocketAddr) -> Result<Option<Handles>, UdpError> {
+        let Some(mut got) = keeper::fetch(name).map_err(|e| UdpError::io("keeper", e))? else {
+            return Ok(None);
+        };
+        let refuse = |why: String| {
+            let _ = keeper::stop(name);
+            Err(UdpError::Inherit(why))
+        };
+        if got.tun.len() != 1 || got.socks.len() != 1 {
+            return refuse(format!(
+                "the keeper of {name} holds {} TUN queues and {} sockets, not 1 and 1",
+                got.tun.len(),
+                got.socks.len()
+            ));
+        }
+        let (tun, sock) = (got.tun.remove(0), got.socks.remove(0));
+        let (dev, flags) =
+            tun::queue_info(tun.as_raw_fd()).map_err(|e| UdpError::io("TUNGETIFF", e))?;
+        if dev != name || flags != TUN_FLAGS {
+            return refuse(format!(
+                "the keeper of {name} holds a queue of {dev} (vnet_hdr={}, multi_queue={})",
+                flags.vnet_hdr, flags.multi_queue
+            ));
+        }
+        let sock = UdpSocket::from(sock);
+        match sock.local_addr() {
+            Ok(a) if a.port() == listen.port() => {}
+            Ok(a) => return refuse(format!("the keeper's socket is bound to {a}, not {listen}")),
+            Err(e) => return Err(UdpError::io("getsockname", e)),
+        }
+        Ok(Some(Handles {
+            tun,
+            sock,
+            inherited: true,
+        }))
+    }
+
+    /// Hands copies of the handles to a keeper process for `name` (this binary
+    /// re-executed; see [`keeper`]), so they outlive the agent. Returns its pid.
+    pub fn keep(&self, name: &str) -> std::io::Result<u32> {
+        keeper::spawn(name, &[self.tun.as_raw_fd()], &[self.sock.as_raw_fd()])
     }
 }
 

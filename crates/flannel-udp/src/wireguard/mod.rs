@@ -27,6 +27,9 @@ use ipnet::IpNet;
 /// Handshakes per second above which the device answers with cookies first
 /// (boringtun's own device uses the same figure).
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// New peers greeted with a handshake per tick: well under the peers' own
+/// `HANDSHAKE_RATE_LIMIT` even when a node joins a large cluster.
+const GREETINGS_PER_TICK: usize = 16;
 
 /// One peer as the backend configures it.
 #[derive(Clone, PartialEq, Eq)]
@@ -123,6 +126,12 @@ pub enum Action {
 struct PeerState {
     spec: PeerSpec,
     tunn: Tunn,
+    /// Not greeted yet: a new peer gets a handshake initiation from us at the next
+    /// tick, whether or not we have data for it. After an agent restart the peer
+    /// still holds a session with our previous incarnation (whose keys died with
+    /// it) and would keep sending on it until its own timers give up (15 s or
+    /// more); our handshake replaces that session at once.
+    greet: bool,
 }
 
 /// The device's peers and their sessions.
@@ -191,7 +200,11 @@ impl Sessions {
                     slot as u32,
                     Some(self.limiter.clone()),
                 );
-                *state = Some(PeerState { spec, tunn });
+                *state = Some(PeerState {
+                    spec,
+                    tunn,
+                    greet: true,
+                });
             }
         }
         self.rebuild_routes();
@@ -251,10 +264,24 @@ impl Sessions {
         }
     }
 
-    /// Handles one datagram from `from`. Call again with an empty `datagram` (and
-    /// the same `from`) while it returns [`Action::Send`]: boringtun then hands out
-    /// packets it queued during the handshake.
+    /// Handles one datagram from `from`. After an [`Action::Send`] or
+    /// [`Action::Nothing`], call [`Sessions::flush`]: a completed handshake
+    /// releases the packets boringtun queued meanwhile.
     pub fn decapsulate(&mut self, from: SocketAddr, datagram: &[u8], out: &mut [u8]) -> Action {
+        // An empty datagram is boringtun's "hand out what you queued" call, which
+        // only `flush` may make: from the network it is just malformed.
+        if datagram.is_empty() {
+            return Action::Dropped(DropReason::Malformed);
+        }
+        self.decapsulate_or_dequeue(from, datagram, out)
+    }
+
+    fn decapsulate_or_dequeue(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+    ) -> Action {
         let slot = if datagram.is_empty() {
             match self
                 .peers
@@ -360,6 +387,27 @@ impl Sessions {
                 send(b, p.spec.endpoint);
             }
         }
+        self.greet(out, send);
+    }
+
+    /// Sends the handshake initiations new peers are owed (at most
+    /// `GREETINGS_PER_TICK`; [`Sessions::tick`] sends the rest later). Called by
+    /// `tick`, and by the owner right after it added peers, so that a restarted
+    /// node does not wait for the next tick to replace its peers' dead sessions.
+    pub fn greet(&mut self, out: &mut [u8], mut send: impl FnMut(&[u8], SocketAddr)) {
+        for p in self
+            .peers
+            .iter_mut()
+            .flatten()
+            .filter(|p| p.greet)
+            .take(GREETINGS_PER_TICK)
+        {
+            p.greet = false;
+            // Done (nothing to send) when a handshake is already under way.
+            if let TunnResult::WriteToNetwork(b) = p.tunn.format_handshake_initiation(out, false) {
+                send(b, p.spec.endpoint);
+            }
+        }
     }
 
     /// Sends what the peer at `to` queued during its handshake (see
@@ -370,7 +418,7 @@ impl Sessions {
         out: &mut [u8],
         mut send: impl FnMut(&[u8], SocketAddr),
     ) {
-        while let Action::Send { len, to: dst } = self.decapsulate(to, &[], out) {
+        while let Action::Send { len, to: dst } = self.decapsulate_or_dequeue(to, &[], out) {
             send(&out[..len], dst);
         }
     }

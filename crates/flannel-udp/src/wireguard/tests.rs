@@ -336,3 +336,175 @@ fn three_devices_each_with_two_peers() {
         }
     }
 }
+
+mod decap_property {
+    //! Random datagrams into the decap path, between authentic ones: nothing panics,
+    //! every datagram is either delivered (the authentic ones, exactly) or is one
+    //! drop, and the session keeps working throughout.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What to feed B next.
+    #[derive(Debug, Clone)]
+    enum Input {
+        /// A fresh data packet from A.
+        Authentic,
+        /// Random bytes.
+        Garbage(Vec<u8>),
+        /// A WireGuard-looking message: type 1..=4, three zero bytes, random body of
+        /// the type's length (data: header plus a tag and some payload).
+        Shaped(u8, Vec<u8>),
+        /// A fresh packet from A with one byte changed.
+        Flipped(usize, u8),
+        /// The last authentic packet again.
+        Replay,
+    }
+
+    fn shaped_len(t: u8) -> usize {
+        match t {
+            1 => 148,
+            2 => 92,
+            3 => 64,
+            _ => 32,
+        }
+    }
+
+    fn input() -> impl Strategy<Value = Input> {
+        prop_oneof![
+            Just(Input::Authentic),
+            proptest::collection::vec(any::<u8>(), 0..200).prop_map(Input::Garbage),
+            (1u8..=4, proptest::collection::vec(any::<u8>(), 0..64))
+                .prop_map(|(t, extra)| Input::Shaped(t, extra)),
+            (any::<usize>(), 1u8..=255).prop_map(|(i, x)| Input::Flipped(i, x)),
+            Just(Input::Replay),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        #[test]
+        fn every_datagram_is_delivered_or_one_drop(inputs in proptest::collection::vec(input(), 1..40)) {
+            let (mut p, _) = established();
+            let from_a: SocketAddr = A_ADDR.parse().unwrap();
+            let mut buf = vec![0u8; 2048];
+            let mut out = vec![0u8; 2048];
+            let inner = ipv4([10, 244, 1, 5], [10, 244, 2, 7], b"payload");
+            let mut last: Option<Vec<u8>> = None;
+            let (mut want_delivered, mut want_dropped) = (0usize, 0usize);
+            let (mut delivered, mut dropped) = (0usize, 0usize);
+            for i in inputs {
+                let mut fresh = |p: &mut Pair| {
+                    let Action::Send { len, .. } = p.a.encapsulate(&inner, &mut buf) else {
+                        panic!("A could not send")
+                    };
+                    buf[..len].to_vec()
+                };
+                let (datagram, authentic) = match i {
+                    Input::Authentic => {
+                        let d = fresh(&mut p);
+                        last = Some(d.clone());
+                        (d, true)
+                    }
+                    Input::Garbage(g) => (g, false),
+                    Input::Shaped(t, extra) => {
+                        let mut d = vec![t, 0, 0, 0];
+                        d.extend(std::iter::repeat_n(0xa5u8, shaped_len(t) - 4));
+                        for (k, b) in extra.iter().enumerate() {
+                            let n = d.len();
+                            d[4 + k % (n - 4)] = *b;
+                        }
+                        if t == 4 {
+                            d.extend_from_slice(&extra);
+                        }
+                        (d, false)
+                    }
+                    Input::Flipped(at, x) => {
+                        let mut d = fresh(&mut p);
+                        let n = d.len();
+                        d[at % n] ^= x;
+                        (d, false)
+                    }
+                    Input::Replay => match &last {
+                        Some(d) => (d.clone(), false),
+                        None => continue,
+                    },
+                };
+                if authentic { want_delivered += 1 } else { want_dropped += 1 }
+                match p.b.decapsulate(from_a, &datagram, &mut out) {
+                    Action::Deliver { len } => {
+                        prop_assert!(authentic, "a forged datagram was delivered: {datagram:02x?}");
+                        prop_assert_eq!(&out[..len], &inner[..]);
+                        delivered += 1;
+                    }
+                    Action::Dropped(_) => dropped += 1,
+                    other => prop_assert!(false, "neither delivered nor dropped: {other:?} for {datagram:02x?}"),
+                }
+            }
+            prop_assert_eq!((delivered, dropped), (want_delivered, want_dropped));
+            // The session survived all of it.
+            let Action::Send { len, .. } = p.a.encapsulate(&inner, &mut buf) else { panic!() };
+            prop_assert_eq!(p.b.decapsulate(from_a, &buf[..len], &mut out), Action::Deliver { len: inner.len() });
+        }
+    }
+}
+
+/// A new peer is greeted with a handshake at the first tick, without data to
+/// send: after a restart, the peer replaces its session with our dead
+/// incarnation at once instead of sending into it until its timers give up.
+#[test]
+fn a_restarted_device_greets_its_peers_and_they_switch_at_once() {
+    let (mut p, _) = established();
+    let (from_a, from_b): (SocketAddr, SocketAddr) =
+        (A_ADDR.parse().unwrap(), B_ADDR.parse().unwrap());
+    let mut buf = vec![0u8; 2048];
+    let mut out = vec![0u8; 2048];
+    // A restarts: same key, fresh sessions.
+    let mut a2 = Sessions::new(secret(1));
+    a2.set_peer(spec(p.b.public_key(), B_ADDR, "10.244.2.0/24"));
+    let mut greetings = Vec::new();
+    a2.tick(&mut buf, |d, to| greetings.push((d.to_vec(), to)));
+    assert_eq!(greetings.len(), 1, "one handshake initiation");
+    assert_eq!(greetings[0].0[0], 1);
+    assert_eq!(greetings[0].1, from_b);
+    // Only once.
+    let mut again = Vec::new();
+    a2.tick(&mut buf, |d, to| again.push((d.to_vec(), to)));
+    assert!(again.iter().all(|(d, _)| d[0] != 1), "greeted twice");
+    // B accepts the new handshake from the same key although it has a session.
+    let Action::Send { len, to } = p.b.decapsulate(from_a, &greetings[0].0, &mut out) else {
+        panic!("B refused the restarted peer's handshake")
+    };
+    assert_eq!(to, from_a);
+    assert_eq!(out[0], 2);
+    let response = out[..len].to_vec();
+    // A completes it (and may send a keepalive to confirm it).
+    match a2.decapsulate(from_b, &response, &mut buf) {
+        Action::Nothing => {}
+        Action::Send { len, to } => {
+            assert_eq!((len, to), (32, from_b), "not a keepalive");
+            assert_eq!(
+                p.b.decapsulate(from_a, &buf[..len], &mut out),
+                Action::Nothing
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Data from the restarted A reaches B; B's answer goes on the new session.
+    let inner = ipv4([10, 244, 1, 5], [10, 244, 2, 7], b"after");
+    let Action::Send { len, .. } = a2.encapsulate(&inner, &mut buf) else {
+        panic!()
+    };
+    assert_eq!(
+        p.b.decapsulate(from_a, &buf[..len], &mut out),
+        Action::Deliver { len: inner.len() }
+    );
+    let back = ipv4([10, 244, 2, 7], [10, 244, 1, 5], b"back");
+    let Action::Send { len, .. } = p.b.encapsulate(&back, &mut buf) else {
+        panic!()
+    };
+    assert_eq!(
+        a2.decapsulate(from_b, &buf[..len], &mut out),
+        Action::Deliver { len: back.len() }
+    );
+}

@@ -20,8 +20,16 @@ use super::{PeerSpec, PeerStats, Sessions};
 /// Where wireguard-tools looks for a userspace device's socket.
 pub const SOCKET_DIR: &str = "/var/run/wireguard";
 
+/// Overrides [`SOCKET_DIR`] (flannel-rs' own): the lab's hosts share one
+/// filesystem, and each must have its own socket as its own machine would.
+pub const SOCKET_DIR_ENV: &str = "FLANNEL_WG_SOCKET_DIR";
+
 pub fn socket_path(device: &str) -> PathBuf {
-    Path::new(SOCKET_DIR).join(format!("{device}.sock"))
+    let dir = std::env::var_os(SOCKET_DIR_ENV)
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(SOCKET_DIR));
+    dir.join(format!("{device}.sock"))
 }
 
 fn hex(bytes: &[u8; 32]) -> String {
