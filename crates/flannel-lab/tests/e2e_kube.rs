@@ -48,6 +48,7 @@ const API_PORT: u16 = 6443;
 const PREFIX: &str = "flannel.alpha.coreos.com/";
 const NETWORK: &str = "10.244.0.0/16";
 const NET_CONF: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+const WIREGUARD_NET_CONF: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#;
 /// Pod CIDRs unlike anything an etcd allocation would pick first, so a lease can
 /// only have come from its node.
 const POD_CIDRS: [&str; 3] = ["10.244.11.0/24", "10.244.22.0/24", "10.244.33.0/24"];
@@ -258,6 +259,9 @@ struct Cluster {
 impl Cluster {
     fn agent_argv(&self, h: usize) -> Vec<String> {
         let mut argv = vec!["env".to_string(), format!("NODE_NAME={}", node_name(h))];
+        for (k, v) in self.lab.hosts()[h].own_files_env() {
+            argv.push(format!("{k}={}", v.display()));
+        }
         argv.extend(self.lab.agent_command(h).expect("agent command"));
         argv.push("--kube-subnet-mgr".into());
         argv.push(format!(
@@ -435,8 +439,8 @@ fn tally(reqs: &[Value]) -> BTreeMap<String, usize> {
 }
 
 /// The lab, the fake API server with three nodes, and no agent yet; `None` when
-/// the test must skip.
-fn cluster() -> Option<Cluster> {
+/// the test must skip. `net_conf` is the mounted net-conf.json.
+fn cluster(backend: &str, net_conf: &str) -> Option<Cluster> {
     const TEST: &str = "kube subnet manager end-to-end";
     if !ready(TEST, Needs::Agents) {
         return None;
@@ -450,12 +454,12 @@ fn cluster() -> Option<Cluster> {
     };
     let lab = Lab::builder()
         .hosts(3)
-        .backend("vxlan")
+        .backend(backend)
         .start_agents(false)
         .timeout(DEADLINE)
         .build()
         .expect("lab");
-    fs::write(lab.run_dir().join("net-conf.json"), NET_CONF).expect("write net-conf.json");
+    fs::write(lab.run_dir().join("net-conf.json"), net_conf).expect("write net-conf.json");
     let fake_log = lab.run_dir().join("kube-fake.log");
     let listen = format!("{UNDERLAY_GATEWAY}:{API_PORT}");
     let state = lab.run_dir().join("kube-state.json");
@@ -534,7 +538,7 @@ fn cluster() -> Option<Cluster> {
 
 #[test]
 fn kube_subnet_manager_end_to_end() {
-    let Some(mut c) = cluster() else {
+    let Some(mut c) = cluster("vxlan", NET_CONF) else {
         return;
     };
     for h in 0..3 {
@@ -828,4 +832,64 @@ fn kube_subnet_manager_end_to_end() {
         "{} deleted: gone from the other hosts; its own agent kept running",
         node_name(gone)
     );
+}
+
+/// The wireguard backend in Kubernetes mode: each node's `backend-data` annotation
+/// carries its public key and port in Go's bytes (the same BackendData as an etcd
+/// lease), and the pods of the three nodes reach each other through flannel-wg.
+#[test]
+fn kube_wireguard_mesh() {
+    if !flannel_lab::e2e::ready_with("kube wireguard", flannel_lab::e2e::Needs::Agents, &["wg"]) {
+        return;
+    }
+    let Some(mut c) = cluster("wireguard", WIREGUARD_NET_CONF) else {
+        return;
+    };
+    for h in 0..3 {
+        c.start_agent(h);
+    }
+    for h in 0..3 {
+        let sf = c.lab.subnet_file(h).unwrap().expect("subnet.env");
+        let gw = cidr(h).hosts().next().unwrap();
+        assert_eq!(
+            sf.text,
+            format!(
+                "FLANNEL_NETWORK={NETWORK}\nFLANNEL_SUBNET={gw}/24\nFLANNEL_MTU=1420\nFLANNEL_IPMASQ=true\n"
+            ),
+            "subnet.env of host {h}"
+        );
+        let public = c.lab.wireguard_public_key(h).expect("wg pubkey");
+        let want: BTreeMap<String, String> = [
+            ("backend-type", "wireguard".to_string()),
+            (
+                "backend-data",
+                format!(r#"{{"PublicKey":"{public}","Port":51820}}"#),
+            ),
+            ("public-ip", c.lab.hosts()[h].ip.to_string()),
+            ("kube-subnet-manager", "true".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        assert_eq!(c.annotations(h), want, "annotations of {}", node_name(h));
+    }
+    for h in 0..3 {
+        let p = c.lab.add_pod(h).expect("pod");
+        c.pods.push(p);
+    }
+    c.wait_mesh();
+    for h in 0..3 {
+        let routes = c
+            .lab
+            .run_in(
+                &c.lab.hosts()[h].ns.clone(),
+                &["ip", "route", "show", NETWORK],
+            )
+            .expect("ip route");
+        assert!(
+            routes.contains("dev flannel-wg") && routes.contains("scope link"),
+            "host {h}: {routes}"
+        );
+    }
+    println!("every pair of the 3 pods reaches the others over wireguard in kube mode");
 }

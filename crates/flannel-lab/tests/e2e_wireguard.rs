@@ -30,21 +30,6 @@ fn lease_attrs(lab: &Lab, h: usize) -> LeaseAttrs {
     LeaseAttrs::decode(&v).unwrap()
 }
 
-fn wg_pubkey_of_file(lab: &Lab, h: usize) -> String {
-    let key = std::fs::read_to_string(lab.hosts()[h].dir.join("wgkey")).expect("key file");
-    let out = lab
-        .exec_in(
-            &lab.hosts()[h].ns,
-            &[
-                "sh",
-                "-c",
-                &format!("printf %s '{}' | wg pubkey", key.trim()),
-            ],
-        )
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 #[test]
 fn wireguard_mesh_with_a_wireguard_go_peer() {
     if !ready_with("e2e_wireguard", Needs::Agents, &["wg", "wireguard-go"]) {
@@ -71,7 +56,10 @@ fn wireguard_mesh_with_a_wireguard_go_peer() {
             raw.get(),
             format!(r#"{{"PublicKey":"{}","Port":51820}}"#, d.public_key)
         );
-        assert_eq!(d.public_key.to_string(), wg_pubkey_of_file(&lab, h));
+        assert_eq!(
+            d.public_key.to_string(),
+            lab.wireguard_public_key(h).unwrap()
+        );
         let ns = lab.hosts()[h].ns.clone();
         let link = lab
             .ip_in(&ns, &["-o", "link", "show", "flannel-wg"])

@@ -43,6 +43,25 @@ impl Lab {
         Ok(v)
     }
 
+    /// The public key of host `h`'s wireguard key file, as `wg pubkey`
+    /// (wireguard-tools) derives it: an independent check of what the agent publishes.
+    pub fn wireguard_public_key(&self, h: usize) -> Result<String> {
+        let host = self.host(h)?;
+        let key = fs::read(host.wireguard_key_file()).map_err(|e| {
+            LabError::io(format!("read {}", host.wireguard_key_file().display()), e)
+        })?;
+        let cmd = command("wg", &["pubkey"]);
+        let out = output_with_input(cmd, Some(&key))?;
+        if !out.status.success() {
+            return Err(LabError::Command {
+                cmd: "wg pubkey".into(),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
     /// Starts flanneld on host `h` without waiting for it.
     pub fn spawn_agent(&mut self, h: usize) -> Result<()> {
         if self.agent_running(h) {
@@ -62,10 +81,9 @@ impl Lab {
             .and_then(|mut f| std::io::Write::write_all(&mut f, marker.as_bytes()));
         let mut cmd = command("ip", &["netns", "exec", &host.ns]);
         cmd.args(&argv);
-        // Every host has its own files, as its own machine would: the wireguard
-        // backend's key and its UAPI socket (the hosts share one filesystem).
-        cmd.env("WIREGUARD_KEY_FILE", host.dir.join("wgkey"));
-        cmd.env("FLANNEL_WG_SOCKET_DIR", host.dir.join("wireguard"));
+        for (k, v) in host.own_files_env() {
+            cmd.env(k, v);
+        }
         for (k, v) in &self.agent_env {
             cmd.env(k, v);
         }

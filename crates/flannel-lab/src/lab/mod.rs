@@ -163,6 +163,19 @@ impl Host {
     pub fn subnet_file(&self) -> PathBuf {
         self.dir.join("subnet.env")
     }
+    /// The wireguard backend's private key file (`WIREGUARD_KEY_FILE`).
+    pub fn wireguard_key_file(&self) -> PathBuf {
+        self.dir.join("wgkey")
+    }
+    /// The environment that gives this host's agent its own files, as its own
+    /// machine would have (the hosts share one filesystem): the wireguard key and
+    /// the wireguard UAPI socket's directory.
+    pub fn own_files_env(&self) -> [(&'static str, PathBuf); 2] {
+        [
+            ("WIREGUARD_KEY_FILE", self.wireguard_key_file()),
+            ("FLANNEL_WG_SOCKET_DIR", self.dir.join("wireguard")),
+        ]
+    }
     pub fn log_file(&self) -> PathBuf {
         self.dir.join("flanneld.log")
     }
