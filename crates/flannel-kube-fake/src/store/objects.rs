@@ -285,3 +285,40 @@ impl Store {
         set_meta(v, "resourceVersion", json!(self.rv.to_string()));
     }
 }
+
+impl Shared {
+    /// Names of all nodes, in order.
+    pub fn node_names(&self) -> Vec<String> {
+        self.lock().nodes.keys().cloned().collect()
+    }
+
+    /// Adds `count` realistic annotated nodes named `<name_prefix>00000`...
+    pub fn populate(&self, count: usize, name_prefix: &str, ann_prefix: &str) -> Result<(), FakeError> {
+        let now = crate::now_rfc3339();
+        for i in 0..count {
+            let name = crate::population::node_name(name_prefix, i);
+            let v = crate::population::realistic_node(&name, i, ann_prefix, &now, &now);
+            self.create_node_value(v)?;
+        }
+        Ok(())
+    }
+
+    /// A kubelet's periodic status update of node `name` (heartbeat times move, so
+    /// the resource version bumps and watches get a MODIFIED event); false when the
+    /// node is gone or has no kubelet conditions.
+    pub fn heartbeat_node(&self, name: &str, now: &str) -> bool {
+        let mut s = self.lock();
+        let Some(old) = s.nodes.get(name).cloned() else {
+            return false;
+        };
+        let mut new = old.clone();
+        if !crate::population::heartbeat(&mut new, now) || new == old {
+            return false;
+        }
+        s.rv += 1;
+        set_meta(&mut new, "resourceVersion", json!(s.rv.to_string()));
+        s.nodes.insert(name.to_string(), new.clone());
+        self.emit(&mut s, EventKind::Modified, new, Some(old));
+        true
+    }
+}
