@@ -195,7 +195,12 @@ impl FakeApiServer {
     /// Adds `count` nodes as a flannel cluster of that size has them
     /// ([`population::realistic_node`], named `<name_prefix>00000`...), each
     /// already annotated by its flanneld with annotation prefix `ann_prefix`.
-    pub fn populate(&self, count: usize, name_prefix: &str, ann_prefix: &str) -> Result<(), FakeError> {
+    pub fn populate(
+        &self,
+        count: usize,
+        name_prefix: &str,
+        ann_prefix: &str,
+    ) -> Result<(), FakeError> {
         self.shared.populate(count, name_prefix, ann_prefix)
     }
 

@@ -28,7 +28,12 @@ pub fn node_name(prefix: &str, i: usize) -> String {
 
 fn vtep_mac(i: usize) -> String {
     // Locally administered, unicast, distinct per node.
-    format!("0e:6a:{:02x}:{:02x}:{:02x}:01", (i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff)
+    format!(
+        "0e:6a:{:02x}:{:02x}:{:02x}:01",
+        (i >> 16) & 0xff,
+        (i >> 8) & 0xff,
+        i & 0xff
+    )
 }
 
 /// The flannel annotations flanneld writes on node `i` (vxlan, VNI 1) with `prefix`
@@ -45,13 +50,21 @@ pub fn flannel_annotations(prefix: &str, i: usize) -> Value {
 const IMAGES: &[(&str, &str, u64)] = &[
     ("registry.k8s.io/etcd", "3.5.15-0", 56_909_194),
     ("registry.k8s.io/kube-apiserver", "v1.33.0", 30_071_307),
-    ("registry.k8s.io/kube-controller-manager", "v1.33.0", 27_646_507),
+    (
+        "registry.k8s.io/kube-controller-manager",
+        "v1.33.0",
+        27_646_507,
+    ),
     ("registry.k8s.io/kube-scheduler", "v1.33.0", 21_507_893),
     ("registry.k8s.io/kube-proxy", "v1.33.0", 30_896_512),
     ("registry.k8s.io/coredns/coredns", "v1.11.3", 18_562_039),
     ("registry.k8s.io/pause", "3.10", 320_368),
     ("docker.io/flannel/flannel", "v0.26.4", 33_195_227),
-    ("docker.io/flannel/flannel-cni-plugin", "v1.6.2-flannel1", 4_856_838),
+    (
+        "docker.io/flannel/flannel-cni-plugin",
+        "v1.6.2-flannel1",
+        4_856_838,
+    ),
     ("docker.io/library/nginx", "1.27.3", 72_099_501),
     ("docker.io/library/redis", "7.4.1", 45_012_317),
     ("docker.io/library/postgres", "17.2", 158_104_520),
@@ -59,24 +72,60 @@ const IMAGES: &[(&str, &str, u64)] = &[
     ("docker.io/library/alpine", "3.21.0", 3_645_232),
     ("quay.io/prometheus/node-exporter", "v1.8.2", 11_651_734),
     ("quay.io/prometheus/prometheus", "v3.0.1", 118_352_710),
-    ("quay.io/prometheus-operator/prometheus-config-reloader", "v0.79.2", 14_421_602),
-    ("registry.k8s.io/kube-state-metrics/kube-state-metrics", "v2.14.0", 20_540_231),
-    ("registry.k8s.io/metrics-server/metrics-server", "v0.7.2", 19_494_617),
+    (
+        "quay.io/prometheus-operator/prometheus-config-reloader",
+        "v0.79.2",
+        14_421_602,
+    ),
+    (
+        "registry.k8s.io/kube-state-metrics/kube-state-metrics",
+        "v2.14.0",
+        20_540_231,
+    ),
+    (
+        "registry.k8s.io/metrics-server/metrics-server",
+        "v0.7.2",
+        19_494_617,
+    ),
     ("docker.io/grafana/grafana", "11.4.0", 129_302_119),
     ("docker.io/grafana/loki", "3.3.2", 34_225_801),
     ("docker.io/grafana/promtail", "3.3.2", 82_116_524),
-    ("quay.io/jetstack/cert-manager-controller", "v1.16.2", 19_021_882),
-    ("quay.io/jetstack/cert-manager-webhook", "v1.16.2", 15_404_011),
-    ("quay.io/jetstack/cert-manager-cainjector", "v1.16.2", 13_219_532),
-    ("registry.k8s.io/ingress-nginx/controller", "v1.12.0", 105_811_212),
-    ("registry.k8s.io/ingress-nginx/kube-webhook-certgen", "v1.5.0", 24_017_245),
+    (
+        "quay.io/jetstack/cert-manager-controller",
+        "v1.16.2",
+        19_021_882,
+    ),
+    (
+        "quay.io/jetstack/cert-manager-webhook",
+        "v1.16.2",
+        15_404_011,
+    ),
+    (
+        "quay.io/jetstack/cert-manager-cainjector",
+        "v1.16.2",
+        13_219_532,
+    ),
+    (
+        "registry.k8s.io/ingress-nginx/controller",
+        "v1.12.0",
+        105_811_212,
+    ),
+    (
+        "registry.k8s.io/ingress-nginx/kube-webhook-certgen",
+        "v1.5.0",
+        24_017_245,
+    ),
     ("docker.io/bitnami/kubectl", "1.32.0", 89_201_388),
     ("ghcr.io/fluxcd/source-controller", "v1.4.1", 37_215_113),
     ("ghcr.io/fluxcd/kustomize-controller", "v1.4.0", 36_120_772),
     ("ghcr.io/fluxcd/helm-controller", "v1.1.0", 39_411_290),
     ("quay.io/argoproj/argocd", "v2.13.2", 186_215_992),
     ("docker.io/library/mysql", "9.1.0", 172_044_118),
-    ("docker.io/library/rabbitmq", "4.0.5-management", 131_822_207),
+    (
+        "docker.io/library/rabbitmq",
+        "4.0.5-management",
+        131_822_207,
+    ),
     ("docker.io/library/memcached", "1.6.33", 33_417_519),
     ("docker.io/elastic/filebeat", "8.17.0", 125_932_441),
     ("docker.io/library/haproxy", "3.1.1", 42_115_632),
@@ -89,10 +138,26 @@ const IMAGES: &[(&str, &str, u64)] = &[
     ("docker.io/istio/pilot", "1.24.2", 75_213_995),
     ("quay.io/cilium/hubble-relay", "v1.16.5", 23_112_800),
     ("docker.io/velero/velero", "v1.15.1", 88_015_223),
-    ("registry.k8s.io/sig-storage/csi-node-driver-registrar", "v2.12.0", 11_203_334),
-    ("registry.k8s.io/sig-storage/livenessprobe", "v2.14.0", 9_211_023),
-    ("registry.k8s.io/sig-storage/csi-provisioner", "v5.1.0", 29_118_446),
-    ("registry.k8s.io/sig-storage/csi-attacher", "v4.7.0", 27_345_100),
+    (
+        "registry.k8s.io/sig-storage/csi-node-driver-registrar",
+        "v2.12.0",
+        11_203_334,
+    ),
+    (
+        "registry.k8s.io/sig-storage/livenessprobe",
+        "v2.14.0",
+        9_211_023,
+    ),
+    (
+        "registry.k8s.io/sig-storage/csi-provisioner",
+        "v5.1.0",
+        29_118_446,
+    ),
+    (
+        "registry.k8s.io/sig-storage/csi-attacher",
+        "v4.7.0",
+        27_345_100,
+    ),
 ];
 
 /// A hex digest that differs per image and node (as pulled image digests do).
@@ -331,7 +396,10 @@ mod tests {
         let before = n.clone();
         assert!(heartbeat(&mut n, t1));
         assert_ne!(n, before);
-        assert_eq!(n["metadata"]["annotations"], before["metadata"]["annotations"]);
+        assert_eq!(
+            n["metadata"]["annotations"],
+            before["metadata"]["annotations"]
+        );
         assert_eq!(n["spec"], before["spec"]);
         let conds = n["status"]["conditions"].as_array().unwrap();
         assert_eq!(conds[0]["lastHeartbeatTime"], t0, "flanneld's condition");

@@ -316,7 +316,9 @@ impl KubeScale {
 
     /// Routes through the vxlan device in the agent's host.
     pub fn routes(&self) -> Result<usize> {
-        let out = self.lab.ip_in(&self.lab.hosts()[0].ns, &["-4", "route", "show"])?;
+        let out = self
+            .lab
+            .ip_in(&self.lab.hosts()[0].ns, &["-4", "route", "show"])?;
         Ok(out.lines().filter(|l| l.contains("dev flannel.1")).count())
     }
 

@@ -293,7 +293,12 @@ impl Shared {
     }
 
     /// Adds `count` realistic annotated nodes named `<name_prefix>00000`...
-    pub fn populate(&self, count: usize, name_prefix: &str, ann_prefix: &str) -> Result<(), FakeError> {
+    pub fn populate(
+        &self,
+        count: usize,
+        name_prefix: &str,
+        ann_prefix: &str,
+    ) -> Result<(), FakeError> {
         let now = crate::now_rfc3339();
         for i in 0..count {
             let name = crate::population::node_name(name_prefix, i);
