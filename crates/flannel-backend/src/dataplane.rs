@@ -18,8 +18,8 @@ use std::net::IpAddr;
 
 use flannel_core::MacAddr;
 use flannel_net::netlink::{
-    IpFamily, Netlink, NetlinkError, Route, RouteFilter, RTN_UNICAST, RTPROT_BOOT, RTPROT_FLANNEL,
-    RT_TABLE_MAIN,
+    IpFamily, Netlink, NetlinkError, Route, RouteFilter, WriteOp, RTN_UNICAST, RTPROT_BOOT,
+    RTPROT_FLANNEL, RT_TABLE_MAIN,
 };
 use ipnet::{IpNet, Ipv4Net};
 
@@ -251,12 +251,6 @@ impl Outcome {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Op {
-    Neigh(IpAddr, MacAddr),
-    Fdb(MacAddr, IpAddr),
-}
-
 /// Runs `plan` (nothing when it is empty) and adds its writes to `writes`; failures
 /// are reported under `context`.
 pub(crate) async fn run(
@@ -277,9 +271,9 @@ pub(crate) async fn run(
         .map(|_| ())
 }
 
-/// Runs `plan` against device `dev` (neighbour/FDB entries) in phase order. Each
-/// request future owns its data (a cloned connection handle), which keeps the
-/// futures `Send + 'static` for the pipelined batch.
+/// Runs `plan` against device `dev` (neighbour/FDB entries) in phase order, each
+/// phase packed into as few netlink system calls as the kernel takes (see
+/// [`Netlink::write_batch`]).
 pub(crate) async fn execute(
     nl: &Netlink,
     dev: Option<u32>,
@@ -291,40 +285,41 @@ pub(crate) async fn execute(
     let mut failed_fdb = HashSet::new();
 
     if let Some(dev) = dev {
-        let ops: Vec<Op> = plan
+        let ops: Vec<WriteOp> = plan
             .neigh_set
             .iter()
-            .map(|(ip, mac)| Op::Neigh(*ip, *mac))
-            .chain(plan.fdb_set.iter().map(|(mac, ip)| Op::Fdb(*mac, *ip)))
-            .collect();
-        let futs: Vec<_> = ops
-            .into_iter()
-            .map(|op| {
-                let nl = nl.clone();
-                async move {
-                    let r = match op {
-                        Op::Neigh(ip, mac) => nl.neigh_replace(dev, ip, mac).await,
-                        Op::Fdb(mac, ip) => nl.fdb_replace(dev, mac, ip).await,
-                    };
-                    (op, r)
-                }
+            .map(|(ip, mac)| WriteOp::NeighReplace {
+                index: dev,
+                ip: *ip,
+                mac: *mac,
             })
+            .chain(plan.fdb_set.iter().map(|(mac, ip)| WriteOp::FdbReplace {
+                index: dev,
+                mac: *mac,
+                dst: *ip,
+            }))
             .collect();
-        for (op, r) in nl.run_batch(futs).await {
+        let results = nl.write_batch(ops.clone()).await;
+        for (op, r) in ops.iter().zip(results) {
             match r {
                 Ok(()) => out.done += 1,
                 Err(e) => {
                     match op {
-                        Op::Neigh(ip, _) => failed_neigh.insert(ip),
-                        Op::Fdb(mac, _) => failed_fdb.insert(mac),
-                    };
+                        WriteOp::NeighReplace { ip, .. } => {
+                            failed_neigh.insert(*ip);
+                        }
+                        WriteOp::FdbReplace { mac, .. } => {
+                            failed_fdb.insert(*mac);
+                        }
+                        _ => {}
+                    }
                     out.errors.push(e);
                 }
             }
         }
     }
 
-    let routes: Vec<Route> = plan
+    let routes: Vec<WriteOp> = plan
         .route_set
         .iter()
         .filter(|r| match desired.deps.get(&r.dst) {
@@ -332,46 +327,32 @@ pub(crate) async fn execute(
             None => true,
         })
         .cloned()
+        .map(WriteOp::RouteReplace)
         .collect();
-    let futs: Vec<_> = routes
-        .into_iter()
-        .map(|r| {
-            let nl = nl.clone();
-            async move { nl.route_replace(&r).await }
-        })
-        .collect();
-    tally(&mut out, nl.run_batch(futs).await);
-    let futs: Vec<_> = plan
+    tally(&mut out, nl.write_batch(routes).await);
+    let dels = plan
         .route_del
         .iter()
         .cloned()
-        .map(|r| {
-            let nl = nl.clone();
-            async move { nl.route_del(&r).await }
-        })
+        .map(WriteOp::RouteDel)
         .collect();
-    tally(&mut out, nl.run_batch(futs).await);
+    tally(&mut out, nl.write_batch(dels).await);
 
     if let Some(dev) = dev {
-        let neigh: Vec<_> = plan
+        let ops: Vec<WriteOp> = plan
             .neigh_del
             .iter()
-            .map(|ip| {
-                let (nl, ip) = (nl.clone(), *ip);
-                async move { nl.neigh_del(dev, ip).await }
+            .map(|ip| WriteOp::NeighDel {
+                index: dev,
+                ip: *ip,
             })
+            .chain(plan.fdb_del.iter().map(|(mac, ip)| WriteOp::FdbDel {
+                index: dev,
+                mac: *mac,
+                dst: Some(*ip),
+            }))
             .collect();
-        let fdb: Vec<_> = plan
-            .fdb_del
-            .iter()
-            .map(|(mac, ip)| {
-                let (nl, mac, ip) = (nl.clone(), *mac, *ip);
-                async move { nl.fdb_del(dev, mac, Some(ip)).await }
-            })
-            .collect();
-        let (a, b) = futures::join!(nl.run_batch(neigh), nl.run_batch(fdb));
-        tally(&mut out, a);
-        tally(&mut out, b);
+        tally(&mut out, nl.write_batch(ops).await);
     }
     out
 }

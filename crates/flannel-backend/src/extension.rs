@@ -58,9 +58,11 @@ impl ExtensionConfig {
     }
 }
 
-/// Go's `os.Expand`: `${name}` or `$name` (letters, digits, `_`), or `$` and one
-/// special character; unknown names expand to "".
+/// Go's `os.Expand` (upstream expands each word with it): `${name}`, `$` and one
+/// special character (`*#$@!?-` or a digit), or `$name` (letters, digits, `_`);
+/// unknown names expand to "". A `$` before anything else stays.
 pub fn expand(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> String {
+    let special = |c: char| "*#$@!?-0123456789".contains(c);
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(i) = rest.find('$') {
@@ -69,25 +71,23 @@ pub fn expand(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> String {
         let (name, used) = if let Some(inner) = after.strip_prefix('{') {
             match inner.find('}') {
                 Some(end) => (&inner[..end], end + 2),
-                // Go treats an unterminated `${` as bad syntax and drops it.
-                None => ("", after.len()),
+                // Bad syntax: Go drops the `${` and keeps what follows.
+                None => ("", 1),
             }
         } else {
-            let len = after
-                .char_indices()
-                .find(|(_, c)| !(c.is_ascii_alphanumeric() || *c == '_'))
-                .map_or(after.len(), |(j, _)| j);
-            if len > 0 {
-                (&after[..len], len)
-            } else {
-                match after.chars().next() {
-                    Some(c) if "*#$@!?-".contains(c) => (&after[..1], 1),
-                    // A lone `$` stays.
-                    _ => {
+            match after.chars().next() {
+                // A digit too is a name of its own: `$12` is `$1` and "2".
+                Some(c) if special(c) => (&after[..1], 1),
+                _ => {
+                    let len = after
+                        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                        .unwrap_or(after.len());
+                    if len == 0 {
                         out.push('$');
                         rest = after;
                         continue;
                     }
+                    (&after[..len], len)
                 }
             }
         };
@@ -183,6 +183,46 @@ pub fn go_json_string(s: &str) -> String {
     out
 }
 
+/// The BackendData this node publishes for its PreStartupCommand's output: a JSON
+/// string, as upstream's `json.Marshal` writes it.
+fn backend_data(output: &str) -> Result<Box<RawValue>, serde_json::Error> {
+    RawValue::from_string(go_json_string(output))
+}
+
+/// The extra environment (SUBNET, PUBLIC_IP) and the stdin of a peer command.
+type PeerInput = ([(&'static str, String); 2], String);
+
+/// The extra environment and the stdin of a SubnetAdd/SubnetRemoveCommand for a
+/// peer's lease: its subnet and public IP, and its BackendData string (decoded)
+/// and a newline. Err when the BackendData is not a JSON string.
+fn peer_input(lease: &Lease) -> Result<PeerInput, serde_json::Error> {
+    let data = match &lease.attrs.backend_data {
+        None => String::new(),
+        Some(raw) => serde_json::from_str::<String>(raw.get())?,
+    };
+    let env = [
+        ("SUBNET", lease.subnet().to_string()),
+        ("PUBLIC_IP", lease.attrs.public_ip.to_string()),
+    ];
+    Ok((env, format!("{data}\n")))
+}
+
+/// The pure parts (config, expansion, the data passed to commands), for the fuzz
+/// targets in `fuzz/` only.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    pub fn backend_data(output: &str) -> Result<Box<RawValue>, serde_json::Error> {
+        super::backend_data(output)
+    }
+
+    pub fn peer_input(lease: &Lease) -> Result<PeerInput, serde_json::Error> {
+        super::peer_input(lease)
+    }
+}
+
 pub struct ExtensionBackend {
     cfg: ExtensionConfig,
     ext: ExternalInterface,
@@ -205,24 +245,17 @@ impl ExtensionBackend {
         if cmd.trim().is_empty() {
             return;
         }
-        let data = match &lease.attrs.backend_data {
-            None => String::new(),
-            Some(raw) => match serde_json::from_str::<String>(raw.get()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(
-                        "extension: lease {}: BackendData is not a JSON string ({e}); {which} command not run",
-                        lease.key
-                    );
-                    return;
-                }
-            },
+        let (env, stdin) = match peer_input(lease) {
+            Ok(input) => input,
+            Err(e) => {
+                tracing::error!(
+                    "extension: lease {}: BackendData is not a JSON string ({e}); {which} command not run",
+                    lease.key
+                );
+                return;
+            }
         };
-        let env = [
-            ("SUBNET", lease.subnet().to_string()),
-            ("PUBLIC_IP", lease.attrs.public_ip.to_string()),
-        ];
-        match run_command(cmd, &env, format!("{data}\n")).await {
+        match run_command(cmd, &env, stdin).await {
             Ok(out) => tracing::info!("extension: ran {which} command for {}: {out}", lease.key),
             Err(e) => tracing::error!("extension: {which} command for {} failed: {e}", lease.key),
         }
@@ -280,8 +313,7 @@ impl Backend for ExtensionBackend {
                 })?;
             tracing::info!("extension: ran pre-startup command: {out}");
             attrs.backend_data = Some(
-                RawValue::from_string(go_json_string(&out))
-                    .map_err(|e| BackendError::Other(format!("extension: {e}")))?,
+                backend_data(&out).map_err(|e| BackendError::Other(format!("extension: {e}")))?,
             );
         }
         Ok(attrs)
@@ -368,8 +400,26 @@ mod tests {
         assert_eq!(expand("$MISSING.", &vars), ".");
         assert_eq!(expand("cost$", &vars), "cost$");
         assert_eq!(expand("$ ", &vars), "$ ");
-        assert_eq!(expand("${A", &vars), "");
+        assert_eq!(expand("${}x", &vars), "x");
         assert_eq!(expand("no vars", &vars), "no vars");
+    }
+
+    /// Found by the `extension` fuzz target (differential against Go's os.Expand):
+    /// an unterminated `${` dropped the rest of the word, where Go drops only the
+    /// `${`; and `$12` read the name `12`, where Go reads `1` (a special one-digit
+    /// name) followed by "2".
+    #[test]
+    fn expansion_follows_go_on_bad_syntax_and_digits() {
+        let vars = |n: &str| match n {
+            "1" => Some("one".to_string()),
+            "A" => Some("x".to_string()),
+            _ => None,
+        };
+        assert_eq!(expand("${A", &vars), "A");
+        assert_eq!(expand("a${A b", &vars), "aA b");
+        assert_eq!(expand("$12", &vars), "one2");
+        assert_eq!(expand("${1}2", &vars), "one2");
+        assert_eq!(expand("$1A", &vars), "oneA");
     }
 
     #[test]

@@ -145,8 +145,10 @@ impl HostGwBackend {
         refresh: impl Fn(&Result<Route, String>) -> bool,
     ) -> Result<(), BackendError> {
         let network = self.network.ok_or_else(not_started)?;
+        let t = std::time::Instant::now();
         let leases = self.peers.all();
         let peers = self.plan_peers(&leases, refresh).await;
+        let planned_us = t.elapsed().as_micros() as u64;
         self.peers
             .prune(&leases, &mut self.lookups, &mut self.warnings);
         let desired = self.desired(&peers);
@@ -163,15 +165,30 @@ impl HostGwBackend {
             current.add_route(r);
         }
         let plan = dataplane::diff(&desired, &current);
+        tracing::debug!(
+            planned_us,
+            diffed_us = t.elapsed().as_micros() as u64,
+            "host-gw reconcile planned"
+        );
         self.programmed = peers;
         if plan.is_empty() {
             return Ok(());
         }
-        for r in &plan.route_set {
-            tracing::info!("host-gw: route {} via {:?}", r.dst, r.gateway);
-        }
-        for r in &plan.route_del {
-            tracing::info!("host-gw: removing route {} via {:?}", r.dst, r.gateway);
+        // A line per route is useful for a few peers; thousands of lines at start
+        // cost more than the routes.
+        if plan.route_set.len() + plan.route_del.len() > 20 {
+            tracing::info!(
+                "host-gw: {} routes to set, {} to remove",
+                plan.route_set.len(),
+                plan.route_del.len()
+            );
+        } else {
+            for r in &plan.route_set {
+                tracing::info!("host-gw: route {} via {:?}", r.dst, r.gateway);
+            }
+            for r in &plan.route_del {
+                tracing::info!("host-gw: removing route {} via {:?}", r.dst, r.gateway);
+            }
         }
         self.run_plan(&desired, &plan, "host-gw reconcile").await
     }

@@ -19,6 +19,7 @@ pub mod host_gw;
 mod peers;
 pub mod udp;
 pub mod vxlan;
+pub mod wireguard;
 
 pub use flannel_net::netlink::RTPROT_FLANNEL;
 
@@ -173,10 +174,10 @@ pub struct BackendOptions {
 }
 
 /// Backend types this build knows, in the order error messages list them.
-pub const KNOWN_TYPES: &[&str] = &["vxlan", "host-gw", "udp", "alloc", "extension"];
+pub const KNOWN_TYPES: &[&str] = &["vxlan", "host-gw", "udp", "wireguard", "alloc", "extension"];
 
 /// Types upstream flannel has that flannel-rs does not implement.
-const UNSUPPORTED_TYPES: &[&str] = &["ipip", "wireguard", "ipsec", "tencent-vpc"];
+const UNSUPPORTED_TYPES: &[&str] = &["ipip", "ipsec", "tencent-vpc"];
 
 /// Creates the backend named by the config's `Backend.Type` (matched
 /// case-insensitively, as upstream lower-cases it). `raw_config` is the whole
@@ -199,6 +200,9 @@ pub fn new_backend(
         "alloc" => Ok(Box::new(alloc::AllocBackend::new(ext))),
         "extension" => Ok(Box::new(extension::ExtensionBackend::new(raw_config, ext)?)),
         "udp" => Ok(Box::new(udp::UdpBackend::new(raw_config, ext, netlink)?)),
+        "wireguard" => Ok(Box::new(wireguard::WireguardBackend::new(
+            raw_config, ext, netlink,
+        )?)),
         _ if UNSUPPORTED_TYPES.contains(&t.as_str()) => Err(BackendError::Config(format!(
             "backend type {t:?} is not supported by flannel-rs (supported: {})",
             KNOWN_TYPES.join(", ")

@@ -515,13 +515,22 @@ impl VxlanBackend {
         refresh: impl Fn(&Result<Route, String>) -> bool,
     ) -> Result<(), BackendError> {
         let dev = self.device_index().ok_or_else(not_started)?;
+        let t = std::time::Instant::now();
         let leases = self.peers.all();
         let peers = self.plan_peers(&leases, refresh).await;
         self.peers
             .prune(&leases, &mut self.lookups, &mut self.warnings);
         let desired = self.desired(dev, &peers);
+        let planned_us = t.elapsed().as_micros() as u64;
         let current = self.kernel_state(dev).await?;
+        let read_us = t.elapsed().as_micros() as u64;
         let plan = dataplane::diff(&desired, &current);
+        tracing::debug!(
+            planned_us,
+            read_us,
+            diffed_us = t.elapsed().as_micros() as u64,
+            "vxlan reconcile planned"
+        );
         self.programmed = peers;
         if plan.is_empty() {
             return Ok(());

@@ -44,11 +44,19 @@ async fn unknown_and_unbuilt_types_are_clear_errors() {
     .unwrap();
     assert!(matches!(e, BackendError::UnknownType(_)));
     let msg = e.to_string();
-    for t in ["bogus", "vxlan", "host-gw", "udp", "alloc", "extension"] {
+    for t in [
+        "bogus",
+        "vxlan",
+        "host-gw",
+        "udp",
+        "wireguard",
+        "alloc",
+        "extension",
+    ] {
         assert!(msg.contains(t), "{msg}");
     }
     let e = new_backend(
-        "wireguard",
+        "ipsec",
         &raw("{}"),
         ext(),
         nl().await,

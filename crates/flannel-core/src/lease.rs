@@ -308,6 +308,8 @@ pub enum BadBackendData {
     Missing(&'static str),
     #[error("backend data: {0}")]
     Mac(#[from] BadMac),
+    #[error("backend data: {0}")]
+    Key(String),
 }
 
 impl VxlanData {

@@ -10,6 +10,7 @@ pub mod lease;
 pub mod peer_filter;
 pub mod subnet;
 pub mod subnet_env;
+pub mod wireguard;
 
 pub use config::{BackendConfig, ConfigError, NetworkConfig};
 pub use events::{LeaseEvent, LeaseTracker, LeaseUpdate};
@@ -17,3 +18,4 @@ pub use lease::{Lease, LeaseAttrs, LeaseKey, MacAddr, VxlanData};
 pub use peer_filter::{PeerFilter, PeerScope, RejectReason, Rejection};
 pub use subnet::{Window, Window4, Window6};
 pub use subnet_env::{PreviousSubnets, SubnetEnv};
+pub use wireguard::{WgPublicKey, WireguardData};

@@ -7,6 +7,11 @@
 //! * churn: one more lease put / deleted while N are present; time until its route
 //!   appears / disappears (seen by `ip monitor`), p50;
 //! * startup: spawn → subnet.env written, median of several restarts; agent RSS.
+//! * scale: N leases (1000 / 5000 / 10000), each on its own 24 h etcd lease with
+//!   public IPs spread over a /16: agent start → all N routes against `ip -batch`
+//!   writing the same kernel entries in a fresh namespace of the same lab; RSS with
+//!   N peers against RSS with none (bytes per peer); join/leave p50/p99 with N
+//!   present.
 //!
 //! Absolute times are noise on a shared machine; the ratios are the figures.
 
@@ -19,7 +24,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::error::{LabError, Result};
-use crate::lab::{poll_until, Lab};
+use crate::lab::Lab;
 use crate::measure::{median, percentile};
 
 /// What to measure.
@@ -42,6 +47,63 @@ pub struct BenchOptions {
     pub starts: usize,
     /// Deadline for each wait.
     pub timeout: Duration,
+    /// Which parts to run.
+    pub sections: Sections,
+    /// Lease counts for the scale runs.
+    pub scale_counts: Vec<usize>,
+    /// Join/leave samples per scale run (p99 needs about 100).
+    pub scale_joins: usize,
+    /// Alternating ip -batch / agent start rounds per scale run (medians reported).
+    pub scale_rounds: usize,
+    /// Where to copy the agent log of each scale run (`scale-<type>-<n>.log`).
+    pub log_dir: Option<std::path::PathBuf>,
+}
+
+/// The parts of the bench; all by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sections {
+    /// Throughput and startup (two hosts).
+    pub throughput: bool,
+    /// Convergence and churn for `lease_counts`.
+    pub convergence: bool,
+    /// The scale section for `scale_counts`.
+    pub scale: bool,
+}
+
+impl Default for Sections {
+    fn default() -> Self {
+        Sections {
+            throughput: true,
+            convergence: true,
+            scale: true,
+        }
+    }
+}
+
+impl std::str::FromStr for Sections {
+    type Err = String;
+    /// A comma-separated list of `throughput`, `convergence`, `scale` (or `all`).
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let mut out = Sections {
+            throughput: false,
+            convergence: false,
+            scale: false,
+        };
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part {
+                "throughput" => out.throughput = true,
+                "convergence" => out.convergence = true,
+                "scale" => out.scale = true,
+                "all" => out = Sections::default(),
+                other => {
+                    return Err(format!(
+                        "unknown bench section {other:?} (throughput, convergence, scale, all)"
+                    ))
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 impl Default for BenchOptions {
@@ -55,6 +117,11 @@ impl Default for BenchOptions {
             joins: 20,
             starts: 5,
             timeout: Duration::from_secs(300),
+            sections: Sections::default(),
+            scale_counts: vec![1000, 5000, 10000],
+            scale_joins: 100,
+            scale_rounds: 3,
+            log_dir: None,
         }
     }
 }
@@ -108,6 +175,54 @@ pub struct Startup {
     pub agent_rss_kib: u64,
 }
 
+/// One scale run: `leases` peers, each on its own etcd lease.
+#[derive(Debug, Clone, Serialize)]
+pub struct Scale {
+    pub backend: String,
+    pub leases: usize,
+    /// Agent spawn → all `leases` routes present in its host (the agent's lease
+    /// exists already, as on a restart; the host holds none of the entries), ms,
+    /// median of the rounds.
+    pub start_to_routes_ms: f64,
+    /// The agent's own log: full lease set received → kernel programmed, ms.
+    pub agent_apply_ms: Option<f64>,
+    /// The agent's own log: spawn → subnet.env written, ms.
+    pub agent_subnet_file_ms: Option<f64>,
+    /// `ip -batch` writing the same kernel entries (neighbour + FDB + route per
+    /// peer for vxlan, a route for host-gw) in a fresh namespace of the lab, ms
+    /// (process start to exit).
+    pub ip_batch_ms: f64,
+    /// Kernel entries in that batch.
+    pub ip_batch_entries: usize,
+    /// start_to_routes / ip_batch.
+    pub ratio_start: f64,
+    /// agent_apply / ip_batch.
+    pub ratio_apply: Option<f64>,
+    /// Agent RSS with no peers (same config, started before the leases were
+    /// written), KiB.
+    pub rss_idle_kib: u64,
+    /// Agent RSS with `leases` peers, one second after the last route appeared, KiB.
+    pub rss_kib: u64,
+    /// (rss - rss_idle) / leases, bytes.
+    pub bytes_per_peer: f64,
+    /// Agent RSS after the join/leave samples, KiB.
+    pub rss_after_churn_kib: u64,
+    pub samples: usize,
+    /// etcd put of one more lease → its route present (ip monitor), ms.
+    pub join_p50_ms: f64,
+    pub join_p99_ms: f64,
+    /// etcd delete → route gone, ms.
+    pub leave_p50_ms: f64,
+    pub leave_p99_ms: f64,
+    /// The bench's etcd put round trip itself (part of every join sample), p50, ms.
+    pub put_p50_ms: f64,
+    /// Every round in order: (start -> all routes, ip -batch), ms; the figures
+    /// above are medians.
+    pub rounds: Vec<(f64, f64)>,
+    /// The agent's apply time of every round, ms.
+    pub agent_apply_rounds_ms: Vec<f64>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Machine {
     pub cpus: usize,
@@ -122,6 +237,7 @@ pub struct BenchReport {
     pub convergence: Vec<Convergence>,
     pub churn: Vec<Churn>,
     pub startup: Vec<Startup>,
+    pub scale: Vec<Scale>,
     /// Measurements that failed, with the reason (the rest still ran).
     pub errors: Vec<String>,
 }
@@ -177,29 +293,49 @@ pub fn run(opts: &BenchOptions, mut say: impl FnMut(&str)) -> BenchReport {
         convergence: Vec::new(),
         churn: Vec::new(),
         startup: Vec::new(),
+        scale: Vec::new(),
         errors: Vec::new(),
     };
     for b in &opts.backends {
         let label = backend_label(b);
-        if backend_type(b) == "alloc" {
-            say(&format!("{label}: no data plane, throughput skipped"));
-        } else {
-            say(&format!("{label}: throughput and startup (2 hosts)"));
-            if let Err(e) = throughput_and_startup(opts, b, &label, &mut report, &mut say) {
-                report
-                    .errors
-                    .push(format!("{label} throughput/startup: {e}"));
+        if opts.sections.throughput {
+            if backend_type(b) == "alloc" {
+                say(&format!("{label}: no data plane, throughput skipped"));
+            } else {
+                say(&format!("{label}: throughput and startup (2 hosts)"));
+                if let Err(e) = throughput_and_startup(opts, b, &label, &mut report, &mut say) {
+                    report
+                        .errors
+                        .push(format!("{label} throughput/startup: {e}"));
+                }
             }
         }
         // Convergence needs one kernel route per lease: vxlan and host-gw.
         if !matches!(backend_type(b).as_str(), "vxlan" | "host-gw") {
             continue;
         }
-        for (i, &n) in opts.lease_counts.iter().enumerate() {
+        let counts: &[usize] = if opts.sections.convergence {
+            &opts.lease_counts
+        } else {
+            &[]
+        };
+        for (i, &n) in counts.iter().enumerate() {
             say(&format!("{label}: convergence with {n} leases"));
             let churn = if i == 0 { opts.joins } else { 0 };
             if let Err(e) = convergence(opts, b, &label, n, churn, &mut report, &mut say) {
                 report.errors.push(format!("{label} convergence {n}: {e}"));
+            }
+        }
+        let counts: &[usize] = if opts.sections.scale {
+            &opts.scale_counts
+        } else {
+            &[]
+        };
+        for &n in counts {
+            say(&format!("{label}: scale with {n} leases"));
+            match scale(opts, b, &label, n, &mut say) {
+                Ok(s) => report.scale.push(s),
+                Err(e) => report.errors.push(format!("{label} scale {n}: {e}")),
             }
         }
     }
@@ -308,24 +444,7 @@ const LEASE_TTL_SECS: u64 = 24 * 3600;
 /// A lease value as the backend `ty` writes it, for a fake peer on the underlay.
 fn fake_lease_value(ty: &str, i: usize) -> String {
     // Fake peers sit on the underlay (198.18.0.2-.250) so host-gw routes resolve.
-    let ip = Ipv4Addr::new(198, 18, 0, 2 + (i % 249) as u8);
-    let mut attrs = LeaseAttrs::new(ip);
-    attrs.backend_type = ty.to_string();
-    if ty == "vxlan" {
-        attrs.backend_data = Some(
-            VxlanData {
-                vni: 1,
-                vtep_mac: MacAddr::random_local(&mut rand::rng()),
-            }
-            .encode(),
-        );
-    }
-    attrs.encode()
-}
-
-fn count_lease_routes(lab: &Lab) -> Result<usize> {
-    let out = lab.ip_in(&lab.hosts()[0].ns, &["-4", "route", "show"])?;
-    Ok(out.lines().filter(|l| l.starts_with("10.")).count())
+    crate::leases::peer_lease_value(ty, Ipv4Addr::new(198, 18, 0, 2 + (i % 249) as u8))
 }
 
 fn convergence(
@@ -350,20 +469,11 @@ fn convergence(
         .collect();
     // As flanneld writes them: each key on its own 24 h etcd lease.
     lab.etcd().put_many_leased(&kvs, LEASE_TTL_SECS)?;
+    let log_from = std::fs::metadata(lab.hosts()[0].log_file()).map_or(0, |m| m.len());
     let t0 = Instant::now();
     lab.spawn_agent(0)?;
-    let mut seen = 0;
-    poll_until(
-        &format!("{n} routes in the host"),
-        opts.timeout,
-        Duration::from_millis(20),
-        || {
-            lab.check_agent(0)?;
-            seen = count_lease_routes(&lab)?;
-            Ok(seen >= n)
-        },
-    )?;
-    let secs = t0.elapsed().as_secs_f64();
+    let done = wait_routes(&mut lab, n, opts.timeout, log_from)?;
+    let secs = done.saturating_duration_since(t0).as_secs_f64();
     let rss = lab.agent_rss_kib(0)?;
     say(&format!("  {n} leases: {secs:.2} s, RSS {rss} KiB"));
     report.convergence.push(Convergence {
@@ -428,6 +538,431 @@ fn convergence(
     Ok(())
 }
 
+/// The underlay route that puts all of 198.18.0.0/16 on the hosts' link, so that
+/// scale peers can have public IPs spread over a /16 and still be directly
+/// connected (host-gw); the lab's own addresses stay in 198.18.0.0/24.
+const SCALE_UNDERLAY: &str = "198.18.0.0/16";
+
+/// The public IP of the `i`-th scale peer: 198.18.1.0 onwards in steps of 6, so
+/// 10 000 peers cover most of the /16 (every one distinct up to 10 837 peers).
+fn scale_public_ip(i: usize) -> Ipv4Addr {
+    let j = 256 + (i as u32 * 6) % (65536 - 512);
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + j)
+}
+
+/// What the `i`-th scale peer publishes, and the entries a host programs for it.
+struct ScalePeer {
+    subnet: Ipv4Net,
+    public_ip: Ipv4Addr,
+    mac: MacAddr,
+}
+
+impl ScalePeer {
+    fn value(&self, ty: &str) -> String {
+        let mut attrs = LeaseAttrs::new(self.public_ip);
+        attrs.backend_type = ty.to_string();
+        if ty == "vxlan" {
+            attrs.backend_data = Some(
+                VxlanData {
+                    vni: 1,
+                    vtep_mac: self.mac,
+                }
+                .encode(),
+            );
+        }
+        attrs.encode()
+    }
+
+    /// Appends the batch lines writing what the agent writes for this peer: FDB
+    /// entries (`bridge -batch`), neighbours and routes (`ip -batch`, neighbours
+    /// first as the agent does); returns the number of kernel entries.
+    fn batch_lines(&self, ty: &str, dev: &str, b: &mut Batches) -> usize {
+        use std::fmt::Write as _;
+        let gw = self.subnet.network();
+        if ty == "vxlan" {
+            let _ = writeln!(
+                b.neigh,
+                "neigh replace {gw} lladdr {} dev {dev} nud permanent",
+                self.mac
+            );
+            let _ = writeln!(
+                b.fdb,
+                "fdb replace {} dev {dev} dst {} self permanent",
+                self.mac, self.public_ip
+            );
+            let _ = writeln!(
+                b.routes,
+                "route replace {} via {gw} dev {dev} onlink proto 70",
+                self.subnet
+            );
+            3
+        } else {
+            let _ = writeln!(
+                b.routes,
+                "route replace {} via {} dev {dev} proto 70",
+                self.subnet, self.public_ip
+            );
+            1
+        }
+    }
+}
+
+/// Batch files for the baseline.
+#[derive(Default)]
+struct Batches {
+    fdb: String,
+    neigh: String,
+    routes: String,
+}
+
+/// `n` scale peers with subnets 10.1.0.0/24, 10.1.1.0/24, ... skipping `own`.
+fn scale_peers(n: usize, own: Ipv4Net) -> Vec<ScalePeer> {
+    let mut rng = rand::rng();
+    (0..)
+        .map(fake_subnet)
+        .filter(|s| !s.contains(&own.network()) && !own.contains(&s.network()))
+        .take(n)
+        .enumerate()
+        .map(|(i, subnet)| ScalePeer {
+            subnet,
+            public_ip: scale_public_ip(i),
+            mac: MacAddr::random_local(&mut rng),
+        })
+        .collect()
+}
+
+/// IPv4 /24 routes into 10.0.0.0/8 in the network namespace of process `pid`,
+/// read from /proc (much cheaper than running `ip route` while an agent works).
+fn lease_routes_of(pid: u32) -> Result<usize> {
+    let path = format!("/proc/{pid}/net/route");
+    let text = std::fs::read_to_string(&path).map_err(|e| LabError::io(path, e))?;
+    Ok(count_proc_routes(&text))
+}
+
+/// Counts the /24 routes into 10.0.0.0/8 of a /proc/net/route text (addresses in
+/// little-endian hex: 10.x.y.0 is `00yyxx0A`).
+fn count_proc_routes(text: &str) -> usize {
+    text.lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 7 && f[1].len() == 8 && f[1].ends_with("0A") && f[7] == "00FFFFFF"
+        })
+        .count()
+}
+
+/// The value of `key=` in the last line of `log` containing `message`.
+fn log_field(log: &str, message: &str, key: &str) -> Option<f64> {
+    let line = log.lines().rev().find(|l| l.contains(message))?;
+    let prefix = format!("{key}=");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Waits until the agent on host 0 has programmed `n` lease routes; returns when.
+/// Reading the route table of thousands of routes every few milliseconds would
+/// compete with the agent for the CPU, so the agent's log is followed (cheap) for
+/// the line it writes once a full lease set is programmed, and the routes are
+/// counted then; between, they are counted only every 50 ms (agents that write no
+/// such line).
+fn wait_routes(lab: &mut Lab, n: usize, timeout: Duration, log_from: u64) -> Result<Instant> {
+    use std::io::{Read, Seek, SeekFrom};
+    let pid = lab
+        .agent_pid(0)
+        .ok_or_else(|| LabError::Invalid("flanneld does not run on host 0".into()))?;
+    let log_path = lab.hosts()[0].log_file();
+    let mut log = std::fs::File::open(&log_path)
+        .map_err(|e| LabError::io(log_path.display().to_string(), e))?;
+    // Only what this start writes.
+    let mut offset = log_from;
+    let mut tail = String::new();
+    let start = Instant::now();
+    let mut last_count = start;
+    loop {
+        let mut chunk = String::new();
+        if log.seek(SeekFrom::Start(offset)).is_ok() {
+            if let Ok(k) = log.read_to_string(&mut chunk) {
+                offset += k as u64;
+            }
+        }
+        tail.push_str(&chunk);
+        let marked = tail.contains(PROGRAMMED_MARK);
+        if let Some(cut) = tail.rfind('\n') {
+            tail.drain(..=cut);
+        }
+        if marked || last_count.elapsed() >= Duration::from_millis(50) {
+            let now = Instant::now();
+            if lease_routes_of(pid)? >= n {
+                return Ok(now);
+            }
+            last_count = Instant::now();
+        }
+        lab.check_agent(0)?;
+        if start.elapsed() >= timeout {
+            return Err(LabError::Timeout {
+                what: format!("{n} routes in the host"),
+                after: timeout,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// What flanneld logs once a full lease set is in the kernel.
+const PROGRAMMED_MARK: &str = "full lease set programmed";
+
+fn scale(
+    opts: &BenchOptions,
+    backend: &Value,
+    label: &str,
+    n: usize,
+    say: &mut impl FnMut(&str),
+) -> Result<Scale> {
+    let ty = backend_type(backend);
+    let config = json!({"Network": "10.0.0.0/8", "Backend": backend}).to_string();
+    // Host 0 runs the agent; host 1 is the fresh namespace of the `ip -batch`
+    // baseline.
+    let mut lab = Lab::builder()
+        .hosts(2)
+        .config_json(&config)
+        .start_agents(false)
+        .timeout(opts.timeout)
+        .build()?;
+    for h in lab.hosts() {
+        lab.ip_in(&h.ns, &["route", "add", SCALE_UNDERLAY, "dev", &h.link])?;
+    }
+
+    // RSS with no peers: the same agent, before any lease is written. It keeps
+    // its lease for the start with peers (reused by public IP, as on a restart).
+    lab.start_agent(0)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_idle = lab.agent_rss_kib(0)?;
+    let st = lab.stop_agent(0)?;
+    if !st.success() {
+        return Err(LabError::Invalid(format!("flanneld exit on SIGTERM: {st}")));
+    }
+    let own = lab.host_subnet(0)?;
+
+    let peers = scale_peers(n, own);
+    let kvs: Vec<(String, String)> = peers
+        .iter()
+        .map(|p| (Lab::lease_key_for(p.subnet), p.value(&ty)))
+        .collect();
+    lab.etcd().put_many_leased(&kvs, LEASE_TTL_SECS)?;
+    drop(kvs);
+
+    // The baseline: the same entries in host 1 with `ip -batch`.
+    let base = lab.hosts()[1].ns.clone();
+    let base_link = lab.hosts()[1].link.clone();
+    let base_ip = lab.hosts()[1].ip.to_string();
+    let dev = if ty == "vxlan" {
+        "flannel.1".to_string()
+    } else {
+        base_link.clone()
+    };
+    let mut b = Batches::default();
+    let entries: usize = peers.iter().map(|p| p.batch_lines(&ty, &dev, &mut b)).sum();
+    let write = |name: &str, text: &str| -> Result<String> {
+        let path = lab.run_dir().join(format!("scale-{ty}-{n}.{name}"));
+        std::fs::write(&path, text).map_err(|e| LabError::io(path.display().to_string(), e))?;
+        Ok(path.display().to_string())
+    };
+    let fdb_file = (!b.fdb.is_empty())
+        .then(|| write("fdb", &b.fdb))
+        .transpose()?;
+    b.neigh.push_str(&b.routes);
+    let ip_file = write("ip", &b.neigh)?;
+    drop(b);
+    let agent_ns = lab.hosts()[0].ns.clone();
+    // Between rounds both hosts lose what was written: the vxlan device with all
+    // its entries, or our routes.
+    let clear = |lab: &Lab, ns: &str| -> Result<()> {
+        if ty == "vxlan" {
+            lab.ip_in(ns, &["link", "del", "flannel.1"])?;
+        } else {
+            lab.ip_in(ns, &["route", "flush", "proto", "70"])?;
+        }
+        Ok(())
+    };
+    let log_path = lab.hosts()[0].log_file();
+    let (mut starts, mut applies, mut batches) = (Vec::new(), Vec::new(), Vec::new());
+    let mut agent_subnet_file_ms = None;
+    for round in 0..opts.scale_rounds.max(1) {
+        if round > 0 {
+            let st = lab.stop_agent(0)?;
+            if !st.success() {
+                return Err(LabError::Invalid(format!("flanneld exit on SIGTERM: {st}")));
+            }
+            clear(&lab, &agent_ns)?;
+            clear(&lab, &base)?;
+        }
+        // The baseline: the same entries in host 1 with `bridge -batch` + `ip -batch`.
+        if ty == "vxlan" {
+            lab.ip_in(
+                &base,
+                &[
+                    "link",
+                    "add",
+                    &dev,
+                    "type",
+                    "vxlan",
+                    "id",
+                    "1",
+                    "local",
+                    &base_ip,
+                    "dev",
+                    &base_link,
+                    "dstport",
+                    "8472",
+                    "nolearning",
+                ],
+            )?;
+            lab.ip_in(&base, &["link", "set", &dev, "up"])?;
+        }
+        let t0 = Instant::now();
+        if let Some(f) = &fdb_file {
+            crate::process::run(crate::process::command(
+                "bridge",
+                &["-n", &base, "-batch", f],
+            ))?;
+        }
+        lab.ip_in(&base, &["-batch", &ip_file])?;
+        batches.push(t0.elapsed());
+        let in_base = count_proc_routes(&lab.run_in(&base, &["cat", "/proc/net/route"])?);
+        if in_base != n {
+            return Err(LabError::Invalid(format!(
+                "the ip -batch baseline made {in_base} routes, not {n}"
+            )));
+        }
+
+        // The agent with N peers (its lease exists: a restart).
+        let log_from = std::fs::metadata(&log_path).map_or(0, |m| m.len());
+        let t0 = Instant::now();
+        lab.spawn_agent(0)?;
+        let done = wait_routes(&mut lab, n, opts.timeout, log_from)?;
+        starts.push(done.saturating_duration_since(t0));
+        let log = lab.agent_log(0)?;
+        let tail = log.get(log_from as usize..).unwrap_or("");
+        applies.extend(log_field(tail, PROGRAMMED_MARK, "elapsed_ms"));
+        agent_subnet_file_ms = log_field(tail, "subnet file written", "elapsed_ms");
+        say(&format!(
+            "  {n} leases, round {}: start -> all routes {:.0} ms, agent apply {} ms; ip -batch {:.0} ms for {entries} entries",
+            round + 1,
+            ms(*starts.last().expect("pushed")),
+            applies.last().map_or("-".into(), |a| format!("{a:.0}")),
+            ms(*batches.last().expect("pushed"))
+        ));
+    }
+    let start_to_routes = median(&starts).unwrap_or_default();
+    let ip_batch = median(&batches).unwrap_or_default();
+    let agent_apply_ms = (!applies.is_empty()).then(|| median_f64(applies.iter().copied()));
+    std::thread::sleep(Duration::from_secs(1));
+    let rss = lab.agent_rss_kib(0)?;
+    say(&format!(
+        "  {n} leases: median start -> all routes {:.0} ms (ip -batch {:.0} ms), RSS {rss_idle} -> {rss} KiB",
+        ms(start_to_routes),
+        ms(ip_batch)
+    ));
+
+    // Join/leave with N present.
+    let ns = lab.hosts()[0].ns.clone();
+    let mut mon = lab.monitor(&ns, &["route"])?;
+    let (mut join, mut leave, mut put) = (Vec::new(), Vec::new(), Vec::new());
+    let churn: Vec<Ipv4Net> = (0..)
+        .map(|j: u32| {
+            Ipv4Net::new(
+                Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 250, 0, 0)) + (j << 8)),
+                24,
+            )
+            .expect("prefix 24 is valid")
+        })
+        .filter(|s| *s != own)
+        .take(opts.scale_joins)
+        .collect();
+    for (j, &subnet) in churn.iter().enumerate() {
+        let peer = ScalePeer {
+            subnet,
+            public_ip: scale_public_ip(n + j),
+            mac: MacAddr::random_local(&mut rand::rng()),
+        };
+        let key = Lab::lease_key_for(subnet);
+        let value = peer.value(&ty);
+        let route = format!("{subnet} ");
+        let deleted = format!("Deleted {subnet} ");
+        // As flanneld: grant first, then the write that makes the lease visible.
+        let id = lab.etcd().grant(LEASE_TTL_SECS)?;
+        let mark = mon.mark();
+        let t0 = Instant::now();
+        lab.etcd().put_on_lease(&key, &value, id)?;
+        put.push(t0.elapsed());
+        let t = mon
+            .wait_for_after(mark, opts.timeout, |l| l.starts_with(&route))
+            .ok_or_else(|| LabError::Timeout {
+                what: format!("route for joining lease {subnet}"),
+                after: opts.timeout,
+            })?;
+        join.push(t.saturating_duration_since(t0));
+        let mark = mon.mark();
+        let t0 = Instant::now();
+        lab.etcd().delete(&key)?;
+        let t = mon
+            .wait_for_after(mark, opts.timeout, |l| l.starts_with(&deleted))
+            .ok_or_else(|| LabError::Timeout {
+                what: format!("route of leaving lease {subnet} to go"),
+                after: opts.timeout,
+            })?;
+        leave.push(t.saturating_duration_since(t0));
+    }
+    let rss_after = lab.agent_rss_kib(0)?;
+    if let Some(dir) = &opts.log_dir {
+        let path = dir.join(format!("scale-{ty}-{n}.log"));
+        std::fs::write(&path, lab.agent_log(0)?)
+            .map_err(|e| LabError::io(path.display().to_string(), e))?;
+    }
+    let p = |v: &[Duration], q: u32| ms(percentile(v, q).unwrap_or_default());
+    let r = Scale {
+        backend: label.to_string(),
+        leases: n,
+        start_to_routes_ms: ms(start_to_routes),
+        agent_apply_ms,
+        agent_subnet_file_ms,
+        ip_batch_ms: ms(ip_batch),
+        ip_batch_entries: entries,
+        ratio_start: ratio(ms(start_to_routes), ms(ip_batch)),
+        ratio_apply: agent_apply_ms.map(|a| ratio(a, ms(ip_batch))),
+        rss_idle_kib: rss_idle,
+        rss_kib: rss,
+        bytes_per_peer: (rss as f64 - rss_idle as f64) * 1024.0 / n.max(1) as f64,
+        rss_after_churn_kib: rss_after,
+        samples: join.len(),
+        join_p50_ms: p(&join, 50),
+        join_p99_ms: p(&join, 99),
+        leave_p50_ms: p(&leave, 50),
+        leave_p99_ms: p(&leave, 99),
+        put_p50_ms: p(&put, 50),
+        rounds: starts
+            .iter()
+            .zip(&batches)
+            .map(|(s, b)| (ms(*s), ms(*b)))
+            .collect(),
+        agent_apply_rounds_ms: applies,
+    };
+    say(&format!(
+        "  join p50/p99 {:.1}/{:.1} ms, leave p50/p99 {:.1}/{:.1} ms ({} samples; etcd put itself p50 {:.1} ms)",
+        r.join_p50_ms, r.join_p99_ms, r.leave_p50_ms, r.leave_p99_ms, r.samples, r.put_p50_ms
+    ));
+    Ok(r)
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -453,6 +988,83 @@ mod tests {
             fake_lease_value("host-gw", 248),
             r#"{"PublicIP":"198.18.0.250","PublicIPv6":null,"BackendType":"host-gw"}"#
         );
+    }
+
+    #[test]
+    fn scale_peers_are_distinct_spread_and_clear_of_the_own_subnet() {
+        let own: Ipv4Net = "10.1.5.0/24".parse().unwrap();
+        let peers = scale_peers(10_000, own);
+        assert_eq!(peers.len(), 10_000);
+        let subnets: std::collections::BTreeSet<_> = peers.iter().map(|p| p.subnet).collect();
+        let ips: std::collections::BTreeSet<_> = peers.iter().map(|p| p.public_ip).collect();
+        assert_eq!((subnets.len(), ips.len()), (10_000, 10_000));
+        assert!(!subnets.contains(&own));
+        let under: Ipv4Net = SCALE_UNDERLAY.parse().unwrap();
+        let lab: Ipv4Net = "198.18.0.0/24".parse().unwrap();
+        assert!(ips.iter().all(|ip| under.contains(ip) && !lab.contains(ip)));
+        // Spread over the /16, not packed into its start.
+        assert!(ips.iter().any(|ip| ip.octets()[2] > 200));
+        let v = LeaseAttrs::decode(&peers[0].value("vxlan")).unwrap();
+        assert_eq!(v.public_ip, Ipv4Addr::new(198, 18, 1, 0));
+        assert_eq!(
+            VxlanData::decode(v.backend_data.as_ref().unwrap())
+                .unwrap()
+                .vtep_mac,
+            peers[0].mac
+        );
+    }
+
+    #[test]
+    fn baseline_batches_write_what_the_agent_writes() {
+        let p = ScalePeer {
+            subnet: "10.1.0.0/24".parse().unwrap(),
+            public_ip: Ipv4Addr::new(198, 18, 1, 0),
+            mac: MacAddr([2, 0, 0, 0, 0, 1]),
+        };
+        let mut b = Batches::default();
+        assert_eq!(p.batch_lines("vxlan", "flannel.1", &mut b), 3);
+        assert_eq!(
+            b.neigh,
+            "neigh replace 10.1.0.0 lladdr 02:00:00:00:00:01 dev flannel.1 nud permanent\n"
+        );
+        assert_eq!(
+            b.fdb,
+            "fdb replace 02:00:00:00:00:01 dev flannel.1 dst 198.18.1.0 self permanent\n"
+        );
+        assert_eq!(
+            b.routes,
+            "route replace 10.1.0.0/24 via 10.1.0.0 dev flannel.1 onlink proto 70\n"
+        );
+        let mut b = Batches::default();
+        assert_eq!(p.batch_lines("host-gw", "eth0", &mut b), 1);
+        assert_eq!(
+            b.routes,
+            "route replace 10.1.0.0/24 via 198.18.1.0 dev eth0 proto 70\n"
+        );
+        assert!(b.fdb.is_empty() && b.neigh.is_empty());
+    }
+
+    #[test]
+    fn proc_routes_and_log_fields() {
+        let text =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+flannel.1\t0000010A\t0000010A\t0007\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+flannel.1\t0005020A\t0005020A\t0007\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+eth0\t000012C6\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+flannel.1\t0000000A\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0\n";
+        assert_eq!(count_proc_routes(text), 2, "only /24s inside 10.0.0.0/8");
+        let log = "x INFO full lease set programmed peers=5 elapsed_ms=12\n\
+y INFO full lease set programmed peers=9 elapsed_ms=345\n";
+        assert_eq!(log_field(log, PROGRAMMED_MARK, "elapsed_ms"), Some(345.0));
+        assert_eq!(log_field(log, "nothing", "elapsed_ms"), None);
+    }
+
+    #[test]
+    fn sections_parse() {
+        let s: Sections = "scale".parse().unwrap();
+        assert_eq!((s.throughput, s.convergence, s.scale), (false, false, true));
+        assert_eq!("all".parse::<Sections>().unwrap(), Sections::default());
+        assert!("scale,nope".parse::<Sections>().is_err());
     }
 
     #[test]

@@ -1,12 +1,15 @@
-//! The lab's etcd: listening on the underlay bridge address inside the underlay
-//! namespace, reached through etcd's v3 JSON gateway (HTTP/1.0, base64 keys).
+//! The lab's etcd: one member or a cluster, every member listening on the underlay
+//! bridge address inside the underlay namespace (each on its own client port),
+//! reached through etcd's v3 JSON gateway (HTTP/1.0, base64 keys).
 //!
 //! Every request runs on a short-lived std thread that first enters the underlay
 //! namespace, so the socket lives there; the root namespace never talks to it.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -22,11 +25,43 @@ pub const MAX_TXN_OPS: usize = 10_000;
 /// The lab's etcd `--max-request-bytes` (32 MiB: 10 000 lease puts fit easily).
 pub const MAX_REQUEST_BYTES: usize = 32 << 20;
 
-/// A client for the lab's etcd.
+/// A client for the lab's etcd. With several members it sends each request to the
+/// member that answered last and moves on to the next one when a member is down or
+/// has no leader (HTTP 503), as a real etcd client fails over.
 #[derive(Debug, Clone)]
 pub struct Etcd {
     netns: PathBuf,
-    addr: SocketAddrV4,
+    members: Arc<[SocketAddrV4]>,
+    /// Index into `members` of the member tried first.
+    current: Arc<AtomicUsize>,
+}
+
+/// Where one member of the lab's etcd listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdMember {
+    /// Its `--name`.
+    pub name: String,
+    /// Its client URL's address (on the underlay bridge).
+    pub client: SocketAddrV4,
+    /// Its peer port, on the underlay namespace's loopback.
+    pub peer_port: u16,
+}
+
+impl EtcdMember {
+    /// Member `i` (0-based) of a lab etcd whose clients connect to `ip`: the first
+    /// uses etcd's standard ports 2379/2380, the next ones 12379/12380, 22379/22380...
+    pub fn nth(ip: Ipv4Addr, i: usize) -> EtcdMember {
+        let offset = 10_000 * i as u16;
+        EtcdMember {
+            name: format!("lab{}", i + 1),
+            client: SocketAddrV4::new(ip, 2379 + offset),
+            peer_port: 2380 + offset,
+        }
+    }
+
+    fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer_port)
+    }
 }
 
 fn err(op: &str, msg: impl ToString) -> LabError {
@@ -64,21 +99,79 @@ fn unb64(op: &str, v: &Value) -> Result<String> {
 impl Etcd {
     /// A client for the etcd at `addr` inside the namespace `/run/netns/<netns>`.
     pub fn new(netns: &str, addr: SocketAddrV4) -> Self {
+        Self::cluster(netns, &[addr])
+    }
+
+    /// A client for an etcd cluster whose members listen on `members` (at least one).
+    pub fn cluster(netns: &str, members: &[SocketAddrV4]) -> Self {
         Etcd {
             netns: Path::new("/run/netns").join(netns),
-            addr,
+            members: members.into(),
+            current: Arc::new(AtomicUsize::new(0)),
         }
     }
 
+    /// A client that talks to member `i` only (e.g. to ask it for its status).
+    pub fn member(&self, i: usize) -> Result<Etcd> {
+        let addr = *self.members.get(i).ok_or_else(|| {
+            LabError::Invalid(format!("no etcd member {i} (of {})", self.members.len()))
+        })?;
+        Ok(Etcd {
+            netns: self.netns.clone(),
+            members: Arc::new([addr]),
+            current: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// The first member's client URL.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("http://{}", self.members[0])
+    }
+
+    /// Every member's client URL, comma-separated (flanneld's `--etcd-endpoints`).
+    pub fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(|a| format!("http://{a}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// One request, to the member that answered last and then to each other one
+    /// while a member cannot be reached or answers 503 (down, or no leader).
+    fn http(&self, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
+        let n = self.members.len();
+        let first = self.current.load(Ordering::Relaxed) % n;
+        let mut last = None;
+        for k in 0..n {
+            let i = (first + k) % n;
+            match self.http_to(self.members[i], method, path, body) {
+                Ok((503, text)) if k + 1 < n => {
+                    last = Some(err(
+                        &format!("{method} {path}"),
+                        format!("HTTP 503: {text}"),
+                    ))
+                }
+                Ok(answer) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return Ok(answer);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| err(path, "no etcd member")))
     }
 
     /// One HTTP/1.0 exchange (the server closes the connection, so no chunked
-    /// encoding to undo) from inside the namespace.
-    fn http(&self, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
+    /// encoding to undo) with `addr` from inside the namespace.
+    fn http_to(
+        &self,
+        addr: SocketAddrV4,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<(u16, String)> {
         let netns = self.netns.clone();
-        let addr = self.addr;
         let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
         if let Some(b) = body {
             req.push_str(&format!(
@@ -127,6 +220,17 @@ impl Etcd {
         matches!(self.http("GET", "/health", None), Ok((200, body)) if body.contains("true"))
     }
 
+    /// The id of the member that answers and of the leader it follows (0: it knows
+    /// of none), from `/v3/maintenance/status`; ask a [`member`](Self::member)
+    /// client to learn about that member.
+    pub fn status(&self) -> Result<(u64, u64)> {
+        let v = self.call("/v3/maintenance/status", json!({}))?;
+        Ok((
+            gateway_u64(v.pointer("/header/member_id")),
+            gateway_u64(v.get("leader")),
+        ))
+    }
+
     pub fn put(&self, key: &str, value: &str) -> Result<()> {
         self.call(
             "/v3/kv/put",
@@ -145,6 +249,15 @@ impl Etcd {
         Ok(())
     }
 
+    /// Puts `key` on the existing etcd lease `id` (e.g. granted ahead of a timed put).
+    pub fn put_on_lease(&self, key: &str, value: &str, id: i64) -> Result<()> {
+        self.call(
+            "/v3/kv/put",
+            json!({"key": b64(key.as_bytes()), "value": b64(value.as_bytes()), "lease": id.to_string()}),
+        )?;
+        Ok(())
+    }
+
     pub fn get(&self, key: &str) -> Result<Option<String>> {
         let v = self.call("/v3/kv/range", json!({"key": b64(key.as_bytes())}))?;
         match v
@@ -155,6 +268,16 @@ impl Etcd {
             Some(kv) => Ok(Some(unb64("range", &kv["value"])?)),
             None => Ok(None),
         }
+    }
+
+    /// The id of the etcd lease `key` is attached to (`Some(0)`: none; `None`: no
+    /// such key). flanneld attaches every renewal to a fresh lease.
+    pub fn lease_of(&self, key: &str) -> Result<Option<i64>> {
+        let v = self.call("/v3/kv/range", json!({"key": b64(key.as_bytes())}))?;
+        Ok(v.get("kvs")
+            .and_then(|k| k.as_array())
+            .and_then(|a| a.first())
+            .map(|kv| i64::try_from(gateway_u64(kv.get("lease"))).unwrap_or(0)))
     }
 
     /// All keys starting with `prefix`, in key order, with their values.
@@ -239,26 +362,37 @@ impl Etcd {
 }
 
 fn deleted_count(v: &Value) -> u64 {
-    // The gateway writes int64 as JSON strings and leaves out zero values.
-    match v.get("deleted") {
+    gateway_u64(v.get("deleted"))
+}
+
+/// A 64-bit integer field of a gateway response: written as a JSON string (or a
+/// number), and left out when zero.
+fn gateway_u64(v: Option<&Value>) -> u64 {
+    match v {
         Some(Value::String(s)) => s.parse().unwrap_or(0),
         Some(Value::Number(n)) => n.as_u64().unwrap_or(0),
         _ => 0,
     }
 }
 
-/// The etcd command line for a lab: client URL on `addr`, peer URL on the
-/// namespace's loopback, data in `data_dir`.
-pub fn etcd_args(addr: SocketAddrV4, data_dir: &Path) -> Vec<String> {
-    let client = format!("http://{addr}");
+/// The etcd command line for member `me` of a lab etcd made of `cluster`: client
+/// URL on the underlay, peer URL on the namespace's loopback, data in `data_dir`.
+/// A member restarted with the same data directory rejoins (etcd then ignores the
+/// `--initial-*` flags).
+pub fn etcd_args(me: &EtcdMember, cluster: &[EtcdMember], data_dir: &Path) -> Vec<String> {
+    let client = format!("http://{}", me.client);
+    let initial: Vec<String> = cluster
+        .iter()
+        .map(|m| format!("{}={}", m.name, m.peer_url()))
+        .collect();
     vec![
-        "--name=lab".into(),
+        format!("--name={}", me.name),
         format!("--data-dir={}", data_dir.display()),
         format!("--listen-client-urls={client}"),
         format!("--advertise-client-urls={client}"),
-        "--listen-peer-urls=http://127.0.0.1:2380".into(),
-        "--initial-advertise-peer-urls=http://127.0.0.1:2380".into(),
-        "--initial-cluster=lab=http://127.0.0.1:2380".into(),
+        format!("--listen-peer-urls={}", me.peer_url()),
+        format!("--initial-advertise-peer-urls={}", me.peer_url()),
+        format!("--initial-cluster={}", initial.join(",")),
         "--initial-cluster-state=new".into(),
         format!("--max-txn-ops={MAX_TXN_OPS}"),
         format!("--max-request-bytes={MAX_REQUEST_BYTES}"),

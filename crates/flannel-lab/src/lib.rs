@@ -22,13 +22,15 @@ pub mod cleanup;
 pub mod e2e;
 pub mod error;
 pub mod etcd;
+pub mod http;
 pub mod lab;
+pub mod leases;
 pub mod measure;
 pub mod process;
 
 pub use error::{LabError, Result};
 pub use flannel_testkit::Monitor;
-pub use lab::{poll_until, Host, Lab, LabBuilder, Pod, PodId, SubnetFile};
+pub use lab::{poll_until, BackgroundPing, Host, Lab, LabBuilder, Pod, PodId, SubnetFile};
 pub use measure::PingStats;
 
 /// Whether this process runs as root (the lab needs it).

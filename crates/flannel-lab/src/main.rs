@@ -5,9 +5,10 @@
 //! and agent figures against baselines from the same run; `down` removes what a
 //! killed run left behind.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -15,7 +16,8 @@ use serde_json::{json, Value};
 
 use flannel_lab::bench::{self, backend_label, BenchOptions};
 use flannel_lab::cleanup::{self, install_signal_teardown};
-use flannel_lab::{Lab, PodId};
+use flannel_lab::{leases, poll_until, Lab, PodId};
+use ipnet::Ipv4Net;
 
 #[derive(Parser)]
 #[command(
@@ -45,6 +47,10 @@ enum Cmd {
         /// iperf3 duration in seconds (0 skips iperf3).
         #[arg(long, default_value_t = 3)]
         iperf_secs: u32,
+        /// etcd members (1, 3, 5 or 7). With more than one, the demo also kills the
+        /// etcd leader while pods ping and a new lease is written.
+        #[arg(long, default_value_t = 1)]
+        etcd_members: usize,
         /// Leave the lab running; remove it later with `flannel-lab down <prefix>`.
         #[arg(long)]
         keep: bool,
@@ -76,6 +82,22 @@ enum Cmd {
         /// Timed agent (re)starts.
         #[arg(long, default_value_t = 5)]
         starts: usize,
+        /// Comma-separated parts to run: throughput (with startup), convergence
+        /// (with churn), scale; or all.
+        #[arg(long, default_value = "all")]
+        sections: bench::Sections,
+        /// Comma-separated lease counts for the scale section.
+        #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000")]
+        scale: Vec<usize>,
+        /// Join/leave samples per scale run (p99 wants about 100).
+        #[arg(long, default_value_t = 100)]
+        scale_joins: usize,
+        /// Alternating ip -batch / agent start rounds per scale run (medians).
+        #[arg(long, default_value_t = 3)]
+        scale_rounds: usize,
+        /// Copy the agent log of each scale run into this directory.
+        #[arg(long)]
+        logs: Option<PathBuf>,
     },
     /// Kubernetes mode at scale: one agent against the fake API server holding N
     /// nodes whose status is rewritten periodically (start, steady-state API bytes
@@ -136,8 +158,16 @@ fn main() -> ExitCode {
                         hosts,
                         pods,
                         iperf_secs,
+                        etcd_members,
                         keep,
-                    } => demo(&backend, hosts, pods, iperf_secs, keep),
+                    } => demo(&DemoOptions {
+                        backend,
+                        hosts,
+                        pods_per_host: pods,
+                        secs: iperf_secs,
+                        etcd_members,
+                        keep,
+                    }),
                     Cmd::Bench {
                         backends,
                         json,
@@ -147,6 +177,11 @@ fn main() -> ExitCode {
                         leases,
                         joins,
                         starts,
+                        sections,
+                        scale,
+                        scale_joins,
+                        scale_rounds,
+                        logs,
                     } => {
                         let opts = BenchOptions {
                             backends: match backends
@@ -163,6 +198,11 @@ fn main() -> ExitCode {
                             lease_counts: leases,
                             joins,
                             starts,
+                            sections,
+                            scale_counts: scale,
+                            scale_joins,
+                            scale_rounds,
+                            log_dir: logs,
                             ..BenchOptions::default()
                         };
                         run_bench(&opts, json)
@@ -201,14 +241,28 @@ fn stepper() -> impl Fn(&str) + Copy + 'static {
     move |s: &str| println!("[{:>5.1}s] {s}", t0.elapsed().as_secs_f64())
 }
 
-fn demo(backend: &str, hosts: usize, pods_per_host: usize, secs: u32, keep: bool) -> Result<()> {
-    let backend = parse_backend(backend)?;
+struct DemoOptions {
+    backend: String,
+    hosts: usize,
+    pods_per_host: usize,
+    secs: u32,
+    etcd_members: usize,
+    keep: bool,
+}
+
+fn demo(o: &DemoOptions) -> Result<()> {
+    let (hosts, pods_per_host, secs, keep) = (o.hosts, o.pods_per_host, o.secs, o.keep);
+    let backend = parse_backend(&o.backend)?;
     let label = backend_label(&backend);
     let say = stepper();
-    println!("flannel-lab demo: {hosts} hosts, backend {label}");
+    println!(
+        "flannel-lab demo: {hosts} hosts, backend {label}, {} etcd member(s)",
+        o.etcd_members
+    );
     let mut lab = Lab::builder()
         .hosts(hosts)
         .backend_json(&backend.to_string())
+        .etcd_members(o.etcd_members)
         .keepable(keep)
         .on_progress(say)
         .build()?;
@@ -331,6 +385,14 @@ fn demo(backend: &str, hosts: usize, pods_per_host: usize, secs: u32, keep: bool
         }
     }
 
+    if data_plane && lab.etcd_member_count() > 1 && hosts >= 2 && pods.len() >= 2 {
+        let ty = backend
+            .get("Type")
+            .and_then(Value::as_str)
+            .unwrap_or("vxlan");
+        etcd_failover(&mut lab, pods[0], pods[pods_per_host], ty, say)?;
+    }
+
     let rss: Vec<String> = (0..hosts)
         .map(|h| {
             lab.agent_rss_kib(h)
@@ -368,6 +430,91 @@ fn bench_kube(
         std::fs::write(&p, serde_json::to_string_pretty(&r)?)
             .with_context(|| format!("writing {}", p.display()))?;
     }
+    Ok(())
+}
+
+/// Kills the etcd leader while a pod pings another host's pod and a made-up peer's
+/// lease is written; shows how long etcd and the agents took and what the pods lost.
+fn etcd_failover(
+    lab: &mut Lab,
+    from: PodId,
+    to: PodId,
+    backend_type: &str,
+    say: impl Fn(&str),
+) -> Result<()> {
+    let n = lab.etcd_member_count();
+    println!("\netcd failover ({n} members): kill the leader while pods ping");
+    let leader = lab
+        .etcd_leader()?
+        .context("no etcd member knows of a leader")?;
+    let name = lab.etcd_member(leader)?.name.clone();
+    // 10 s of pings at 0.2 s: the failover and the lease below fit well inside.
+    let ping = lab.start_ping(from, lab.pod(to)?.ip, 50)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let peer: Ipv4Net = "10.244.250.0/24".parse()?;
+    let key = Lab::lease_key_for(peer);
+    let value = leases::peer_lease_value(backend_type, Ipv4Addr::new(198, 18, 0, 250));
+    say(&format!("killing etcd leader {name} (SIGKILL)"));
+    lab.stop_etcd_member(leader)?;
+    let killed = Instant::now();
+    let deadline = Duration::from_secs(60);
+    let mut new_leader = None;
+    poll_until(
+        "a new etcd leader",
+        deadline,
+        Duration::from_millis(20),
+        || {
+            new_leader = lab.etcd_leader()?;
+            Ok(new_leader.is_some())
+        },
+    )?;
+    let elected = killed.elapsed();
+    let new_name = match new_leader {
+        Some(i) => lab.etcd_member(i)?.name.clone(),
+        None => "?".into(),
+    };
+    say(&format!(
+        "{new_name} leads after {:.2} s",
+        elected.as_secs_f64()
+    ));
+    poll_until(
+        "etcd to accept a write",
+        deadline,
+        Duration::from_millis(20),
+        || Ok(lab.etcd().put(&key, &value).is_ok()),
+    )?;
+    let written = killed.elapsed();
+    say(&format!(
+        "new lease {peer} written {:.2} s after the kill",
+        written.as_secs_f64()
+    ));
+    for h in 0..lab.hosts().len() {
+        poll_until(
+            &format!("host {} to route {peer}", h + 1),
+            deadline,
+            Duration::from_millis(20),
+            || Ok(lab.route_to(h, peer)?.is_some()),
+        )?;
+    }
+    let routed = killed.elapsed();
+    say(&format!(
+        "{peer} routed on every host {:.2} s after the kill",
+        routed.as_secs_f64()
+    ));
+    lab.restart_etcd_member(leader)?;
+    lab.wait_etcd_member(leader)?;
+    say(&format!("{name} restarted and back in the cluster"));
+    lab.etcd().delete(&key)?;
+    let s = ping.finish(Duration::from_secs(60))?;
+    println!(
+        "  leader kill -> new leader {:.2} s, -> lease written {:.2} s, -> routed on all hosts {:.2} s; pod ping {}/{} replies ({:.0}% loss)",
+        elected.as_secs_f64(),
+        written.as_secs_f64(),
+        routed.as_secs_f64(),
+        s.received,
+        s.transmitted,
+        s.loss() * 100.0
+    );
     Ok(())
 }
 
@@ -443,6 +590,53 @@ fn run_bench(opts: &BenchOptions, json_out: Option<PathBuf>) -> Result<()> {
                 s.backend, s.samples, s.median_ms, s.agent_rss_kib
             );
         }
+    }
+    if !report.scale.is_empty() {
+        println!(
+            "\nScale: N leases, each on its own 24 h etcd lease, public IPs over a /16 \
+             (same run; ip -batch writes the same kernel entries in a fresh namespace)"
+        );
+        println!(
+            "  {:<14} {:>6} {:>9} {:>9} {:>9} {:>6} {:>6} {:>8} {:>8} {:>7} {:>15} {:>15} {:>6}",
+            "BACKEND",
+            "LEASES",
+            "START ms",
+            "APPLY ms",
+            "IP-B ms",
+            "xSTART",
+            "xAPPLY",
+            "RSS0 KiB",
+            "RSS KiB",
+            "B/PEER",
+            "JOIN p50/p99",
+            "LEAVE p50/p99",
+            "PUT"
+        );
+        for s in &report.scale {
+            let opt =
+                |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
+            println!(
+                "  {:<14} {:>6} {:>9.0} {:>9} {:>9.0} {:>6.2} {:>6} {:>8} {:>8} {:>7.0} {:>15} {:>15} {:>6.1}",
+                s.backend,
+                s.leases,
+                s.start_to_routes_ms,
+                opt(s.agent_apply_ms, 0),
+                s.ip_batch_ms,
+                s.ratio_start,
+                opt(s.ratio_apply, 2),
+                s.rss_idle_kib,
+                s.rss_kib,
+                s.bytes_per_peer,
+                format!("{:.1}/{:.1}", s.join_p50_ms, s.join_p99_ms),
+                format!("{:.1}/{:.1}", s.leave_p50_ms, s.leave_p99_ms),
+                s.put_p50_ms
+            );
+        }
+        println!(
+            "  START: spawn -> all N routes; APPLY: the agent's own log, full lease set -> kernel \
+             programmed; xSTART/xAPPLY: ratio to ip -batch; B/PEER: (RSS - RSS0) / N; \
+             PUT: the bench's etcd put round trip (inside every join sample)"
+        );
     }
     for e in &report.errors {
         println!("\nerror: {e}");

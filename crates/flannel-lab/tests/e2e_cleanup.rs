@@ -389,6 +389,10 @@ fn cleanup_scenario(what: &str, backend: &str, nft: bool, foreign: bool) {
         .hosts(2)
         .config_json(&config)
         .ip_masq(true)
+        // A blackhole route for the own subnet, checked every second: the cleanup
+        // must remove it too, and a deleted one must come back.
+        .agent_arg("--ip-blackhole-route")
+        .agent_arg("--iptables-resync=1")
         .start_agents(false)
         .timeout(DEADLINE)
         .build()
@@ -415,6 +419,37 @@ fn cleanup_scenario(what: &str, backend: &str, nft: bool, foreign: bool) {
         routes.contains(&format!("{peer_subnet} via ")),
         "no route to the peer's {peer_subnet}:\n{routes}"
     );
+    let own = lab.host_subnet(0).unwrap();
+    let blackhole = format!("blackhole {own} proto 70 metric 1000000");
+    assert!(
+        routes.lines().any(|l| l.trim() == blackhole),
+        "no `{blackhole}`:\n{routes}"
+    );
+    // The pods reached each other above: the bridge's route beats the blackhole.
+    // Deleted by hand, the blackhole is back within the resync period.
+    lab.ip_in(
+        &ns,
+        &[
+            "route",
+            "del",
+            "blackhole",
+            &own.to_string(),
+            "metric",
+            "1000000",
+        ],
+    )
+    .unwrap();
+    flannel_lab::poll_until(
+        "the blackhole route to be restored",
+        DEADLINE,
+        std::time::Duration::from_millis(100),
+        || {
+            Ok(lab
+                .ip_in(&ns, &["route", "show", "type", "blackhole"])?
+                .contains(&own.to_string()))
+        },
+    )
+    .unwrap();
     if backend == "vxlan" {
         let links = running["ip -d link"].join("\n");
         assert!(links.contains(" flannel.1: "), "{links}");

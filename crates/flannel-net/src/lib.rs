@@ -2,6 +2,7 @@
 //! interface lookup, network namespaces and sysctls. Firewall policy lives in
 //! flannel-rules.
 
+pub mod mem;
 pub mod netlink;
 pub mod netns;
 pub mod sysctl;

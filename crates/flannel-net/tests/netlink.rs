@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use flannel_core::MacAddr;
 use flannel_net::netlink::{
-    IpFamily, Netlink, Route, RouteFilter, VxlanSpec, NUD_PERMANENT, RTPROT_FLANNEL, RT_TABLE_MAIN,
+    IpFamily, Netlink, Route, RouteFilter, VxlanSpec, WriteOp, NUD_PERMANENT, RTPROT_FLANNEL,
+    RT_TABLE_MAIN,
 };
 use flannel_testkit::{privileged, veth_pair, TestNetns};
 
@@ -372,4 +373,95 @@ async fn concurrent_dumps_on_one_connection() {
         assert!(l.unwrap().len() >= 2);
         assert!(!a.unwrap().is_empty());
     }
+}
+
+/// Writes packed many to a datagram: every op gets its own result in order, a
+/// refused one in the middle does not stop the rest, deleting what is gone is
+/// success, and the entries really are in the kernel (of the connection's
+/// namespace, not the test's).
+#[tokio::test]
+async fn write_batch_reports_each_op() {
+    if !privileged("write_batch_reports_each_op") {
+        return;
+    }
+    let (a, _b, nl, ua) = pair().await;
+    let route = |i: u32| {
+        Route::new(
+            format!("10.{}.{}.0/24", 100 + i / 256, i % 256)
+                .parse()
+                .unwrap(),
+        )
+        .via(ip(&format!("10.{}.{}.0", 100 + i / 256, i % 256)))
+        .dev(ua)
+        .onlink()
+    };
+    let mut ops: Vec<WriteOp> = (0..1000).map(|i| WriteOp::RouteReplace(route(i))).collect();
+    // No such device: refused, and only this one.
+    ops.insert(500, WriteOp::RouteReplace(route(5000).dev(999_999)));
+    ops.push(WriteOp::NeighReplace {
+        index: ua,
+        ip: ip("10.100.0.0"),
+        mac: MacAddr([2, 0, 0, 0, 0, 9]),
+    });
+    let res = nl.write_batch(ops.clone()).await;
+    assert_eq!(res.len(), ops.len());
+    for (i, r) in res.iter().enumerate() {
+        if i == 500 {
+            let e = r
+                .as_ref()
+                .expect_err("a route on a missing device is refused");
+            assert_eq!(e.errno(), Some(libc_enodev()), "{e}");
+            assert!(e.to_string().contains("replace route"), "{e}");
+        } else {
+            assert!(r.is_ok(), "op {i}: {r:?}");
+        }
+    }
+    let mine = nl
+        .routes(
+            IpFamily::V4,
+            &RouteFilter {
+                protocol: Some(RTPROT_FLANNEL),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(mine.len(), 1000);
+    let neigh = a.run(&["ip", "neigh", "show", "dev", "ua"]).unwrap();
+    assert!(
+        neigh.contains("10.100.0.0 lladdr 02:00:00:00:00:09 PERMANENT"),
+        "{neigh}"
+    );
+
+    // Deleting twice: the second time everything is gone already, still success.
+    let dels: Vec<WriteOp> = (0..1000)
+        .map(|i| WriteOp::RouteDel(route(i)))
+        .chain([WriteOp::NeighDel {
+            index: ua,
+            ip: ip("10.100.0.0"),
+        }])
+        .collect();
+    for round in 0..2 {
+        let res = nl.write_batch(dels.clone()).await;
+        assert!(
+            res.iter().all(|r| r.is_ok()),
+            "round {round}: {:?}",
+            res.iter().find(|r| r.is_err())
+        );
+    }
+    let left = nl
+        .routes(
+            IpFamily::V4,
+            &RouteFilter {
+                protocol: Some(RTPROT_FLANNEL),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(left.is_empty());
+}
+
+fn libc_enodev() -> i32 {
+    19
 }

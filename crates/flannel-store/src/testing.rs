@@ -8,7 +8,7 @@
 //! let store = EtcdStore::connect(etcd.options()).await?;
 //! ```
 
-pub use flannel_testkit::etcd::{EtcdServer, TcpProxy, TlsFiles};
+pub use flannel_testkit::etcd::{EtcdCluster, EtcdServer, TcpProxy, TlsFiles};
 pub use flannel_testkit::LogCapture;
 
 use crate::etcd::EtcdOptions;
@@ -28,6 +28,15 @@ impl StoreOptions for EtcdServer {
             cafile: tls.map(|t| t.ca.clone()),
             certfile: tls.map(|t| t.cert.clone()),
             keyfile: tls.map(|t| t.key.clone()),
+            ..EtcdOptions::default()
+        }
+    }
+}
+
+impl StoreOptions for EtcdCluster {
+    fn options(&self) -> EtcdOptions {
+        EtcdOptions {
+            endpoints: self.endpoints(),
             ..EtcdOptions::default()
         }
     }

@@ -403,3 +403,89 @@ async fn own_lease_watch_reports_renewals_and_revocation() -> Result<()> {
     tokio::time::timeout(WAIT, watcher).await???;
     Ok(())
 }
+
+/// The lease watch of an agent starts from the listing its acquisition made (one
+/// listing of every lease fewer at start). Nothing may go missing or linger: a
+/// lease written between acquisition and watch still arrives, our own lease is
+/// never reported, and our stale lease that acquisition deleted is not in the
+/// first update.
+#[tokio::test]
+async fn the_watch_after_acquisition_misses_nothing_and_shows_no_deleted_lease() -> Result<()> {
+    let Some(etcd) = EtcdServer::start_or_skip().await else {
+        return Ok(());
+    };
+    let mut c = etcd.client().await?;
+    put_config(
+        &mut c,
+        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#,
+    )
+    .await?;
+    c.put(
+        format!("{SUBNETS}10.5.2.0-24"),
+        value("10.10.0.2", "02:00:00:00:00:02"),
+        None,
+    )
+    .await?;
+    // Ours (same public IP) but outside the network: acquisition deletes it.
+    c.put(
+        format!("{SUBNETS}10.6.0.0-24"),
+        value("10.10.0.1", "02:00:00:00:00:01"),
+        None,
+    )
+    .await?;
+    let store = std::sync::Arc::new(EtcdStore::connect(etcd.options()).await?);
+    let cfg = store.network_config().await?;
+    let req = AcquireRequest {
+        attrs: vxlan_attrs("10.10.0.1", 1, "02:00:00:00:00:01"),
+        previous: PreviousSubnets::default(),
+    };
+    let own = store.acquire(&cfg, &req).await?;
+    assert!(!etcd_leases(&mut c, PREFIX)
+        .await?
+        .contains_key(&format!("{SUBNETS}10.6.0.0-24")));
+    // Written after the acquisition's listing, before the watch starts.
+    c.put(
+        format!("{SUBNETS}10.5.3.0-24"),
+        value("10.10.0.3", "02:00:00:00:00:03"),
+        None,
+    )
+    .await?;
+    let (tx, mut rx) = mpsc::channel(16);
+    let w = store.clone();
+    let own_key = own.key;
+    let task = tokio::spawn(async move {
+        let r = w.watch_leases(own_key, tx).await;
+        assert!(r.is_ok(), "watch_leases ended with {r:?}");
+    });
+    let mut seen: Vec<String> = match next(&mut rx).await? {
+        LeaseUpdate::Full(all) => all.iter().map(|l| l.key.to_string()).collect(),
+        other => bail!("first update must be Full, got {other:?}"),
+    };
+    assert!(
+        !seen.iter().any(|k| k == "10.6.0.0-24"),
+        "the deleted stale lease is in the first update: {seen:?}"
+    );
+    while !seen.iter().any(|k| k == "10.5.3.0-24") {
+        match next(&mut rx).await? {
+            LeaseUpdate::Events(ev) => {
+                for e in ev {
+                    match e {
+                        LeaseEvent::Added(l) => seen.push(l.key.to_string()),
+                        other => bail!("only additions expected, got {other:?}"),
+                    }
+                }
+            }
+            other => bail!("expected events, got {other:?}"),
+        }
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        ["10.5.2.0-24", "10.5.3.0-24"],
+        "own lease never reported"
+    );
+    assert!(!seen.contains(&own.key.to_string()));
+    drop(rx);
+    tokio::time::timeout(WAIT, task).await??;
+    Ok(())
+}

@@ -55,6 +55,10 @@ pub struct TlsFiles {
 /// killed (by PID) when dropped.
 pub struct EtcdServer {
     bin: PathBuf,
+    /// `--name`, and the `--initial-cluster` it was started with (members of a
+    /// [`EtcdCluster`] list each other; a single member lists itself).
+    name: String,
+    initial_cluster: Option<String>,
     dir: tempfile::TempDir,
     data_dir: PathBuf,
     client_port: u16,
@@ -198,6 +202,8 @@ impl EtcdServer {
         };
         let mut server = EtcdServer {
             bin,
+            name: "flannel-test".into(),
+            initial_cluster: None,
             data_dir: dir.path().join("data"),
             dir,
             client_port: 0,
@@ -286,7 +292,11 @@ impl EtcdServer {
             .create(true)
             .append(true)
             .open(self.log_path())?;
-        let name = "flannel-test";
+        let name = &self.name;
+        let initial = self
+            .initial_cluster
+            .clone()
+            .unwrap_or_else(|| format!("{name}={}", self.peer_url()));
         let mut cmd = Command::new(&self.bin);
         // An ETCD_* variable in the test environment would silently change etcd's
         // configuration.
@@ -308,7 +318,7 @@ impl EtcdServer {
             .arg("--initial-advertise-peer-urls")
             .arg(self.peer_url())
             .arg("--initial-cluster")
-            .arg(format!("{name}={}", self.peer_url()))
+            .arg(initial)
             .arg("--listen-metrics-urls")
             .arg(format!("http://127.0.0.1:{}", self.metrics_port))
             .args(["--initial-cluster-state", "new"])
@@ -334,6 +344,11 @@ impl EtcdServer {
 
     async fn launch(&mut self) -> io::Result<()> {
         self.spawn()?;
+        self.wait_healthy().await
+    }
+
+    /// Waits until the running member is healthy (it has a leader).
+    async fn wait_healthy(&mut self) -> io::Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(child) = self.child.as_mut() {
@@ -440,6 +455,120 @@ impl EtcdServer {
     /// The data directory of the running member.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+}
+
+/// A real etcd cluster of `n` members on 127.0.0.1, each an [`EtcdServer`] that a
+/// test can stop and start again; all are killed when dropped.
+pub struct EtcdCluster {
+    members: Vec<EtcdServer>,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members that form one cluster and waits until all are healthy.
+    pub async fn start(n: usize) -> io::Result<Self> {
+        let bin = etcd_binary()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "etcd binary not found"))?;
+        let mut last = None;
+        // As for one member: a probed port may be taken before etcd binds it.
+        for attempt in 0..5 {
+            let mut members = Vec::with_capacity(n);
+            for i in 0..n {
+                let dir = tempfile::Builder::new().prefix("flannel-etcd-").tempdir()?;
+                let [client_port, peer_port, metrics_port] = free_ports()?;
+                members.push(EtcdServer {
+                    bin: bin.clone(),
+                    name: format!("m{}", i + 1),
+                    initial_cluster: None,
+                    data_dir: dir.path().join(format!("data-{attempt}")),
+                    dir,
+                    client_port,
+                    peer_port,
+                    metrics_port,
+                    tls: None,
+                    child: None,
+                });
+            }
+            let initial: Vec<String> = members
+                .iter()
+                .map(|m| format!("{}={}", m.name, m.peer_url()))
+                .collect();
+            let mut cluster = EtcdCluster { members };
+            let started = async {
+                for m in &mut cluster.members {
+                    m.initial_cluster = Some(initial.join(","));
+                    m.spawn()?;
+                }
+                // Health needs a leader, so only once every member runs.
+                for m in &mut cluster.members {
+                    m.wait_healthy().await?;
+                }
+                io::Result::Ok(())
+            };
+            match started.await {
+                Ok(()) => return Ok(cluster),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::other("etcd cluster did not start")))
+    }
+
+    /// [`require_etcd`] then [`start`](Self::start): `None` means "skip this test".
+    pub async fn start_or_skip(n: usize) -> Option<Self> {
+        if !require_etcd() {
+            return None;
+        }
+        match Self::start(n).await {
+            Ok(c) => Some(c),
+            Err(e) => panic!("could not start an etcd cluster of {n}: {e}"),
+        }
+    }
+
+    /// Every member's client URL.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(EtcdServer::endpoint).collect()
+    }
+
+    pub fn member(&self, i: usize) -> &EtcdServer {
+        &self.members[i]
+    }
+
+    /// A member to stop ([`EtcdServer::stop`]) and start again
+    /// ([`EtcdServer::start_again`]: it rejoins from its data directory).
+    pub fn member_mut(&mut self, i: usize) -> &mut EtcdServer {
+        &mut self.members[i]
+    }
+
+    /// A client for all members (to play "another writer").
+    pub async fn client(&self) -> Result<etcd_client::Client, etcd_client::Error> {
+        etcd_client::Client::connect(self.endpoints(), None).await
+    }
+
+    /// The index of the leader, as the first running member that knows one says.
+    pub async fn leader(&self) -> Option<usize> {
+        for m in self.members.iter().filter(|m| m.child.is_some()) {
+            let Ok(mut c) = m.client().await else {
+                continue;
+            };
+            let Ok(status) = c.status().await else {
+                continue;
+            };
+            let leader = status.leader();
+            if leader == 0 {
+                continue;
+            }
+            for (i, other) in self.members.iter().enumerate() {
+                let Ok(mut oc) = other.client().await else {
+                    continue;
+                };
+                if let Ok(s) = oc.status().await {
+                    if s.header().map(|h| h.member_id()) == Some(leader) {
+                        return Some(i);
+                    }
+                }
+            }
+        }
+        None
     }
 }
 

@@ -191,35 +191,17 @@ pub fn fetch(dev: &str) -> io::Result<Option<Inherited>> {
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut fds: Vec<OwnedFd> = Vec::new();
-    // SAFETY: walks the control data the kernel filled, within msg_controllen.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&m);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let bytes = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                let p = libc::CMSG_DATA(c).cast::<RawFd>();
-                for i in 0..bytes / mem::size_of::<RawFd>() {
-                    // Each received fd is new in this process and ours to own.
-                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(p.add(i))));
-                }
-            }
-            c = libc::CMSG_NXTHDR(&m, c);
-        }
-    }
-    if n != 2 || m.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "keeper answered with a malformed message",
-        ));
-    }
-    let (ntun, nsock) = (usize::from(data[0]), usize::from(data[1]));
-    if fds.len() != ntun + nsock {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("keeper announced {} fds, sent {}", ntun + nsock, fds.len()),
-        ));
-    }
+    let got = &data[..(n as usize).min(data.len())];
+    // The kernel sets msg_controllen to the length of what it wrote.
+    let control = &control[..(m.msg_controllen as usize).min(space)];
+    let (raw, verdict) = wire::decode_reply(got, control, m.msg_flags & libc::MSG_CTRUNC != 0);
+    // Owned before the verdict is looked at, so a rejected answer's fds get closed.
+    let mut fds: Vec<OwnedFd> = raw
+        .into_iter()
+        // SAFETY: each fd came in an SCM_RIGHTS message: new in this process, ours.
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    let ntun = verdict.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     let socks = fds.split_off(ntun);
     Ok(Some(Inherited { tun: fds, socks }))
 }
@@ -268,7 +250,7 @@ pub fn spawn(dev: &str, tuns: &[RawFd], socks: &[RawFd]) -> io::Result<u32> {
     let srcs: Vec<RawFd> = high.iter().map(|f| f.as_raw_fd()).collect();
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg0("flannel-udp-keeper")
-        .env(ENV, format!("{}:{}:{}", tuns.len(), socks.len(), dev))
+        .env(ENV, wire::format_spec(tuns.len(), socks.len(), dev))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -293,16 +275,9 @@ pub fn spawn(dev: &str, tuns: &[RawFd], socks: &[RawFd]) -> io::Result<u32> {
 
 /// The keeper's main loop. Returns the exit status.
 fn run(spec: &str) -> i32 {
-    let mut it = spec.splitn(3, ':');
-    let (Some(nt), Some(ns)) = (
-        it.next().and_then(|s| s.parse::<usize>().ok()),
-        it.next().and_then(|s| s.parse::<usize>().ok()),
-    ) else {
+    let Some((nt, ns)) = wire::parse_spec(spec) else {
         return 2;
     };
-    if nt == 0 || nt + ns > MAX_FDS {
-        return 2;
-    }
     let listener = FIRST_FD;
     let fds: Vec<RawFd> = (0..(nt + ns) as RawFd).map(|i| FIRST_FD + 1 + i).collect();
     for fd in std::iter::once(listener).chain(fds.iter().copied()) {
@@ -395,31 +370,188 @@ fn serve(c: RawFd, me: libc::uid_t, fds: &[RawFd], nt: usize, ns: usize) -> bool
                 iov_base: data.as_mut_ptr().cast(),
                 iov_len: 2,
             };
-            let bytes = mem::size_of_val(fds);
-            // SAFETY: CMSG_SPACE is a size computation.
-            let space = unsafe { libc::CMSG_SPACE(bytes as u32) } as usize;
-            let mut control = vec![0u8; space];
-            // SAFETY: zeroed msghdr pointing at live buffers; the cmsg is written
-            // inside `control`, which CMSG_SPACE sized for `fds`.
+            let mut control = wire::reply_control(fds);
+            // SAFETY: zeroed msghdr pointing at live buffers of the stated sizes.
             unsafe {
                 let mut m: libc::msghdr = mem::zeroed();
                 m.msg_iov = &mut iov;
                 m.msg_iovlen = 1;
                 m.msg_control = control.as_mut_ptr().cast();
-                m.msg_controllen = space as _;
-                let cm = libc::CMSG_FIRSTHDR(&m);
-                (*cm).cmsg_level = libc::SOL_SOCKET;
-                (*cm).cmsg_type = libc::SCM_RIGHTS;
-                (*cm).cmsg_len = libc::CMSG_LEN(bytes as u32) as _;
-                std::ptr::copy_nonoverlapping(
-                    fds.as_ptr().cast::<u8>(),
-                    libc::CMSG_DATA(cm),
-                    bytes,
-                );
+                m.msg_controllen = control.len() as _;
                 libc::sendmsg(c, &m, libc::MSG_NOSIGNAL);
             }
             false
         }
         _ => false,
+    }
+}
+
+/// The keeper's messages as bytes, apart from the sockets that carry them, so the
+/// fuzz target (`fuzz/fuzz_targets/keeper.rs`) can feed them anything.
+mod wire {
+    use std::mem;
+    use std::os::fd::RawFd;
+
+    use super::MAX_FDS;
+
+    /// The spec a keeper gets in its environment: `<tun fds>:<socket fds>:<device>`.
+    pub fn format_spec(tuns: usize, socks: usize, dev: &str) -> String {
+        format!("{tuns}:{socks}:{dev}")
+    }
+
+    /// The fd counts of a spec; None unless there is at least one TUN queue and at
+    /// most [`MAX_FDS`] fds in all. The device part is only for `ps` readers.
+    pub fn parse_spec(spec: &str) -> Option<(usize, usize)> {
+        let mut it = spec.splitn(3, ':');
+        let nt = it.next()?.parse::<usize>().ok()?;
+        let ns = it.next()?.parse::<usize>().ok()?;
+        // checked_add: counts near usize::MAX must not wrap past the limit.
+        (nt > 0 && nt.checked_add(ns)? <= MAX_FDS).then_some((nt, ns))
+    }
+
+    fn cmsg_header_len() -> usize {
+        // SAFETY: CMSG_LEN is a size computation.
+        unsafe { libc::CMSG_LEN(0) as usize }
+    }
+
+    fn cmsg_space(payload: usize) -> Option<usize> {
+        let p = u32::try_from(payload).ok()?;
+        // SAFETY: CMSG_SPACE is a size computation.
+        Some(unsafe { libc::CMSG_SPACE(p) } as usize)
+    }
+
+    /// The ancillary data of the keeper's answer to `F`: one SCM_RIGHTS message
+    /// carrying `fds`.
+    pub fn reply_control(fds: &[RawFd]) -> Vec<u8> {
+        let payload = mem::size_of_val(fds);
+        let at = cmsg_header_len();
+        let mut control = vec![0u8; cmsg_space(payload).expect("at most MAX_FDS fds")];
+        // SAFETY: cmsghdr is plain old data.
+        let mut h: libc::cmsghdr = unsafe { mem::zeroed() };
+        h.cmsg_level = libc::SOL_SOCKET;
+        h.cmsg_type = libc::SCM_RIGHTS;
+        h.cmsg_len = (at + payload) as _;
+        // SAFETY: `control` holds at least a header; unaligned write into bytes.
+        unsafe { std::ptr::write_unaligned(control.as_mut_ptr().cast::<libc::cmsghdr>(), h) };
+        for (d, fd) in control[at..].chunks_exact_mut(4).zip(fds) {
+            d.copy_from_slice(&fd.to_ne_bytes());
+        }
+        control
+    }
+
+    /// Decodes the keeper's answer to `F`: `data` the bytes received (TUN and socket
+    /// fd counts), `control` the ancillary data the kernel wrote, `ctrunc` whether
+    /// it truncated it. Returns every fd of the SCM_RIGHTS messages, so the caller
+    /// owns (and closes) them even when the answer is rejected, and the number of
+    /// TUN fds among them or why the answer is malformed.
+    pub fn decode_reply(
+        data: &[u8],
+        control: &[u8],
+        ctrunc: bool,
+    ) -> (Vec<RawFd>, Result<usize, String>) {
+        let hdr = mem::size_of::<libc::cmsghdr>();
+        let at = cmsg_header_len();
+        let mut fds = Vec::new();
+        let mut bad_control = false;
+        let mut off = 0;
+        // Like CMSG_NXTHDR, a tail shorter than a header ends the walk; unlike the
+        // macros (which trust the kernel), every length is checked against the buffer.
+        while control.len() - off >= hdr {
+            // SAFETY: a whole header lies at `off`; unaligned read of plain data.
+            let h: libc::cmsghdr =
+                unsafe { std::ptr::read_unaligned(control[off..].as_ptr().cast()) };
+            let len = h.cmsg_len as usize;
+            let next = len
+                .checked_sub(at)
+                .and_then(cmsg_space)
+                .map(|space| off.saturating_add(space));
+            if len < at || len > control.len() - off || next.is_none() {
+                bad_control = true;
+                break;
+            }
+            if h.cmsg_level == libc::SOL_SOCKET && h.cmsg_type == libc::SCM_RIGHTS {
+                for b in control[off + at..off + len].chunks_exact(4) {
+                    fds.push(RawFd::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                }
+            }
+            match next {
+                Some(n) if n <= control.len() => off = n,
+                _ => break,
+            }
+        }
+        let verdict = if data.len() != 2 || ctrunc || bad_control {
+            Err("keeper answered with a malformed message".to_string())
+        } else {
+            let (ntun, nsock) = (usize::from(data[0]), usize::from(data[1]));
+            if fds.len() == ntun + nsock {
+                Ok(ntun)
+            } else {
+                Err(format!(
+                    "keeper announced {} fds, sent {}",
+                    ntun + nsock,
+                    fds.len()
+                ))
+            }
+        };
+        (fds, verdict)
+    }
+}
+
+/// The keeper's message codecs, for the fuzz targets in `fuzz/` only.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::wire::{decode_reply, format_spec, parse_spec, reply_control};
+    pub const MAX_FDS: usize = super::MAX_FDS;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wire::*;
+    use super::MAX_FDS;
+
+    #[test]
+    fn spec_round_trip_and_limits() {
+        assert_eq!(parse_spec(&format_spec(2, 2, "flannel0")), Some((2, 2)));
+        // The device name may itself contain the separator.
+        assert_eq!(parse_spec("1:0:a:b"), Some((1, 0)));
+        assert_eq!(parse_spec("0:1:flannel0"), None);
+        assert_eq!(parse_spec(&format_spec(MAX_FDS, 1, "x")), None);
+        assert_eq!(parse_spec("1"), None);
+        assert_eq!(parse_spec("x:1:flannel0"), None);
+    }
+
+    /// Before the codec was factored out for fuzzing, a count near usize::MAX
+    /// wrapped the sum past the fd limit and the keeper indexed an empty fd list.
+    #[test]
+    fn spec_counts_do_not_wrap() {
+        assert_eq!(parse_spec(&format!("{}:1:flannel0", usize::MAX)), None);
+        assert_eq!(parse_spec(&format!("1:{}:flannel0", usize::MAX)), None);
+    }
+
+    #[test]
+    fn reply_round_trip() {
+        let fds = [7, 8, 9];
+        let (got, verdict) = decode_reply(&[2, 1], &reply_control(&fds), false);
+        assert_eq!(got, fds);
+        assert_eq!(verdict, Ok(2));
+    }
+
+    #[test]
+    fn malformed_replies_are_errors() {
+        let control = reply_control(&[7, 8]);
+        // Fewer fds than announced, a short or truncated message.
+        assert!(decode_reply(&[2, 1], &control, false).1.is_err());
+        assert!(decode_reply(&[2], &control, false).1.is_err());
+        assert!(decode_reply(&[1, 1], &control, true).1.is_err());
+        // A header claiming more bytes than the buffer holds.
+        let mut long = control.clone();
+        long[0] = 200;
+        let (fds, verdict) = decode_reply(&[1, 1], &long, false);
+        assert!(fds.is_empty() && verdict.is_err());
+        // A header shorter than itself.
+        let mut short = control;
+        short[..8].copy_from_slice(&1usize.to_ne_bytes());
+        assert!(decode_reply(&[0, 0], &short, false).1.is_err());
     }
 }

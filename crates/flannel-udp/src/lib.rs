@@ -33,6 +33,7 @@ pub mod sock;
 pub mod tun;
 pub mod tx;
 pub mod vnet;
+pub mod wireguard;
 
 pub use counters::{CounterValues, Counters};
 pub use datapath::{remove_device, Config, DataPath, Features, Mode};

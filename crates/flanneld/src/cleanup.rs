@@ -24,7 +24,12 @@ pub fn is_flannel_link(name: &str, kind: Option<&str>) -> bool {
         Some("vxlan") => {
             numbered(name.strip_prefix("flannel.")) || numbered(name.strip_prefix("flannel-v6."))
         }
-        Some("tun") => numbered(name.strip_prefix("flannel")),
+        // The userspace wireguard device is a TUN too.
+        Some("tun") => {
+            numbered(name.strip_prefix("flannel"))
+                || name == "flannel-wg"
+                || name == "flannel-wg-v6"
+        }
         Some("wireguard") => name == "flannel-wg" || name == "flannel-wg-v6",
         _ => false,
     }
@@ -116,6 +121,7 @@ mod tests {
         assert!(is_flannel_link("flannel-v6.4096", Some("vxlan")));
         assert!(is_flannel_link("flannel0", Some("tun")));
         assert!(is_flannel_link("flannel-wg", Some("wireguard")));
+        assert!(is_flannel_link("flannel-wg", Some("tun")));
         assert!(!is_flannel_link("flannel.1", Some("veth")));
         assert!(!is_flannel_link("flannel.x", Some("vxlan")));
         assert!(!is_flannel_link("vxlan0", Some("vxlan")));

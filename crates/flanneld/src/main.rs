@@ -4,7 +4,9 @@
 
 mod agent;
 mod backends;
+mod blackhole;
 mod cleanup;
+mod host_checks;
 mod http;
 mod iface_select;
 mod metrics;

@@ -33,7 +33,7 @@ impl Lab {
         };
         v.extend([
             flanneld.display().to_string(),
-            format!("--etcd-endpoints={}", self.etcd.endpoint()),
+            format!("--etcd-endpoints={}", self.etcd.endpoints()),
             format!("--etcd-prefix={ETCD_PREFIX}"),
             format!("--iface={}", host.ip),
             format!("--subnet-file={}", host.subnet_file().display()),
@@ -62,6 +62,9 @@ impl Lab {
             .and_then(|mut f| std::io::Write::write_all(&mut f, marker.as_bytes()));
         let mut cmd = command("ip", &["netns", "exec", &host.ns]);
         cmd.args(&argv);
+        // Every host has its own files, as its own machine would: the wireguard
+        // backend's key (the hosts share one filesystem).
+        cmd.env("WIREGUARD_KEY_FILE", host.dir.join("wgkey"));
         for (k, v) in &self.agent_env {
             cmd.env(k, v);
         }

@@ -10,6 +10,7 @@ pub struct LabBuilder {
     network: String,
     config: Option<String>,
     nftables: bool,
+    etcd_members: usize,
     prefix: Option<String>,
     start_agents: bool,
     ip_masq: bool,
@@ -45,6 +46,12 @@ impl LabBuilder {
     /// the nftables engine instead of iptables).
     pub fn nftables(mut self, on: bool) -> Self {
         self.nftables = on;
+        self
+    }
+    /// Number of etcd members (odd, 1..=7; default 1). With more than one, the lab
+    /// runs a real etcd cluster and every agent gets all endpoints.
+    pub fn etcd_members(mut self, n: usize) -> Self {
+        self.etcd_members = n;
         self
     }
     /// The complete network config JSON, replacing `network`, `backend` and
@@ -125,6 +132,12 @@ impl LabBuilder {
                 self.hosts
             )));
         }
+        if !(1..=7).contains(&self.etcd_members) || self.etcd_members.is_multiple_of(2) {
+            return Err(LabError::Invalid(format!(
+                "etcd members must be 1, 3, 5 or 7 (a quorum needs an odd count), got {}",
+                self.etcd_members
+            )));
+        }
         let config = self.config_text()?;
         install_signal_teardown()?;
         for tool in ["ip", ETCD_BIN] {
@@ -168,8 +181,14 @@ impl LabBuilder {
             .map_err(|e| LabError::io(format!("create {}", run_dir.display()), e))?;
         register_lab(&prefix, &run_dir)?;
         let under = format!("{prefix}-u");
+        let etcd_members: Vec<EtcdMember> = (0..self.etcd_members)
+            .map(|i| EtcdMember::nth(UNDERLAY_GATEWAY, i))
+            .collect();
+        let clients: Vec<SocketAddrV4> = etcd_members.iter().map(|m| m.client).collect();
         let mut lab = Lab {
-            etcd: Etcd::new(&under, SocketAddrV4::new(UNDERLAY_GATEWAY, ETCD_PORT)),
+            etcd: Etcd::cluster(&under, &clients),
+            etcd_procs: etcd_members.iter().map(|_| None).collect(),
+            etcd_members,
             under,
             prefix,
             tag,
@@ -177,7 +196,6 @@ impl LabBuilder {
             config,
             hosts: Vec::new(),
             pods: Vec::new(),
-            etcd_proc: None,
             flanneld,
             cni: None,
             ip_masq: self.ip_masq,
@@ -200,8 +218,10 @@ impl LabBuilder {
         ));
         lab.create_underlay()?;
         say(&format!(
-            "etcd on {} (inside {})",
-            lab.etcd.endpoint(),
+            "etcd ({} member{}) on {} (inside {})",
+            lab.etcd_members.len(),
+            if lab.etcd_members.len() == 1 { "" } else { "s" },
+            lab.etcd.endpoints(),
             lab.under
         ));
         lab.spawn_etcd()?;
@@ -243,6 +263,7 @@ impl Lab {
             network: DEFAULT_NETWORK.to_string(),
             config: None,
             nftables: false,
+            etcd_members: 1,
             prefix: None,
             start_agents: true,
             ip_masq: true,
@@ -316,47 +337,5 @@ impl Lab {
         // per network namespace.
         self.run_in(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         Ok(())
-    }
-
-    pub(super) fn spawn_etcd(&mut self) -> Result<()> {
-        let data = self.run_dir.join("etcd");
-        let mut cmd = command("ip", &["netns", "exec", &self.under, ETCD_BIN]);
-        cmd.args(etcd_args(
-            SocketAddrV4::new(UNDERLAY_GATEWAY, ETCD_PORT),
-            &data,
-        ));
-        let p = Proc::spawn(
-            cmd,
-            "etcd",
-            &self.prefix,
-            ProcOutput::File(self.run_dir.join("etcd.log")),
-            self.die_with_parent,
-        )?;
-        self.etcd_proc = Some(p);
-        Ok(())
-    }
-
-    pub(super) fn wait_etcd(&mut self) -> Result<()> {
-        let log = self.run_dir.join("etcd.log");
-        let etcd = self.etcd.clone();
-        let proc_ = self.etcd_proc.as_mut();
-        let Some(p) = proc_ else {
-            return Err(LabError::Invalid("etcd was not started".into()));
-        };
-        poll_until(
-            "etcd to answer",
-            self.timeout,
-            Duration::from_millis(100),
-            || {
-                if let Some(st) = p.try_wait() {
-                    return Err(LabError::Invalid(format!(
-                        "etcd exited ({}): {}",
-                        status_text(&st),
-                        tail(&log, 20)
-                    )));
-                }
-                Ok(etcd.healthy())
-            },
-        )
     }
 }

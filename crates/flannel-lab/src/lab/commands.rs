@@ -100,6 +100,22 @@ impl Lab {
         parse_ping(&String::from_utf8_lossy(&out.stdout))
     }
 
+    /// Starts `count` pings (0.2 s apart, 2 s reply timeout) from pod `from` to `to`
+    /// in the background, e.g. to count what a failover costs the data plane.
+    pub fn start_ping(&self, from: PodId, to: Ipv4Addr, count: u32) -> Result<BackgroundPing> {
+        let pod = self.pod(from)?;
+        static PINGS: AtomicU32 = AtomicU32::new(0);
+        let n = PINGS.fetch_add(1, Ordering::Relaxed);
+        let out = self.run_dir.join(format!("ping-{n}-{}-{to}.log", pod.ns));
+        let count = count.to_string();
+        let to = to.to_string();
+        let args = [
+            "ping", "-n", "-q", "-c", &count, "-i", "0.2", "-W", "2", &to,
+        ];
+        let proc_ = self.spawn_in(&pod.ns, &args, ProcOutput::File(out.clone()))?;
+        Ok(BackgroundPing { proc_, out })
+    }
+
     /// `count` pings from a pod to `to`.
     pub fn ping(&self, from: PodId, to: Ipv4Addr, count: u32) -> Result<PingStats> {
         let ns = self.pod(from)?.ns.clone();
@@ -183,5 +199,28 @@ impl Lab {
     /// receives events.
     pub fn monitor(&self, ns: &str, objects: &[&str]) -> Result<Monitor> {
         Monitor::start(ns, objects).map_err(|e| LabError::io(format!("ip monitor in {ns}"), e))
+    }
+}
+
+/// A ping started by [`Lab::start_ping`].
+pub struct BackgroundPing {
+    proc_: Proc,
+    out: PathBuf,
+}
+
+impl BackgroundPing {
+    /// Waits (up to `timeout`) until every ping was sent and answered or timed out,
+    /// and returns the counts. A ping still running then is killed and an error.
+    pub fn finish(mut self, timeout: Duration) -> Result<PingStats> {
+        if self.proc_.wait_timeout(timeout).is_none() {
+            let _ = self.proc_.kill();
+            return Err(LabError::Timeout {
+                what: "the background ping to finish".into(),
+                after: timeout,
+            });
+        }
+        let text = fs::read_to_string(&self.out)
+            .map_err(|e| LabError::io(format!("read {}", self.out.display()), e))?;
+        parse_ping(&text)
     }
 }

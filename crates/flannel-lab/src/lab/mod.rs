@@ -4,10 +4,12 @@
 mod agents;
 mod builder;
 mod commands;
+mod etcd_cluster;
 mod pods;
 mod teardown;
 
 pub use builder::LabBuilder;
+pub use commands::BackgroundPing;
 
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -28,18 +30,19 @@ use crate::cleanup::{
     delete_namespaces, install_signal_teardown, lab_prefix_of, runs_root, NAME_PREFIX,
 };
 use crate::error::{LabError, Result};
-use crate::etcd::{etcd_args, Etcd};
+use crate::etcd::{etcd_args, Etcd, EtcdMember};
 use crate::measure::{parse_iperf_bps, parse_ping, rss_kib, PingStats};
 use crate::process::{
     command, ip, output_with_input, register_lab, run, status_text, unregister_lab, while_alive,
     Proc, ProcOutput,
 };
 
-/// The underlay bridge's address inside the underlay namespace; etcd listens here.
+/// The underlay bridge's address inside the underlay namespace; etcd listens here
+/// (every member of a cluster on its own port).
 pub const UNDERLAY_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
 /// Prefix length of the underlay (198.18.0.0/24).
 pub const UNDERLAY_PREFIX_LEN: u8 = 24;
-/// etcd's client port.
+/// etcd's client port (of the first member; see [`EtcdMember::nth`]).
 pub const ETCD_PORT: u16 = 2379;
 /// flannel's default etcd prefix.
 pub const ETCD_PREFIX: &str = "/coreos.com/network";
@@ -191,7 +194,9 @@ pub struct Lab {
     run_dir: PathBuf,
     under: String,
     etcd: Etcd,
-    etcd_proc: Option<Proc>,
+    /// The members of the lab's etcd, and their processes while they run.
+    etcd_members: Vec<EtcdMember>,
+    etcd_procs: Vec<Option<Proc>>,
     config: String,
     hosts: Vec<Host>,
     pods: Vec<Option<Pod>>,

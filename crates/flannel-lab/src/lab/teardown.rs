@@ -16,7 +16,7 @@ impl Lab {
                 std::mem::forget(a);
             }
         }
-        if let Some(e) = self.etcd_proc.take() {
+        for e in self.etcd_procs.iter_mut().filter_map(Option::take) {
             std::mem::forget(e);
         }
         self.kept = true;
@@ -65,7 +65,7 @@ impl Lab {
                 }
             }
         }
-        if let Some(mut e) = self.etcd_proc.take() {
+        for mut e in self.etcd_procs.iter_mut().filter_map(Option::take) {
             if let Err(e) = e.kill() {
                 errors.push(e.to_string());
             }
@@ -101,9 +101,12 @@ impl Lab {
                 eprintln!("----- {} subnet.env\n{s}", h.ns);
             }
         }
-        eprintln!(
-            "----- etcd.log (end)\n{}",
-            tail(&self.run_dir.join("etcd.log"), 10)
-        );
+        for log in self.etcd_logs() {
+            eprintln!(
+                "----- {} (end)\n{}",
+                log.file_name().unwrap_or_default().to_string_lossy(),
+                tail(&log, 10)
+            );
+        }
     }
 }

@@ -10,6 +10,7 @@
 //! [`Netlink::connect_in`]); sysctl writes made through it go to the same namespace.
 
 mod addr;
+mod batch;
 mod codec;
 mod error;
 mod iface;
@@ -34,6 +35,7 @@ use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, TokioSocket};
 
 use crate::netns::run_maybe_in_netns;
 
+pub use batch::WriteOp;
 pub use error::{Cause, NetlinkError};
 pub use iface::{IfAddr, Interface};
 pub use types::{Address, FdbEntry, LinkInfo, Neighbour, Route, RouteFilter, VxlanInfo, VxlanSpec};
@@ -57,6 +59,7 @@ pub const RT_SCOPE_HOST: u8 = 254;
 /// Route types (`rtm_type`).
 pub const RTN_UNICAST: u8 = 1;
 pub const RTN_LOCAL: u8 = 2;
+pub const RTN_BLACKHOLE: u8 = 6;
 /// Neighbour states and flags.
 pub const NUD_PERMANENT: u16 = 0x80;
 pub const NUD_NOARP: u16 = 0x40;
@@ -98,6 +101,8 @@ pub struct Netlink {
     /// The kernel runs one dump per socket at a time (a second one fails with
     /// EBUSY); dumps through this connection take turns.
     dump_turn: Arc<tokio::sync::Mutex<()>>,
+    /// The blocking socket of [`write_batch`](Self::write_batch), opened on first use.
+    batch: batch::SharedBatch,
 }
 
 impl std::fmt::Debug for Netlink {
@@ -167,6 +172,7 @@ impl Netlink {
             netns: netns.map(Arc::new),
             window: DEFAULT_WINDOW,
             dump_turn: Arc::new(tokio::sync::Mutex::new(())),
+            batch: Arc::new(std::sync::Mutex::new(None)),
         })
     }
 

@@ -42,14 +42,7 @@ impl Netlink {
         ip: IpAddr,
         mac: MacAddr,
     ) -> Result<(), NetlinkError> {
-        let mut m = NeighbourMessage::default();
-        m.header.family = IpFamily::of(&ip).af();
-        m.header.ifindex = index;
-        m.header.state = NeighbourState::Permanent;
-        m.attributes
-            .push(NeighbourAttribute::Destination(neigh_address(ip)));
-        m.attributes
-            .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
+        let m = Self::neigh_message(index, ip, Some(mac));
         self.ack(
             RouteNetlinkMessage::NewNeighbour(m),
             NLM_F_CREATE | NLM_F_REPLACE,
@@ -65,11 +58,7 @@ impl Netlink {
 
     /// Deletes a neighbour entry; gone already is success.
     pub async fn neigh_del(&self, index: u32, ip: IpAddr) -> Result<(), NetlinkError> {
-        let mut m = NeighbourMessage::default();
-        m.header.family = IpFamily::of(&ip).af();
-        m.header.ifindex = index;
-        m.attributes
-            .push(NeighbourAttribute::Destination(neigh_address(ip)));
+        let m = Self::neigh_message(index, ip, None);
         match self.ack(RouteNetlinkMessage::DelNeighbour(m), 0).await {
             Ok(()) | Err(Cause::Errno(libc::ENOENT)) | Err(Cause::Errno(libc::ENODEV)) => Ok(()),
             Err(c) => Err(NetlinkError::new(
@@ -97,7 +86,25 @@ impl Netlink {
             .collect())
     }
 
-    fn fdb_message(index: u32, mac: MacAddr, dst: Option<IpAddr>) -> NeighbourMessage {
+    /// A neighbour entry `ip` on the link: permanent with `mac` (a write), or
+    /// just the key (a delete).
+    pub(crate) fn neigh_message(index: u32, ip: IpAddr, mac: Option<MacAddr>) -> NeighbourMessage {
+        let mut m = NeighbourMessage::default();
+        m.header.family = IpFamily::of(&ip).af();
+        m.header.ifindex = index;
+        if mac.is_some() {
+            m.header.state = NeighbourState::Permanent;
+        }
+        m.attributes
+            .push(NeighbourAttribute::Destination(neigh_address(ip)));
+        if let Some(mac) = mac {
+            m.attributes
+                .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
+        }
+        m
+    }
+
+    pub(crate) fn fdb_message(index: u32, mac: MacAddr, dst: Option<IpAddr>) -> NeighbourMessage {
         let mut m = NeighbourMessage::default();
         m.header.family = AddressFamily::Bridge;
         m.header.ifindex = index;

@@ -53,7 +53,9 @@ pub(crate) fn decode_kv(keys: &KeyLayout, kv: &KeyValue) -> Result<(LeaseKey, Le
 
 /// All leases below `<prefix>/subnets/`, unusable entries skipped with a warning.
 pub(crate) async fn list(ops: &Ops, keys: &KeyLayout) -> Result<Listing, StoreError> {
+    let t = std::time::Instant::now();
     let resp = ops.get(&keys.subnets_prefix, true, REQUEST_TIMEOUT).await?;
+    let fetched_us = t.elapsed().as_micros() as u64;
     let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
     let mut decoded = Vec::with_capacity(resp.kvs().len());
     let mut unusable = Vec::new();
@@ -80,7 +82,13 @@ pub(crate) async fn list(ops: &Ops, keys: &KeyLayout) -> Result<Listing, StoreEr
                 expiration: None,
             },
         })
-        .collect();
+        .collect::<Vec<_>>();
+    tracing::debug!(
+        leases = leases.len(),
+        fetched_us,
+        total_us = t.elapsed().as_micros() as u64,
+        "leases listed"
+    );
     Ok(Listing {
         leases,
         unusable,
@@ -223,17 +231,19 @@ fn overlaps6(a: &Ipv6Net, b: &Ipv6Net) -> bool {
 }
 
 /// Acquires this host's lease (docs/compatibility.md, "Lease acquisition and renewal").
+/// Also returns the listing the decision was made from: the lease watch can start
+/// from it instead of listing everything again.
 pub(crate) async fn acquire(
     ops: &Ops,
     keys: &KeyLayout,
     config: &NetworkConfig,
     req: &AcquireRequest,
-) -> Result<Lease, StoreError> {
+) -> Result<(Lease, Listing), StoreError> {
     let windows = Windows::of(config)?;
     let value = req.attrs.encode();
     let mut last_key = String::from("-");
     for attempt in 1..=MAX_CREATE_ATTEMPTS {
-        let listing = list(ops, keys).await?;
+        let mut listing = list(ops, keys).await?;
         let (stale, plan) = plan(
             &listing.leases,
             &listing.unusable,
@@ -247,12 +257,14 @@ pub(crate) async fn acquire(
                 s.etcd_key
             );
             ops.delete(&s.etcd_key).await?;
+            // Gone from etcd now: a watch starting from this listing must not see it.
+            listing.leases.retain(|l| l.etcd_key != s.etcd_key);
         }
         match plan {
             Plan::Reuse(l) => {
                 let lease = rewrite(ops, &l.etcd_key, l.lease.key, req, l.etcd_lease == 0).await?;
                 tracing::info!("reusing lease {} (public IP matches)", l.etcd_key);
-                return Ok(lease);
+                return Ok((lease, listing));
             }
             Plan::Create(key) => {
                 let etcd_key = keys.lease_key(&key);
@@ -266,11 +278,12 @@ pub(crate) async fn acquire(
                 };
                 if created {
                     tracing::info!("acquired lease {etcd_key}");
-                    return Ok(Lease {
+                    let lease = Lease {
                         key,
                         attrs: req.attrs.clone(),
                         expiration: Some(expiration),
-                    });
+                    };
+                    return Ok((lease, listing));
                 }
                 ops.revoke_quietly(id).await;
                 tracing::info!(

@@ -90,6 +90,10 @@ pub struct EtcdStore {
     watch: WatchClient,
     keys: KeyLayout,
     health: health_watch::Sender<WatchHealth>,
+    /// The listing the last acquisition decided from, for the lease watch to start
+    /// from (one listing of every lease fewer at start; the watch then replays
+    /// what changed since, including our own write).
+    primed: std::sync::Mutex<Option<acquire::Listing>>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -148,6 +152,7 @@ impl EtcdStore {
             watch: client.watch_client().max_decoding_message_size(MAX_MESSAGE),
             keys: KeyLayout::new(&opts.prefix),
             health,
+            primed: std::sync::Mutex::new(None),
         })
     }
 
@@ -260,7 +265,11 @@ impl LeaseStore for EtcdStore {
         config: &NetworkConfig,
         req: &AcquireRequest,
     ) -> Result<Lease, StoreError> {
-        acquire::acquire(&self.ops, &self.keys, config, req).await
+        let (lease, listing) = acquire::acquire(&self.ops, &self.keys, config, req).await?;
+        if let Ok(mut p) = self.primed.lock() {
+            *p = Some(listing);
+        }
+        Ok(lease)
     }
 
     /// New 24 h etcd lease and a put with the same value; a reservation (no
@@ -278,7 +287,17 @@ impl LeaseStore for EtcdStore {
         own: LeaseKey,
         tx: mpsc::Sender<LeaseUpdate>,
     ) -> Result<(), StoreError> {
-        watch::watch_leases(&self.ops, &self.watch, &self.keys, &self.health, own, tx).await
+        let primed = self.primed.lock().ok().and_then(|mut p| p.take());
+        watch::watch_leases(
+            &self.ops,
+            &self.watch,
+            &self.keys,
+            &self.health,
+            own,
+            primed,
+            tx,
+        )
+        .await
     }
 
     /// Watches exactly this host's key. The first event reports the lease as it

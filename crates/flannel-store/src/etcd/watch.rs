@@ -13,7 +13,7 @@ use etcd_client::{Event, EventType, WatchClient, WatchOptions, WatchStream};
 use flannel_core::{Lease, LeaseAttrs, LeaseEvent, LeaseKey, LeaseTracker, LeaseUpdate};
 use tokio::sync::{mpsc, watch};
 
-use super::acquire::{decode_kv, list};
+use super::acquire::{decode_kv, list, Listing};
 use super::keys::KeyLayout;
 use super::ops::{Ops, REQUEST_TIMEOUT};
 use super::retry::{Backoff, DistinctErrors};
@@ -207,6 +207,7 @@ pub(crate) async fn watch_leases(
     keys: &KeyLayout,
     health: &watch::Sender<WatchHealth>,
     own: LeaseKey,
+    mut primed: Option<Listing>,
     tx: mpsc::Sender<LeaseUpdate>,
 ) -> Result<(), StoreError> {
     let mut tracker = LeaseTracker::new(Some(own));
@@ -218,9 +219,12 @@ pub(crate) async fn watch_leases(
         let w = match current.as_mut() {
             Some(w) => w,
             None => {
-                let listed = tokio::select! {
-                    _ = tx.closed() => return Ok(()),
-                    r = list(ops, keys) => r,
+                let listed = match primed.take() {
+                    Some(l) => Ok(l),
+                    None => tokio::select! {
+                        _ = tx.closed() => return Ok(()),
+                        r = list(ops, keys) => r,
+                    },
                 };
                 let listing = match listed {
                     Ok(l) => l,

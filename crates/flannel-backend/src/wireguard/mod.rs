@@ -1,0 +1,13 @@
+//! The wireguard backend (docs/compatibility.md, "wireguard"): upstream's config keys,
+//! key file and lease data, so flannel-rs and Go flanneld nodes can be peers.
+//!
+//! The data path is userspace WireGuard (`flannel_udp::wireguard`) on a TUN named
+//! `flannel-wg`, with the `wg` UAPI socket; for now the simple per-packet device.
+
+pub mod backend;
+pub mod config;
+pub mod key;
+
+pub use backend::{WireguardBackend, DEVICE};
+pub use config::{Mode, WireguardConfig};
+pub use key::{key_file_path, PresharedKey, PrivateKey};
