@@ -332,6 +332,81 @@ pub fn realistic_node(name: &str, i: usize, prefix: &str, now: &str, since: &str
     })
 }
 
+/// Node `i` exactly as [`realistic_node`] builds it, made from `template` (any node
+/// [`realistic_node`] built with the same `prefix`, `now` and `since`) by rewriting
+/// only the fields that differ between nodes. Building a node's JSON from scratch
+/// and checking it through the typed `Node` is most of what populating thousands of
+/// nodes costs in a debug build; a clone of a checked template is a fraction of it.
+pub fn from_template(template: &Value, name: &str, i: usize, prefix: &str) -> Value {
+    let mut v = template.clone();
+    let cidr = pod_cidr(i);
+    let ip = public_ip(i);
+    let set = |v: &mut Value, ptr: &str, val: Value| {
+        if let Some(slot) = v.pointer_mut(ptr) {
+            *slot = val;
+        }
+    };
+    set(&mut v, "/metadata/name", json!(name));
+    set(
+        &mut v,
+        "/metadata/labels/kubernetes.io~1hostname",
+        json!(name),
+    );
+    set(
+        &mut v,
+        "/metadata/labels/topology.kubernetes.io~1zone",
+        json!(format!("eu-west-1{}", ["a", "b", "c"][i % 3])),
+    );
+    if let (Some(a), Value::Object(fl)) = (
+        v.pointer_mut("/metadata/annotations")
+            .and_then(Value::as_object_mut),
+        flannel_annotations(prefix, i),
+    ) {
+        a.extend(fl);
+    }
+    set(&mut v, "/spec/podCIDR", json!(cidr));
+    set(&mut v, "/spec/podCIDRs", json!([cidr]));
+    set(
+        &mut v,
+        "/spec/providerID",
+        json!(format!(
+            "aws:///eu-west-1a/i-0{:016x}",
+            0x5eed_0000_u64 + i as u64
+        )),
+    );
+    set(&mut v, "/status/addresses/0/address", json!(ip));
+    set(&mut v, "/status/addresses/1/address", json!(name));
+    set(
+        &mut v,
+        "/status/nodeInfo/machineID",
+        json!(digest(i, 1000)[..32].to_string()),
+    );
+    set(
+        &mut v,
+        "/status/nodeInfo/systemUUID",
+        json!(format!("ec2{}", &digest(i, 1001)[..29])),
+    );
+    set(
+        &mut v,
+        "/status/nodeInfo/bootID",
+        json!(format!(
+            "{}-{}",
+            &digest(i, 1002)[..8],
+            &digest(i, 1003)[..12]
+        )),
+    );
+    if let Some(images) = v
+        .pointer_mut("/status/images")
+        .and_then(Value::as_array_mut)
+    {
+        for (k, (img, (repo, _, size))) in images.iter_mut().zip(IMAGES).enumerate() {
+            img["names"][0] = json!(format!("{repo}@sha256:{}", digest(i, k)));
+            img["sizeBytes"] = json!(size + (i as u64 % 4096));
+        }
+    }
+    v
+}
+
 /// What a kubelet's status update changes on a healthy node: the heartbeat of each
 /// condition it owns and the time of its managed-fields entry. Returns false when the
 /// node has no such conditions (nothing to rewrite).
@@ -406,6 +481,21 @@ mod tests {
         assert!(conds[1..].iter().all(|c| c["lastHeartbeatTime"] == t1));
         assert!(conds.iter().all(|c| c["lastTransitionTime"] == t0));
         assert!(!heartbeat(&mut json!({"metadata": {"name": "bare"}}), t1));
+    }
+
+    #[test]
+    fn template_nodes_equal_nodes_built_from_scratch() {
+        let (now, since) = ("2026-12-03T10:00:10Z", "2026-12-03T09:00:00Z");
+        let p = "flannel.alpha.coreos.com";
+        let template = realistic_node("node-00000", 0, p, now, since);
+        for i in [0, 1, 2, 3, 249, 250, 4095, 4096, 4999, 12_345] {
+            let name = node_name("node-", i);
+            assert_eq!(
+                from_template(&template, &name, i, p),
+                realistic_node(&name, i, p, now, since),
+                "node {i}"
+            );
+        }
     }
 
     #[test]
