@@ -334,10 +334,16 @@ async fn run_watch(
                         if !w.send(&ev).await { return; }
                     }
                 }
-                Ok(WatchMsg::Expire) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                Ok(WatchMsg::Expire) => {
                     let _ = w.send(&gone(last_rv, &shared)).await;
                     return;
                 }
+                // A watcher too slow for the live events: kube-apiserver's watch
+                // cache ends such a watch without an error ("forcing watcher close
+                // due to unresponsiveness") and the client resumes from the last
+                // resource version it saw, replayed from history if still there
+                // (410 only once it is not).
+                Err(broadcast::error::RecvError::Lagged(_)) => return,
                 Ok(WatchMsg::Close) | Err(broadcast::error::RecvError::Closed) => return,
             }
         }

@@ -103,6 +103,8 @@ enum Cmd {
     /// nodes whose status is rewritten periodically (start, steady-state API bytes
     /// and CPU, lease events, kernel writes, RSS, join/leave latency).
     BenchKube {
+        /// Nodes in the cluster besides the agent's own (realistic Node objects,
+        /// annotated as their flanneld left them).
         #[arg(long, default_value_t = 5000)]
         nodes: usize,
         /// Seconds between two status rewrites of each node.
@@ -111,6 +113,7 @@ enum Cmd {
         /// Steady-state window, seconds.
         #[arg(long, default_value_t = 60)]
         window_secs: u64,
+        /// Join/leave samples (nodes added and deleted with the N present).
         #[arg(long, default_value_t = 20)]
         joins: usize,
         /// Write the results as JSON to this file.
