@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 mod patch;
+pub mod population;
 mod server;
 mod store;
 
@@ -30,7 +31,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 pub use patch::{merge_patch, strategic_merge, PatchError};
-pub use store::{FakeError, RequestRecord};
+pub use store::{FakeError, RequestRecord, Traffic};
 
 use store::Shared;
 
@@ -83,6 +84,7 @@ impl FakeApiServer {
         let (tx, rx) = oneshot::channel::<()>();
         let app = server::router(shared.clone());
         let task = tokio::spawn(async move {
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
                 let _ = rx.await;
             });
@@ -185,6 +187,59 @@ impl FakeApiServer {
         self.shared.open_watches()
     }
 
+    /// What the server sent each API client so far, by client address.
+    pub fn traffic(&self) -> std::collections::BTreeMap<std::net::IpAddr, Traffic> {
+        self.shared.traffic()
+    }
+
+    /// Adds `count` nodes as a flannel cluster of that size has them
+    /// ([`population::realistic_node`], named `<name_prefix>00000`...), each
+    /// already annotated by its flanneld with annotation prefix `ann_prefix`.
+    pub fn populate(
+        &self,
+        count: usize,
+        name_prefix: &str,
+        ann_prefix: &str,
+    ) -> Result<(), FakeError> {
+        self.shared.populate(count, name_prefix, ann_prefix)
+    }
+
+    /// One kubelet status update of node `name` (heartbeats at `now`); false when
+    /// nothing changed (node gone, no kubelet conditions, same time).
+    pub fn heartbeat_node(&self, name: &str, now: &str) -> bool {
+        self.shared.heartbeat_node(name, now)
+    }
+
+    /// Rewrites every node's status once per `period`, spread evenly over it, as
+    /// kubelets with node leases off do (nodeStatusUpdateFrequency 10 s), until the
+    /// server stops. Nodes added later are included from the next round on.
+    pub fn start_status_churn(&self, period: Duration) -> tokio::task::JoinHandle<()> {
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            // Batches every 50 ms: one timer per node would cost more than the writes.
+            // Node k of a round is due at k/N of the period into it.
+            let tick = Duration::from_millis(50);
+            let mut ticker = tokio::time::interval(tick);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let names = shared.node_names();
+                let round = tokio::time::Instant::now();
+                let mut done = 0;
+                while done < names.len() {
+                    ticker.tick().await;
+                    let into = round.elapsed().as_secs_f64() / period.as_secs_f64();
+                    let due = ((into * names.len() as f64).ceil() as usize).min(names.len());
+                    let now = now_rfc3339();
+                    for n in &names[done..due.max(done)] {
+                        shared.heartbeat_node(n, &now);
+                    }
+                    done = due.max(done);
+                }
+                tokio::time::sleep_until(round + period).await;
+            }
+        })
+    }
+
     /// Every API request served so far (control calls excluded).
     pub fn requests(&self) -> Vec<RequestRecord> {
         self.shared.requests()
@@ -218,6 +273,17 @@ impl Drop for FakeApiServer {
             t.abort();
         }
     }
+}
+
+/// Whole-second RFC 3339 UTC time, as metav1.Time marshals.
+pub fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    k8s_openapi::jiff::Timestamp::from_second(secs)
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
 }
 
 /// A node as `kubelet` registers it and the controller manager assigns it a pod CIDR.

@@ -27,6 +27,20 @@ struct Args {
     /// Watch events kept for resuming watches.
     #[arg(long, default_value_t = 1000)]
     history: usize,
+    /// Start with this many nodes of a flannel cluster (realistic Node objects, pod
+    /// CIDRs 10.1.0.0/24..., annotated as flanneld annotates them), for scale tests.
+    #[arg(long, default_value_t = 0)]
+    nodes: usize,
+    /// Name prefix of the `--nodes` nodes (numbered 00000...).
+    #[arg(long, default_value = "node-")]
+    node_prefix: String,
+    /// Annotation prefix of the `--nodes` nodes' flannel annotations.
+    #[arg(long, default_value = "flannel.alpha.coreos.com")]
+    annotation_prefix: String,
+    /// Rewrite every node's status (kubelet heartbeats) once per this many seconds,
+    /// spread evenly; 0 = never.
+    #[arg(long, default_value_t = 0)]
+    status_churn_secs: u64,
 }
 
 #[tokio::main]
@@ -45,6 +59,11 @@ async fn main() -> anyhow::Result<()> {
     let server = FakeApiServer::start(args.listen, opts)
         .await
         .context("starting the fake API server")?;
+    server
+        .populate(args.nodes, &args.node_prefix, &args.annotation_prefix)
+        .context("creating the --nodes nodes")?;
+    let _churn = (args.status_churn_secs > 0)
+        .then(|| server.start_status_churn(Duration::from_secs(args.status_churn_secs)));
     // The first stdout line is the URL; tests read it to learn the port.
     println!("{}", server.url());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

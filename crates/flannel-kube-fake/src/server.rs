@@ -2,22 +2,25 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{ConnectInfo, Extension, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::store::{
-    selected_event, FakeError, ListParams, RequestRecord, Selectors, Shared, WatchMsg, WatchStart,
+    selected_event, ClientCounters, FakeError, ListParams, RequestRecord, Selectors, Shared,
+    WatchMsg, WatchStart,
 };
 
 type Q = Query<HashMap<String, String>>;
@@ -48,6 +51,9 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/fake/v1/expire-watches", post(ctl_expire))
         .route("/fake/v1/close-watches", post(ctl_close))
         .route("/fake/v1/requests", get(ctl_requests))
+        .route("/fake/v1/traffic", get(ctl_traffic))
+        .route("/fake/v1/realistic-node", post(ctl_realistic_node))
+        .route("/fake/v1/populate", post(ctl_populate))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(shared.clone(), record))
         .with_state(shared)
@@ -102,8 +108,16 @@ fn verb_of(method: &Method, path: &str, query: &str) -> &'static str {
     }
 }
 
-/// Records every API request (with the status it got) for tests to count.
-async fn record(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+/// Records every API request (with the status it got) for tests to count, and what
+/// each client (by address) was sent.
+async fn record(State(shared): State<Arc<Shared>>, mut req: Request, next: Next) -> Response {
+    let client = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| shared.client(c.0.ip()));
+    if let Some(c) = &client {
+        req.extensions_mut().insert(c.clone());
+    }
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let method = req.method().clone();
@@ -115,14 +129,29 @@ async fn record(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> 
         .to_string();
     let resp = next.run(req).await;
     if !path.starts_with("/fake/") && path != "/healthz" {
+        let verb = verb_of(&method, &path, &query);
+        let resp = match client {
+            Some(c) => {
+                c.request(verb);
+                let (parts, body) = resp.into_parts();
+                let counted = body.into_data_stream().inspect(move |chunk| {
+                    if let Ok(b) = chunk {
+                        c.sent(b.len());
+                    }
+                });
+                Response::from_parts(parts, Body::from_stream(counted))
+            }
+            None => resp,
+        };
         shared.record(RequestRecord {
-            verb: verb_of(&method, &path, &query).to_string(),
+            verb: verb.to_string(),
             method: method.to_string(),
             path,
             query,
             content_type,
             status: resp.status().as_u16(),
         });
+        return resp;
     }
     resp
 }
@@ -145,7 +174,11 @@ fn is_true(v: Option<&str>) -> bool {
     matches!(v, Some("true") | Some("1"))
 }
 
-async fn list_nodes(State(shared): State<Arc<Shared>>, Query(q): Q) -> Response {
+async fn list_nodes(
+    State(shared): State<Arc<Shared>>,
+    client: Option<Extension<Arc<ClientCounters>>>,
+    Query(q): Q,
+) -> Response {
     let watching = is_true(param(&q, "watch"));
     let verb = if watching { "watch" } else { "list" };
     if let Err(e) = shared.authorize(verb, "nodes", None, None) {
@@ -156,7 +189,7 @@ async fn list_nodes(State(shared): State<Arc<Shared>>, Query(q): Q) -> Response 
         Err(e) => return error_response(e),
     };
     if watching {
-        return watch_nodes(shared, &q, selectors);
+        return watch_nodes(shared, &q, selectors, client.map(|c| c.0));
     }
     let limit = match param(&q, "limit").filter(|l| !l.is_empty()) {
         None => None,
@@ -181,7 +214,12 @@ async fn list_nodes(State(shared): State<Arc<Shared>>, Query(q): Q) -> Response 
     result(StatusCode::OK, shared.list_nodes(&p))
 }
 
-fn watch_nodes(shared: Arc<Shared>, q: &HashMap<String, String>, selectors: Selectors) -> Response {
+fn watch_nodes(
+    shared: Arc<Shared>,
+    q: &HashMap<String, String>,
+    selectors: Selectors,
+    client: Option<Arc<ClientCounters>>,
+) -> Response {
     if is_true(param(q, "sendInitialEvents")) {
         return error_response(FakeError::BadRequest(
             "this fake API server does not implement streaming lists (sendInitialEvents)".into(),
@@ -204,7 +242,12 @@ fn watch_nodes(shared: Arc<Shared>, q: &HashMap<String, String>, selectors: Sele
         Err(e) => return error_response(e),
     };
     let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
-    tokio::spawn(run_watch(shared, start, selectors, bookmarks, timeout, tx));
+    let w = Watch {
+        tx,
+        client,
+        shared: shared.clone(),
+    };
+    tokio::spawn(run_watch(shared, start, selectors, bookmarks, timeout, w));
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/json")
@@ -219,10 +262,22 @@ impl Drop for WatchGuard {
     }
 }
 
-async fn send(tx: &mpsc::Sender<Result<Bytes, Infallible>>, ev: &Value) -> bool {
-    let mut line = ev.to_string();
-    line.push('\n');
-    tx.send(Ok(Bytes::from(line))).await.is_ok()
+/// One watch stream being sent.
+struct Watch {
+    tx: mpsc::Sender<Result<Bytes, Infallible>>,
+    client: Option<Arc<ClientCounters>>,
+    shared: Arc<Shared>,
+}
+
+impl Watch {
+    async fn send(&self, ev: &Value) -> bool {
+        let mut line = ev.to_string();
+        line.push('\n');
+        if let Some(c) = &self.client {
+            c.watch_event();
+        }
+        self.tx.send(Ok(Bytes::from(line))).await.is_ok()
+    }
 }
 
 async fn run_watch(
@@ -231,10 +286,10 @@ async fn run_watch(
     selectors: Selectors,
     bookmarks: bool,
     timeout: Duration,
-    tx: mpsc::Sender<Result<Bytes, Infallible>>,
+    w: Watch,
 ) {
     shared.watch_opened();
-    let _guard = WatchGuard(shared.clone());
+    let _guard = WatchGuard(w.shared.clone());
     let WatchStart {
         initial,
         end,
@@ -242,7 +297,7 @@ async fn run_watch(
         mut last_rv,
     } = start;
     for ev in &initial {
-        if !send(&tx, ev).await {
+        if !w.send(ev).await {
             return;
         }
     }
@@ -263,26 +318,32 @@ async fn run_watch(
     loop {
         tokio::select! {
             _ = &mut deadline => return,
-            _ = tx.closed() => return,
+            _ = w.tx.closed() => return,
             _ = ticks.tick(), if bookmarks => {
                 let bm = json!({"type": "BOOKMARK", "object": {
                     "kind": "Node", "apiVersion": "v1",
                     "metadata": {"resourceVersion": last_rv.to_string()}
                 }});
-                if !send(&tx, &bm).await { return; }
+                if !w.send(&bm).await { return; }
             }
             m = rx.recv() => match m {
                 Ok(WatchMsg::Event(e)) => {
                     if e.rv <= last_rv { continue; }
                     last_rv = e.rv;
                     if let Some(ev) = selected_event(&e, &selectors) {
-                        if !send(&tx, &ev).await { return; }
+                        if !w.send(&ev).await { return; }
                     }
                 }
-                Ok(WatchMsg::Expire) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                    let _ = send(&tx, &gone(last_rv, &shared)).await;
+                Ok(WatchMsg::Expire) => {
+                    let _ = w.send(&gone(last_rv, &shared)).await;
                     return;
                 }
+                // A watcher too slow for the live events: kube-apiserver's watch
+                // cache ends such a watch without an error ("forcing watcher close
+                // due to unresponsiveness") and the client resumes from the last
+                // resource version it saw, replayed from history if still there
+                // (410 only once it is not).
+                Err(broadcast::error::RecvError::Lagged(_)) => return,
                 Ok(WatchMsg::Close) | Err(broadcast::error::RecvError::Closed) => return,
             }
         }
@@ -451,6 +512,86 @@ async fn ctl_expire(State(shared): State<Arc<Shared>>) -> Response {
 async fn ctl_close(State(shared): State<Arc<Shared>>) -> Response {
     shared.close_watches();
     json_response(StatusCode::OK, &json!({}))
+}
+
+/// A node as a real cluster has it, for scale tests in other processes.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RealisticNode {
+    name: String,
+    /// Seeds the generated details (images, MAC, IDs).
+    index: usize,
+    #[serde(rename = "podCIDR")]
+    pod_cidr: Option<String>,
+    #[serde(rename = "publicIP")]
+    public_ip: Option<String>,
+    /// With flannel's annotations (prefix `flannel.alpha.coreos.com`), or none of
+    /// them (a node whose flanneld has not started yet).
+    #[serde(default)]
+    annotate: bool,
+}
+
+async fn ctl_realistic_node(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let r: RealisticNode = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error_response(FakeError::BadRequest(format!("realistic-node: {e}"))),
+    };
+    let prefix = "flannel.alpha.coreos.com";
+    let now = crate::now_rfc3339();
+    let mut v = crate::population::realistic_node(&r.name, r.index, prefix, &now, &now);
+    if let Some(c) = &r.pod_cidr {
+        v["spec"]["podCIDR"] = json!(c);
+        v["spec"]["podCIDRs"] = json!([c]);
+    }
+    if let Some(ip) = &r.public_ip {
+        v["status"]["addresses"][0]["address"] = json!(ip);
+        v["metadata"]["annotations"][format!("{prefix}/public-ip")] = json!(ip);
+    }
+    if !r.annotate {
+        if let Some(a) = v["metadata"]["annotations"].as_object_mut() {
+            a.retain(|k, _| !k.starts_with(prefix));
+        }
+        if let Some(c) = v["status"]["conditions"].as_array_mut() {
+            c.retain(|c| c["type"] != "NetworkUnavailable");
+        }
+        if let Some(m) = v["metadata"]["managedFields"].as_array_mut() {
+            m.retain(|m| m["manager"] != "flanneld");
+        }
+    }
+    result(StatusCode::CREATED, shared.create_node_value(v))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Populate {
+    count: usize,
+    #[serde(default = "default_node_prefix")]
+    name_prefix: String,
+}
+
+fn default_node_prefix() -> String {
+    "node-".into()
+}
+
+async fn ctl_populate(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let p: Populate = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => return error_response(FakeError::BadRequest(format!("populate: {e}"))),
+    };
+    let r = shared.populate(p.count, &p.name_prefix, "flannel.alpha.coreos.com");
+    result(
+        StatusCode::OK,
+        r.map(|()| json!({"resourceVersion": shared.resource_version().to_string()})),
+    )
+}
+
+async fn ctl_traffic(State(shared): State<Arc<Shared>>) -> Response {
+    let by_client: serde_json::Map<String, Value> = shared
+        .traffic()
+        .into_iter()
+        .filter_map(|(ip, t)| Some((ip.to_string(), serde_json::to_value(t).ok()?)))
+        .collect();
+    json_response(StatusCode::OK, &Value::Object(by_client))
 }
 
 async fn ctl_requests(State(shared): State<Arc<Shared>>) -> Response {

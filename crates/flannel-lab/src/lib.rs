@@ -15,6 +15,7 @@
 //! [`keepable`](LabBuilder::keepable).
 
 pub mod bench;
+pub mod bench_kube;
 pub mod bins;
 pub mod checks;
 pub mod cleanup;

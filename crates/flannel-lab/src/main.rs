@@ -99,6 +99,27 @@ enum Cmd {
         #[arg(long)]
         logs: Option<PathBuf>,
     },
+    /// Kubernetes mode at scale: one agent against the fake API server holding N
+    /// nodes whose status is rewritten periodically (start, steady-state API bytes
+    /// and CPU, lease events, kernel writes, RSS, join/leave latency).
+    BenchKube {
+        /// Nodes in the cluster besides the agent's own (realistic Node objects,
+        /// annotated as their flanneld left them).
+        #[arg(long, default_value_t = 5000)]
+        nodes: usize,
+        /// Seconds between two status rewrites of each node.
+        #[arg(long, default_value_t = 10)]
+        churn_secs: u64,
+        /// Steady-state window, seconds.
+        #[arg(long, default_value_t = 60)]
+        window_secs: u64,
+        /// Join/leave samples (nodes added and deleted with the N present).
+        #[arg(long, default_value_t = 20)]
+        joins: usize,
+        /// Write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Remove the namespaces, processes and run directories of labs whose process
     /// is gone (or of the named lab, e.g. one left by `demo --keep`).
     Down {
@@ -189,6 +210,22 @@ fn main() -> ExitCode {
                         };
                         run_bench(&opts, json)
                     }
+                    Cmd::BenchKube {
+                        nodes,
+                        churn_secs,
+                        window_secs,
+                        joins,
+                        json,
+                    } => bench_kube(
+                        &flannel_lab::bench_kube::KubeBenchOptions {
+                            nodes,
+                            churn_period: std::time::Duration::from_secs(churn_secs),
+                            window: std::time::Duration::from_secs(window_secs),
+                            joins,
+                            ..Default::default()
+                        },
+                        json,
+                    ),
                     Cmd::Down { .. } => unreachable!("handled above"),
                 })
         }
@@ -382,6 +419,19 @@ fn demo(o: &DemoOptions) -> Result<()> {
         let prefix = lab.prefix().to_string();
         lab.teardown()?;
         say(&format!("{prefix} removed"));
+    }
+    Ok(())
+}
+
+fn bench_kube(
+    opts: &flannel_lab::bench_kube::KubeBenchOptions,
+    json_out: Option<PathBuf>,
+) -> Result<()> {
+    let r = flannel_lab::bench_kube::run(opts, stepper())?;
+    print!("\n{}", flannel_lab::bench_kube::render(&r));
+    if let Some(p) = json_out {
+        std::fs::write(&p, serde_json::to_string_pretty(&r)?)
+            .with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
 }

@@ -9,7 +9,8 @@ mod selectors;
 mod validation;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::AtomicUsize;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -33,6 +34,50 @@ pub struct RequestRecord {
     /// The request's Content-Type (patch format), empty when absent.
     pub content_type: String,
     pub status: u16,
+}
+
+/// What the server sent one API client: requests by verb, response body bytes
+/// (watch streams included, as they are sent) and watch events.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Traffic {
+    pub requests: BTreeMap<String, u64>,
+    pub bytes: u64,
+    pub watch_events: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct ClientCounters {
+    requests: Mutex<BTreeMap<String, u64>>,
+    bytes: AtomicU64,
+    watch_events: AtomicU64,
+}
+
+impl ClientCounters {
+    pub fn request(&self, verb: &str) {
+        *self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(verb.to_string())
+            .or_default() += 1;
+    }
+    pub fn sent(&self, bytes: usize) {
+        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+    pub fn watch_event(&self) {
+        self.watch_events.fetch_add(1, Ordering::Relaxed);
+    }
+    fn snapshot(&self) -> Traffic {
+        Traffic {
+            requests: self
+                .requests
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            watch_events: self.watch_events.load(Ordering::Relaxed),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +121,7 @@ struct Store {
 pub struct Shared {
     pub(crate) opts: FakeOptions,
     store: Mutex<Store>,
+    traffic: Mutex<BTreeMap<IpAddr, Arc<ClientCounters>>>,
     events: broadcast::Sender<WatchMsg>,
     watches: AtomicUsize,
 }
@@ -99,6 +145,7 @@ impl Shared {
             }),
             events,
             watches: AtomicUsize::new(0),
+            traffic: Mutex::new(BTreeMap::new()),
         };
         shared.load()?;
         Ok(shared)
@@ -159,6 +206,26 @@ impl Shared {
 
     pub fn requests(&self) -> Vec<RequestRecord> {
         self.lock().requests.clone()
+    }
+
+    /// The counters of API client `ip` (created on first use).
+    pub fn client(&self, ip: IpAddr) -> Arc<ClientCounters> {
+        self.traffic
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(ip)
+            .or_default()
+            .clone()
+    }
+
+    /// What each API client got so far, by address.
+    pub fn traffic(&self) -> BTreeMap<IpAddr, Traffic> {
+        self.traffic
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(ip, c)| (*ip, c.snapshot()))
+            .collect()
     }
 
     pub fn resource_version(&self) -> u64 {

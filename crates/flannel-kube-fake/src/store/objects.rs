@@ -285,3 +285,110 @@ impl Store {
         set_meta(v, "resourceVersion", json!(self.rv.to_string()));
     }
 }
+
+impl Shared {
+    /// Names of all nodes, in order.
+    pub fn node_names(&self) -> Vec<String> {
+        self.lock().nodes.keys().cloned().collect()
+    }
+
+    /// Adds `count` realistic annotated nodes named `<name_prefix>00000`...
+    pub fn populate(
+        &self,
+        count: usize,
+        name_prefix: &str,
+        ann_prefix: &str,
+    ) -> Result<(), FakeError> {
+        use crate::population::{from_template, node_name, realistic_node};
+        if count == 0 {
+            return Ok(());
+        }
+        let now = crate::now_rfc3339();
+        // One node goes through the full create path (decoded, checked, normalised
+        // like any client's); the rest are that stored node with their own fields.
+        let first = node_name(name_prefix, 0);
+        let template = self.create_node_value(realistic_node(&first, 0, ann_prefix, &now, &now))?;
+        let mut s = self.lock();
+        for i in 1..count {
+            let name = node_name(name_prefix, i);
+            if s.nodes.contains_key(&name) {
+                return Err(FakeError::AlreadyExists {
+                    kind: "nodes",
+                    name,
+                });
+            }
+            let mut v = from_template(&template, &name, i, ann_prefix);
+            s.rv += 1;
+            s.stamp_new(&mut v);
+            s.nodes.insert(name, v.clone());
+            self.emit(&mut s, EventKind::Added, v, None);
+        }
+        Ok(())
+    }
+
+    /// A kubelet's periodic status update of node `name` (heartbeat times move, so
+    /// the resource version bumps and watches get a MODIFIED event); false when the
+    /// node is gone or has no kubelet conditions.
+    pub fn heartbeat_node(&self, name: &str, now: &str) -> bool {
+        let mut s = self.lock();
+        let Some(old) = s.nodes.get(name).cloned() else {
+            return false;
+        };
+        let mut new = old.clone();
+        if !crate::population::heartbeat(&mut new, now) || new == old {
+            return false;
+        }
+        s.rv += 1;
+        set_meta(&mut new, "resourceVersion", json!(s.rv.to_string()));
+        s.nodes.insert(name.to_string(), new.clone());
+        self.emit(&mut s, EventKind::Modified, new, Some(old));
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::FakeOptions;
+
+    /// The stored nodes without what the server stamps per create.
+    fn stored(s: &Shared) -> Vec<Value> {
+        s.lock()
+            .nodes
+            .values()
+            .map(|v| {
+                let mut v = v.clone();
+                if let Some(m) = v["metadata"].as_object_mut() {
+                    for k in ["uid", "creationTimestamp", "resourceVersion"] {
+                        m.remove(k);
+                    }
+                }
+                v
+            })
+            .collect()
+    }
+
+    #[test]
+    fn populate_stores_what_creating_each_node_would() {
+        let fast = Shared::new(FakeOptions::default()).unwrap();
+        let slow = Shared::new(FakeOptions::default()).unwrap();
+        let p = "flannel.alpha.coreos.com";
+        fast.populate(300, "node-", p).unwrap();
+        // Both paths read the clock; a second boundary between them would differ.
+        let now = fast.lock().nodes["node-00000"]["status"]["conditions"][1]["lastHeartbeatTime"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        for i in 0..300 {
+            let name = crate::population::node_name("node-", i);
+            let v = crate::population::realistic_node(&name, i, p, &now, &now);
+            slow.create_node_value(v).unwrap();
+        }
+        assert_eq!(stored(&fast), stored(&slow));
+        assert_eq!(fast.lock().rv, slow.lock().rv);
+        assert!(matches!(
+            fast.populate(1, "node-", p),
+            Err(FakeError::AlreadyExists { .. })
+        ));
+    }
+}

@@ -17,6 +17,7 @@
 
 mod annotations;
 mod counter;
+mod lite;
 mod node;
 mod watch;
 
@@ -277,6 +278,8 @@ pub(crate) enum OwnNode {
 /// The Kubernetes lease store.
 pub struct KubeStore {
     nodes: Api<Node>,
+    /// The same nodes, decoded only as far as the lease watch reads them.
+    node_list: Api<lite::NodeLite>,
     node_name: String,
     ann: Annotations,
     config: NetworkConfig,
@@ -375,6 +378,7 @@ impl KubeStore {
             "Kubernetes subnet manager for node {node_name}"
         );
         Ok(KubeStore {
+            node_list: Api::all(client.clone()),
             nodes: Api::all(client),
             node_name,
             ann,

@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::Node;
 use serde_json::value::RawValue;
 
 use super::annotations::Annotations;
+use super::lite::NodeFields;
 
 /// A node's pod CIDRs split by family.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -22,15 +23,15 @@ pub struct PodCidrs {
 
 /// `spec.podCIDRs` if non-empty (at most one per family), else `spec.podCIDR`. Each
 /// CIDR is masked to its network, as Go's `net.ParseCIDR` does.
-pub fn pod_cidrs(node: &Node) -> Result<PodCidrs, String> {
-    let spec = node.spec.as_ref();
-    let list: Vec<String> = spec
-        .and_then(|s| s.pod_cidrs.clone())
+pub fn pod_cidrs<N: NodeFields>(node: &N) -> Result<PodCidrs, String> {
+    let list: Vec<String> = node
+        .pod_cidrs()
         .filter(|l| !l.is_empty())
+        .map(<[String]>::to_vec)
         .or_else(|| {
-            spec.and_then(|s| s.pod_cidr.clone())
+            node.pod_cidr()
                 .filter(|c| !c.is_empty())
-                .map(|c| vec![c])
+                .map(|c| vec![c.to_string()])
         })
         .unwrap_or_default();
     if list.len() > 2 {
@@ -54,16 +55,12 @@ pub fn pod_cidrs(node: &Node) -> Result<PodCidrs, String> {
     Ok(out)
 }
 
-fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
-    node.metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(key))
-        .map(String::as_str)
+fn annotation<'a, N: NodeFields>(node: &'a N, key: &str) -> Option<&'a str> {
+    node.annotation(key)
 }
 
 /// Whether the node publishes a flannel lease (`kube-subnet-manager: "true"`).
-pub fn is_managed(node: &Node, ann: &Annotations) -> bool {
+pub fn is_managed<N: NodeFields>(node: &N, ann: &Annotations) -> bool {
     annotation(node, &ann.kube_subnet_manager) == Some("true")
 }
 
@@ -78,8 +75,8 @@ fn backend_data(text: Option<&str>) -> Result<Option<Box<RawValue>>, String> {
 }
 
 /// The lease another node publishes, or why it is skipped.
-pub fn node_to_lease(
-    node: &Node,
+pub fn node_to_lease<N: NodeFields>(
+    node: &N,
     ann: &Annotations,
     enable_ipv4: bool,
     enable_ipv6: bool,

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use flannel_core::{LeaseEvent, LeaseKey, LeaseTracker, LeaseUpdate};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
 use kube::api::{ListParams, WatchEvent, WatchParams};
 use tokio::sync::mpsc;
 
+use super::lite::{LiteSpec, NodeLite};
 use super::node::{is_managed, node_to_lease};
 use super::{api_error, describe, KubeError, KubeStore, OwnNode, LIST_NODES, WATCH_NODES};
 
@@ -73,6 +73,28 @@ struct State<'a> {
     /// The node whose lease is routed, per key.
     owner: HashMap<LeaseKey, String>,
     skipped: HashMap<String, String>,
+    /// What flannel read of each node last time: a status heartbeat (every node
+    /// every 10 s in many clusters) leaves it unchanged and is dropped here, before
+    /// any conversion.
+    views: HashMap<String, View>,
+}
+
+/// The flannel annotations and the spec of a node.
+type View = (
+    Option<std::collections::BTreeMap<String, String>>,
+    Option<LiteSpec>,
+);
+
+fn view_of(node: &mut NodeLite) -> View {
+    (node.metadata.annotations.take(), node.spec.take())
+}
+
+fn with_view(name: &str, view: View) -> NodeLite {
+    let mut n = NodeLite::default();
+    n.metadata.name = Some(name.to_string());
+    n.metadata.annotations = view.0;
+    n.spec = view.1;
+    n
 }
 
 impl State<'_> {
@@ -82,7 +104,7 @@ impl State<'_> {
 
     /// The lease a node publishes, if it is an annotated flannel node with usable
     /// data (a skipped node is logged once per distinct reason).
-    fn lease_of(&mut self, node: &Node) -> Option<flannel_core::Lease> {
+    fn lease_of(&mut self, node: &NodeLite) -> Option<flannel_core::Lease> {
         let name = node.metadata.name.clone().unwrap_or_default();
         if !is_managed(node, &self.store.ann) {
             self.skipped.remove(&name);
@@ -174,24 +196,21 @@ impl State<'_> {
     }
 
     /// A complete node list: the events that bring the known set to it.
-    fn snapshot(&mut self, nodes: &[Node]) -> Vec<LeaseEvent> {
+    fn snapshot(&mut self, nodes: Vec<NodeLite>) -> Vec<LeaseEvent> {
         let mut claims = HashMap::new();
         let mut own_present = false;
-        for n in nodes {
+        let mut views = HashMap::with_capacity(nodes.len());
+        for mut n in nodes {
             let name = n.metadata.name.clone().unwrap_or_default();
             if self.is_own(&name) {
                 own_present = true;
-                continue;
+            } else if let Some(l) = self.lease_of(&n) {
+                claims.insert(name.clone(), l);
             }
-            if let Some(l) = self.lease_of(n) {
-                claims.insert(name, l);
-            }
+            views.insert(name, view_of(&mut n));
         }
-        self.skipped.retain(|name, _| {
-            nodes
-                .iter()
-                .any(|n| n.metadata.name.as_deref() == Some(name))
-        });
+        self.skipped.retain(|name, _| views.contains_key(name));
+        self.views = views;
         // An owner that still claims its key keeps it; other keys go to the first
         // claimer by name.
         let mut owner: HashMap<LeaseKey, String> = self
@@ -221,14 +240,19 @@ impl State<'_> {
         self.tracker.snapshot(routed)
     }
 
-    fn applied(&mut self, node: &Node) -> Vec<LeaseEvent> {
-        let name = node.metadata.name.clone().unwrap_or_default();
+    fn applied(&mut self, mut node: NodeLite) -> Vec<LeaseEvent> {
+        let name = node.metadata.name.take().unwrap_or_default();
+        let view = view_of(&mut node);
+        if self.views.get(&name) == Some(&view) {
+            return Vec::new();
+        }
+        self.views.insert(name.clone(), view.clone());
         if self.is_own(&name) {
             self.own_seen(true);
             return Vec::new();
         }
         let mut events = Vec::new();
-        let lease = self.lease_of(node);
+        let lease = self.lease_of(&with_view(&name, view));
         let old = self.claims.get(&name).map(|l| l.key);
         match (old, lease) {
             (Some(k), Some(l)) if k == l.key => {
@@ -253,8 +277,9 @@ impl State<'_> {
         events
     }
 
-    fn deleted(&mut self, node: &Node) -> Vec<LeaseEvent> {
+    fn deleted(&mut self, node: &NodeLite) -> Vec<LeaseEvent> {
         let name = node.metadata.name.clone().unwrap_or_default();
+        self.views.remove(&name);
         if self.is_own(&name) {
             self.own_seen(false);
             return Vec::new();
@@ -269,7 +294,7 @@ impl State<'_> {
 
 impl KubeStore {
     /// All nodes (following continue tokens) and the list's resource version.
-    async fn list_nodes(&self) -> Result<(Vec<Node>, String), kube::Error> {
+    async fn list_nodes(&self) -> Result<(Vec<NodeLite>, String), kube::Error> {
         let mut items = Vec::new();
         let mut token: Option<String> = None;
         let mut version = None;
@@ -278,7 +303,7 @@ impl KubeStore {
             if let Some(t) = token.take() {
                 lp = lp.continue_token(&t);
             }
-            let page = self.nodes.list(&lp).await?;
+            let page = self.node_list.list(&lp).await?;
             items.extend(page.items);
             if version.is_none() {
                 version = page.metadata.resource_version.filter(|v| !v.is_empty());
@@ -312,6 +337,7 @@ pub(crate) async fn run(
         claims: HashMap::new(),
         owner: HashMap::new(),
         skipped: HashMap::new(),
+        views: HashMap::new(),
     };
     let started = Instant::now();
     let mut synced = false;
@@ -351,18 +377,15 @@ pub(crate) async fn run(
         };
         quiet.clear();
         backoff.reset();
-        let events = state.snapshot(&nodes);
+        let count = nodes.len();
+        let events = state.snapshot(nodes);
         let update = if synced {
-            tracing::info!(
-                "re-listed {} nodes at resourceVersion {version}",
-                nodes.len()
-            );
+            tracing::info!("re-listed {count} nodes at resourceVersion {version}");
             (!events.is_empty()).then_some(LeaseUpdate::Events(events))
         } else {
             synced = true;
             tracing::info!(
-                "listed {} nodes ({} flannel leases) at resourceVersion {version}",
-                nodes.len(),
+                "listed {count} nodes ({} flannel leases) at resourceVersion {version}",
                 state.tracker.len()
             );
             Some(LeaseUpdate::Full(state.tracker.leases().cloned().collect()))
@@ -406,7 +429,7 @@ async fn watch_once(
     let wp = WatchParams::default().timeout(timeout);
     let opened = tokio::select! {
         _ = tx.closed() => return WatchEnd::Closed,
-        r = store.nodes.watch(&wp, version) => r,
+        r = store.node_list.watch(&wp, version) => r,
     };
     let stream = match opened {
         Ok(s) => s,
@@ -445,7 +468,7 @@ async fn watch_once(
                 if let Some(v) = n.metadata.resource_version.clone() {
                     *version = v;
                 }
-                state.applied(&n)
+                state.applied(n)
             }
             Ok(WatchEvent::Deleted(n)) => {
                 received = true;
