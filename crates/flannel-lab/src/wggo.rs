@@ -3,7 +3,7 @@
 //! (a veth into each host, as a pod has), so the wireguard backend's figures have
 //! an independent userspace WireGuard measured on the same hosts in the same run.
 //!
-//! It runs beside the agents' own devices: its own device (`<tag>g`), port
+//! It runs beside the agents' own devices: its own device (`<tag>g<host number>`), port
 //! (51830), key and addresses (10.98.<host>.0/24 "pods", 10.99.0.<host>/32 on the
 //! device), so it shares nothing with flannel but the underlay.
 
@@ -46,10 +46,13 @@ impl WgGoPair {
     }
 }
 
+fn dev_name(lab: &Lab, number: usize) -> String {
+    format!("{}g{number}", lab.link_tag())
+}
+
 /// Sets up wireguard-go between hosts `hosts[0]` and `hosts[1]` of `lab`, with
 /// `mtu` on the devices (the agents' MTU, for a like-for-like comparison).
 pub fn start(lab: &Lab, hosts: [usize; 2], mtu: u32) -> Result<WgGoPair> {
-    let dev = format!("{}g", lab.link_tag());
     let mut procs = Vec::new();
     let mut pubkeys = Vec::new();
     let mut pod_ns: Vec<String> = Vec::new();
@@ -57,6 +60,9 @@ pub fn start(lab: &Lab, hosts: [usize; 2], mtu: u32) -> Result<WgGoPair> {
     for &h in &hosts {
         let host = lab.host(h)?;
         let (ns, number, dir) = (host.ns.clone(), host.number, host.dir.clone());
+        // The UAPI socket (/var/run/wireguard/<dev>.sock) is shared by all
+        // namespaces: each host's device needs its own name.
+        let dev = dev_name(lab, number);
         let keyfile = dir.join("wggo.key");
         let key = lab.run_in(&ns, &["wg", "genkey"])?;
         std::fs::write(&keyfile, key.trim())
@@ -144,7 +150,8 @@ pub fn start(lab: &Lab, hosts: [usize; 2], mtu: u32) -> Result<WgGoPair> {
     for (side, &h) in hosts.iter().enumerate() {
         let other = 1 - side;
         let peer = lab.host(hosts[other])?;
-        let ns = lab.host(h)?.ns.clone();
+        let host = lab.host(h)?;
+        let (ns, dev) = (host.ns.clone(), dev_name(lab, host.number));
         lab.run_in(
             &ns,
             &[

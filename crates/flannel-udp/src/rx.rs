@@ -167,6 +167,27 @@ impl Decap {
         self.flush_all(buf, plan);
     }
 
+    /// Plans packets the caller has already authenticated and checked (the
+    /// wireguard device's decrypted inner packets, whose source passed cryptokey
+    /// routing): `pkts` are (start, len) ranges of `buf`, each one whole IP packet.
+    /// No peer or TTL checks (WireGuard carries packets unchanged); valid IPv4 TCP
+    /// segments are coalesced as in [`Decap::datagram`], anything else is written
+    /// as it is.
+    pub fn packets(&mut self, buf: &[u8], pkts: &[(u32, u32)], plan: &mut RxPlan) {
+        for &(start, len) in pkts {
+            let Some(pkt) = buf.get(start as usize..(start as usize).saturating_add(len as usize))
+            else {
+                continue;
+            };
+            if packet::validate(pkt).is_ok() {
+                self.accept(buf, start, len, plan);
+            } else {
+                self.single(start, len, plan);
+            }
+        }
+        self.flush_all(buf, plan);
+    }
+
     fn single(&self, start: u32, len: u32, plan: &mut RxPlan) {
         plan.parts.push((start, len));
         plan.writes.push(TunWrite {
