@@ -163,6 +163,7 @@ mod tests {
 
     #[test]
     fn cpu_seconds_count_from_the_last_parenthesis() {
+        // SAFETY: sysconf has no memory effects.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         let stat = "4242 (wg (x) y) S 1 2 3 4 5 6 7 8 9 10 250 150 0 0 20 0 3";
         assert_eq!(cpu_seconds_of_stat(stat), Some(400.0 / hz));

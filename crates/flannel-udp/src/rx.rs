@@ -540,6 +540,29 @@ mod tests {
     }
 
     #[test]
+    fn trusted_packets_are_coalesced_with_ttl_kept_and_others_written_as_they_are() {
+        let mut d = Decap::new(true, true);
+        let (mut buf, data) = segments(3, 1368, 500, 7);
+        let mut pkts = vec![(0, 1420), (1420, 1420), (2840, 552)];
+        // An IPv6 packet (not coalesced, not checked as IPv4) and a range past the
+        // end (ignored).
+        let v6 = [0x60u8; 48];
+        pkts.push((buf.len() as u32, 48));
+        buf.extend_from_slice(&v6);
+        pkts.push((buf.len() as u32, 10));
+        let mut plan = RxPlan::with_capacity();
+        d.packets(&buf, &pkts, &mut plan);
+        assert_eq!(plan.writes.len(), 2);
+        let w = plan.writes[0];
+        assert_eq!(w.packets, 3);
+        let out = plan.materialize(&w, &buf);
+        assert_eq!(out[8], 62, "TTL untouched");
+        assert_eq!(&out[52..], &data[..]);
+        assert_eq!(plan.materialize(&plan.writes[1], &buf), v6.to_vec());
+        assert_eq!(plan.writes[1].vnet, [0; VNET_HDR_LEN]);
+    }
+
+    #[test]
     fn out_of_order_and_other_flows_are_not_merged() {
         let mut d = Decap::new(true, true);
         let (a, _) = segments(2, 1000, 1000, 100);
