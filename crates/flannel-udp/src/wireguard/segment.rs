@@ -20,8 +20,9 @@ pub enum Refused {
 }
 
 /// Splits `read` (the whole TUN read, vnet header first when `vnet`) into inner
-/// packets and hands each to `emit`. `seg` is scratch for building segments
-/// (reused; it grows to one segment). Returns the number of packets emitted.
+/// packets and hands each to `emit`, in order. A super-packet is split in place
+/// (`read` is overwritten); `seg` is scratch for its headers. Returns the number
+/// of packets emitted.
 pub fn split(
     read: &mut [u8],
     vnet: bool,
@@ -125,13 +126,17 @@ fn segment(
     let id0 = be16(pkt, 4);
     let seq0 = if tcp { be32(pkt, ihl + 4) } else { 0 };
     let flags0 = if tcp { pkt[ihl + 13] } else { 0 };
+    // Each segment's header is written just before its payload, over the tail of
+    // the previous segment, which `emit` has consumed by then: no payload is
+    // copied. `seg` keeps the original headers.
+    seg.clear();
+    seg.extend_from_slice(&pkt[..hlen]);
     for i in 0..nseg {
         let start = hlen + i * mss;
         let seglen = mss.min(payload - i * mss);
-        seg.clear();
-        seg.extend_from_slice(&pkt[..hlen]);
-        seg.extend_from_slice(&pkt[start..start + seglen]);
-        let (h, body) = seg.split_at_mut(hlen);
+        let whole = &mut pkt[start - hlen..start + seglen];
+        whole[..hlen].copy_from_slice(&seg[..hlen]);
+        let (h, body) = whole.split_at_mut(hlen);
         put16(h, 2, (hlen + seglen) as u16);
         put16(h, 4, id0.wrapping_add(i as u16));
         put16(h, 10, 0);
@@ -159,7 +164,7 @@ fn segment(
             let c = csum::finish(sum);
             put16(l4, 6, if c == 0 { 0xffff } else { c });
         }
-        emit(seg);
+        emit(whole);
     }
     Ok(nseg)
 }
