@@ -139,6 +139,18 @@ pub struct Throughput {
     pub ratio: f64,
     /// Every round, in order: (host, pod) Gbit/s.
     pub rounds: Vec<(f64, f64)>,
+    /// Userspace data paths (udp, wireguard): CPU seconds both agents used per
+    /// Gbit carried (= cores per Gbit/s), median of the rounds.
+    pub agent_cpu_s_per_gbit: Option<f64>,
+    /// wireguard: Debian's wireguard-go between the same two hosts, pod-like
+    /// namespace to pod-like namespace, Gbit/s, median (the anchor).
+    pub wggo_gbps: Option<f64>,
+    /// pod / wireguard-go of the medians.
+    pub ratio_wggo: Option<f64>,
+    /// wireguard-go's CPU seconds (both processes) per Gbit, median.
+    pub wggo_cpu_s_per_gbit: Option<f64>,
+    /// wireguard-go's every round, Gbit/s.
+    pub wggo_rounds: Vec<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -360,15 +372,44 @@ fn throughput_and_startup(
     let ia = lab.pod(a)?.ip;
     lab.wait_reachable(a, ib)?;
     lab.wait_reachable(b, ia)?;
+    let ty = backend_type(backend);
+    let userspace = matches!(ty.as_str(), "udp" | "wireguard");
+    let wggo = if ty == "wireguard" {
+        let mtu = lab
+            .subnet_file(0)?
+            .map(|s| s.mtu)
+            .ok_or_else(|| LabError::Invalid("no subnet.env on host 0".into()))?;
+        say(&format!(
+            "  wireguard-go anchor between the same hosts (MTU {mtu})"
+        ));
+        Some(crate::wggo::start(&lab, [0, 1], mtu)?)
+    } else {
+        None
+    };
     for &streams in &opts.streams {
         let mut rounds = Vec::new();
+        let mut cpu = Vec::new();
+        let mut wg_rounds = Vec::new();
+        let mut wg_cpu = Vec::new();
         for _ in 0..opts.rounds.max(1) {
             let host = lab.iperf_hosts(0, 1, opts.secs, streams)?;
+            let pids: Vec<u32> = [0, 1].iter().filter_map(|&h| lab.agent_pid(h)).collect();
+            let before = cpu_of(&pids)?;
             let pod = lab.iperf_pods(a, b, opts.secs, streams)?;
+            if userspace {
+                cpu.push(per_gbit(cpu_of(&pids)? - before, pod, opts.secs));
+            }
             rounds.push((host, pod));
+            if let Some(w) = &wggo {
+                let before = cpu_of(&w.pids())?;
+                let g = w.iperf(&lab, opts.secs, streams)?;
+                wg_cpu.push(per_gbit(cpu_of(&w.pids())? - before, g, opts.secs));
+                wg_rounds.push(g);
+            }
         }
         let host = median_f64(rounds.iter().map(|r| r.0));
         let pod = median_f64(rounds.iter().map(|r| r.1));
+        let wg = (!wg_rounds.is_empty()).then(|| median_f64(wg_rounds.iter().copied()));
         let t = Throughput {
             backend: label.to_string(),
             streams,
@@ -377,14 +418,29 @@ fn throughput_and_startup(
             pod_gbps: pod,
             ratio: if host > 0.0 { pod / host } else { 0.0 },
             rounds,
+            agent_cpu_s_per_gbit: (!cpu.is_empty()).then(|| median_f64(cpu.into_iter())),
+            wggo_gbps: wg,
+            ratio_wggo: wg.map(|w| if w > 0.0 { pod / w } else { 0.0 }),
+            wggo_cpu_s_per_gbit: (!wg_cpu.is_empty()).then(|| median_f64(wg_cpu.into_iter())),
+            wggo_rounds: wg_rounds,
         };
         say(&format!(
-            "  {streams} stream(s): pod {pod:.2} Gbit/s, host {host:.2} Gbit/s, ratio {:.2} (median of {})",
+            "  {streams} stream(s): pod {pod:.2} Gbit/s, host {host:.2} Gbit/s, ratio {:.3} (median of {})",
             t.ratio,
             t.rounds.len()
         ));
+        if let Some(c) = t.agent_cpu_s_per_gbit {
+            say(&format!("    agents: {c:.3} CPU s per Gbit"));
+        }
+        if let (Some(w), Some(r), Some(c)) = (t.wggo_gbps, t.ratio_wggo, t.wggo_cpu_s_per_gbit) {
+            say(&format!(
+                "    wireguard-go {w:.2} Gbit/s ({:.3} x host), ours {r:.2} x wireguard-go; wireguard-go {c:.3} CPU s per Gbit",
+                if host > 0.0 { w / host } else { 0.0 }
+            ));
+        }
         report.throughput.push(t);
     }
+    drop(wggo);
     let mut samples = Vec::new();
     for _ in 0..opts.starts {
         let st = lab.stop_agent(0)?;
@@ -409,6 +465,23 @@ fn throughput_and_startup(
         agent_rss_kib: rss,
     });
     Ok(())
+}
+
+/// CPU seconds used so far by all of `pids` together.
+fn cpu_of(pids: &[u32]) -> Result<f64> {
+    pids.iter()
+        .map(|&p| crate::measure::cpu_seconds(p))
+        .sum::<Result<f64>>()
+}
+
+/// CPU seconds per Gbit carried: `cpu` seconds over a run of `secs` at `gbps`.
+fn per_gbit(cpu: f64, gbps: f64, secs: u32) -> f64 {
+    let gbit = gbps * f64::from(secs);
+    if gbit > 0.0 {
+        cpu / gbit
+    } else {
+        0.0
+    }
 }
 
 /// The median of some numbers (mean of the middle two for an even count).

@@ -4,9 +4,12 @@
 use std::net::Ipv4Addr;
 
 use flannel_core::lease::{LeaseAttrs, MacAddr, VxlanData};
+use flannel_core::{WgPublicKey, WireguardData};
+use rand::Rng;
 
 /// The lease value a `backend_type` agent on `public_ip` writes (vxlan: VNI 1 and a
-/// random locally administered VTEP MAC).
+/// random locally administered VTEP MAC; wireguard: a random public key on port
+/// 51820).
 pub fn peer_lease_value(backend_type: &str, public_ip: Ipv4Addr) -> String {
     let mut attrs = LeaseAttrs::new(public_ip);
     attrs.backend_type = backend_type.to_string();
@@ -15,6 +18,15 @@ pub fn peer_lease_value(backend_type: &str, public_ip: Ipv4Addr) -> String {
             VxlanData {
                 vni: 1,
                 vtep_mac: MacAddr::random_local(&mut rand::rng()),
+            }
+            .encode(),
+        );
+    }
+    if backend_type == "wireguard" {
+        attrs.backend_data = Some(
+            WireguardData {
+                public_key: WgPublicKey(rand::rng().random()),
+                port: 51820,
             }
             .encode(),
         );
@@ -38,5 +50,9 @@ mod tests {
             LeaseAttrs::decode(&peer_lease_value("host-gw", Ipv4Addr::new(198, 18, 0, 9))).unwrap();
         assert_eq!(h.backend_type, "host-gw");
         assert!(h.backend_data.is_none());
+        let w = LeaseAttrs::decode(&peer_lease_value("wireguard", Ipv4Addr::new(198, 18, 0, 9)))
+            .unwrap();
+        let d = WireguardData::decode(w.backend_data.as_ref().unwrap()).unwrap();
+        assert_eq!(d.port, 51820);
     }
 }

@@ -27,6 +27,7 @@ pub mod lab;
 pub mod leases;
 pub mod measure;
 pub mod process;
+pub mod wggo;
 
 pub use error::{LabError, Result};
 pub use flannel_testkit::Monitor;

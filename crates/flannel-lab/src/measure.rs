@@ -120,6 +120,27 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
         .ok_or_else(|| parse_err(&path, "no VmRSS line"))
 }
 
+/// CPU time (user + system) a process has used so far, seconds
+/// (/proc/<pid>/stat fields 14 and 15).
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path).map_err(|e| LabError::io(path.clone(), e))?;
+    cpu_seconds_of_stat(&text).ok_or_else(|| parse_err(&path, "no utime/stime"))
+}
+
+fn cpu_seconds_of_stat(text: &str) -> Option<f64> {
+    // The command name (field 2) may hold spaces and parentheses: count from the
+    // last ')'. utime is then the 12th field, stime the 13th.
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace().skip(11);
+    let utime: u64 = f.next()?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as f64 } else { 100.0 };
+    Some((utime + stime) as f64 / hz)
+}
+
 /// The median (p50) of some durations; `None` if empty.
 pub fn median(samples: &[Duration]) -> Option<Duration> {
     percentile(samples, 50)
@@ -139,6 +160,15 @@ pub fn percentile(samples: &[Duration], p: u32) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_seconds_count_from_the_last_parenthesis() {
+        // SAFETY: sysconf has no memory effects.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let stat = "4242 (wg (x) y) S 1 2 3 4 5 6 7 8 9 10 250 150 0 0 20 0 3";
+        assert_eq!(cpu_seconds_of_stat(stat), Some(400.0 / hz));
+        assert_eq!(cpu_seconds_of_stat("4242 (x) S 1 2"), None);
+    }
 
     const PING: &str = "PING 10.244.2.2 (10.244.2.2) 56(84) bytes of data.
 64 bytes from 10.244.2.2: icmp_seq=1 ttl=62 time=0.081 ms

@@ -167,6 +167,27 @@ impl Decap {
         self.flush_all(buf, plan);
     }
 
+    /// Plans packets the caller has already authenticated and checked (the
+    /// wireguard device's decrypted inner packets, whose source passed cryptokey
+    /// routing): `pkts` are (start, len) ranges of `buf`, each one whole IP packet.
+    /// No peer or TTL checks (WireGuard carries packets unchanged); valid IPv4 TCP
+    /// segments are coalesced as in [`Decap::datagram`], anything else is written
+    /// as it is.
+    pub fn packets(&mut self, buf: &[u8], pkts: &[(u32, u32)], plan: &mut RxPlan) {
+        for &(start, len) in pkts {
+            let Some(pkt) = buf.get(start as usize..(start as usize).saturating_add(len as usize))
+            else {
+                continue;
+            };
+            if packet::validate(pkt).is_ok() {
+                self.accept(buf, start, len, plan);
+            } else {
+                self.single(start, len, plan);
+            }
+        }
+        self.flush_all(buf, plan);
+    }
+
     fn single(&self, start: u32, len: u32, plan: &mut RxPlan) {
         plan.parts.push((start, len));
         plan.writes.push(TunWrite {
@@ -516,6 +537,30 @@ mod tests {
             (full.len() - 20) as u32,
         );
         assert_eq!(csum::fold(csum::add(s, &full[20..])), 0xffff);
+    }
+
+    #[test]
+    fn trusted_packets_are_coalesced_with_ttl_kept_and_others_written_as_they_are() {
+        let mut d = Decap::new(true, true);
+        let (mut buf, data) = segments(3, 1368, 500, 7);
+        let mut pkts = vec![(0, 1420), (1420, 1420), (2840, 552)];
+        // An IPv6 packet (not coalesced, not checked as IPv4) and a range past the
+        // end (ignored).
+        let v6 = [0x60u8; 48];
+        pkts.push((buf.len() as u32, 48));
+        buf.extend_from_slice(&v6);
+        pkts.push((buf.len() as u32, 10));
+        let mut plan = RxPlan::with_capacity();
+        d.packets(&buf, &pkts, &mut plan);
+        // The other flow's packet goes out at once; the merged flow when flushed.
+        assert_eq!(plan.writes.len(), 2);
+        assert_eq!(plan.materialize(&plan.writes[0], &buf), v6.to_vec());
+        assert_eq!(plan.writes[0].vnet, [0; VNET_HDR_LEN]);
+        let w = plan.writes[1];
+        assert_eq!(w.packets, 3);
+        let out = plan.materialize(&w, &buf);
+        assert_eq!(out[8], 62, "TTL untouched");
+        assert_eq!(&out[52..], &data[..]);
     }
 
     #[test]

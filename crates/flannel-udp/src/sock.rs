@@ -342,6 +342,8 @@ impl Sender {
 #[derive(Debug, Clone, Copy)]
 pub struct Received {
     pub from: Ipv4Addr,
+    /// The sender's UDP port.
+    pub port: u16,
     pub len: usize,
     /// GRO segment size; 0 when the datagram was not coalesced.
     pub stride: usize,
@@ -425,10 +427,13 @@ impl Receiver {
             let h = &m.msg_hdr;
             // SAFETY: msg_name points at our sockaddr_in.
             let sa = unsafe { &*(h.msg_name as *const libc::sockaddr_in) };
-            let from = if libc::c_int::from(sa.sin_family) == libc::AF_INET {
-                Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr))
+            let (from, port) = if libc::c_int::from(sa.sin_family) == libc::AF_INET {
+                (
+                    Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
+                    u16::from_be(sa.sin_port),
+                )
             } else {
-                Ipv4Addr::UNSPECIFIED
+                (Ipv4Addr::UNSPECIFIED, 0)
             };
             let mut stride = 0usize;
             // SAFETY: the kernel filled msg_control/msg_controllen; CMSG_* walk it
@@ -445,6 +450,7 @@ impl Receiver {
             }
             self.got.push(Received {
                 from,
+                port,
                 len: m.msg_len as usize,
                 stride,
                 truncated: h.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0,

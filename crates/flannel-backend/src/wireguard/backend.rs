@@ -255,7 +255,7 @@ impl Backend for WireguardBackend {
             inherited,
             data_path = "userspace",
             kernel_wireguard = kernel_module,
-            "wireguard backend started: userspace data path (boringtun sessions on TUN {DEVICE}, one queue, a packet per system call){}",
+            "wireguard backend started: userspace data path (boringtun sessions on TUN {DEVICE}, one queue, batched TUN/UDP I/O with offloads){}",
             if kernel_module {
                 "; the kernel's wireguard module is present, but its device is not used yet"
             } else {

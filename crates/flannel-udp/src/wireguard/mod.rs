@@ -463,6 +463,7 @@ pub struct PeerStats {
 }
 
 pub mod device;
+mod segment;
 pub mod uapi;
 
 #[cfg(test)]
