@@ -500,9 +500,8 @@ fn etcd_failover(
                 // wireguard routes the whole network to its device: the new peer
                 // shows up among the device's allowed IPs instead.
                 if backend_type == "wireguard" {
-                    let ns = lab.hosts()[h].ns.clone();
-                    let out = lab.exec_in(&ns, &["wg", "show", "flannel-wg", "allowed-ips"])?;
-                    return Ok(String::from_utf8_lossy(&out.stdout).contains(&peer.to_string()));
+                    let want = format!("allowed_ip={peer}");
+                    return Ok(lab.wireguard_uapi_get(h)?.lines().any(|l| l == want));
                 }
                 Ok(lab.route_to(h, peer)?.is_some())
             },

@@ -298,16 +298,7 @@ fn b64_to_hex(b64: &str) -> String {
 
 /// Host `h`'s answer to `get=1` on its UAPI socket (empty if there is none).
 fn uapi_get(lab: &Lab, h: usize) -> String {
-    use std::io::{Read, Write};
-    let path = lab.hosts()[h].dir.join("wireguard/flannel-wg.sock");
-    let Ok(mut s) = std::os::unix::net::UnixStream::connect(&path) else {
-        return String::new();
-    };
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"get=1\n\n").unwrap();
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    text
+    lab.wireguard_uapi_get(h).unwrap()
 }
 
 /// The latest handshake (Unix seconds) of host `h`'s only peer.
@@ -886,7 +877,7 @@ fn wireguard_operations() {
     // removes the device, its keeper and the UAPI socket.
     lab.kill_agent(peer).unwrap();
     let host = &lab.hosts()[peer];
-    let sock = host.dir.join("wireguard/flannel-wg.sock");
+    let sock = host.wireguard_socket();
     assert!(sock.exists(), "no UAPI socket left by the killed agent");
     let ns = host.ns.clone();
     assert!(lab

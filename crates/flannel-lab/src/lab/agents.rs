@@ -62,6 +62,23 @@ impl Lab {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
+    /// Host `h`'s wireguard agent's answer to `get=1` on its UAPI socket (what
+    /// `wg show` asks); empty while no agent serves it.
+    pub fn wireguard_uapi_get(&self, h: usize) -> Result<String> {
+        use std::io::{Read, Write};
+        let path = self.host(h)?.wireguard_socket();
+        let Ok(mut s) = std::os::unix::net::UnixStream::connect(&path) else {
+            return Ok(String::new());
+        };
+        let io = |e| LabError::io(format!("UAPI get on {}", path.display()), e);
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(io)?;
+        s.write_all(b"get=1\n\n").map_err(io)?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).map_err(io)?;
+        Ok(text)
+    }
+
     /// Starts flanneld on host `h` without waiting for it.
     pub fn spawn_agent(&mut self, h: usize) -> Result<()> {
         if self.agent_running(h) {

@@ -176,6 +176,11 @@ impl Host {
             ("FLANNEL_WG_SOCKET_DIR", self.dir.join("wireguard")),
         ]
     }
+    /// The wireguard agent's UAPI socket (`wg show` finds it only under
+    /// /var/run/wireguard, so the lab talks to it directly).
+    pub fn wireguard_socket(&self) -> PathBuf {
+        self.dir.join("wireguard/flannel-wg.sock")
+    }
     pub fn log_file(&self) -> PathBuf {
         self.dir.join("flanneld.log")
     }
