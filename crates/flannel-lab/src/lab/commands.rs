@@ -108,6 +108,11 @@ impl Lab {
     /// Starts `count` pings (0.2 s apart, 2 s reply timeout) from pod `from` to `to`
     /// in the background, e.g. to count what a failover costs the data plane.
     pub fn start_ping(&self, from: PodId, to: Ipv4Addr, count: u32) -> Result<BackgroundPing> {
+        self.start_ping_ip(from, IpAddr::V4(to), count)
+    }
+
+    /// [`start_ping`](Self::start_ping) for either family.
+    pub fn start_ping_ip(&self, from: PodId, to: IpAddr, count: u32) -> Result<BackgroundPing> {
         let pod = self.pod(from)?;
         static PINGS: AtomicU32 = AtomicU32::new(0);
         let n = PINGS.fetch_add(1, Ordering::Relaxed);
