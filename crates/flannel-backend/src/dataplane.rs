@@ -21,7 +21,7 @@ use flannel_net::netlink::{
     IpFamily, Netlink, NetlinkError, Route, RouteFilter, WriteOp, RTN_UNICAST, RTPROT_BOOT,
     RTPROT_FLANNEL, RT_TABLE_MAIN,
 };
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 
 use crate::BackendError;
 
@@ -157,17 +157,18 @@ pub(crate) fn diff(desired: &Desired, current: &State) -> Plan {
 /// Which kernel routes a backend owns.
 #[derive(Debug, Clone)]
 pub(crate) struct Ownership {
-    /// The cluster network: only routes strictly inside it are considered.
-    pub network: Ipv4Net,
+    /// The cluster network (IPv4 or IPv6): only routes of its family strictly
+    /// inside it are considered.
+    pub network: IpNet,
     /// Our own subnet: only our own-protocol routes into it are removed.
-    pub own: Option<Ipv4Net>,
+    pub own: Option<IpNet>,
     /// Devices on which Go flanneld's `proto boot` routes are adopted.
     pub devices: Vec<u32>,
 }
 
 impl Ownership {
     pub fn owns(&self, r: &Route) -> bool {
-        let IpNet::V4(dst) = r.dst else { return false };
+        let dst = r.dst;
         if r.table != RT_TABLE_MAIN || r.kind != RTN_UNICAST {
             return false;
         }
@@ -184,14 +185,18 @@ impl Ownership {
     }
 }
 
-/// The routes we own in the main table.
+/// The routes we own in the main table (of the network's family).
 pub(crate) async fn owned_routes(
     nl: &Netlink,
     own: &Ownership,
 ) -> Result<Vec<Route>, NetlinkError> {
+    let family = match own.network {
+        IpNet::V4(_) => IpFamily::V4,
+        IpNet::V6(_) => IpFamily::V6,
+    };
     let routes = nl
         .routes(
-            IpFamily::V4,
+            family,
             &RouteFilter {
                 table: Some(RT_TABLE_MAIN),
                 ..Default::default()
@@ -480,6 +485,34 @@ mod tests {
             own: Some("10.5.1.0/24".parse().unwrap()),
             devices: vec![7],
         };
+        let v6 = |dst: &str, proto: u8| {
+            Route::new(dst.parse().unwrap())
+                .via("fd18::2".parse().unwrap())
+                .dev(7)
+                .protocol(proto)
+        };
+        assert!(
+            !own.owns(&v6("fd10:244:0:2::/64", RTPROT_FLANNEL)),
+            "other family"
+        );
+        let own6 = Ownership {
+            network: "fd10:244::/56".parse().unwrap(),
+            own: Some("fd10:244:0:1::/64".parse().unwrap()),
+            devices: vec![7],
+        };
+        assert!(own6.owns(&v6("fd10:244:0:2::/64", RTPROT_FLANNEL)));
+        assert!(own6.owns(&v6("fd10:244:0:2::/64", RTPROT_BOOT)));
+        assert!(!own6.owns(&v6("fd10:244:0:2::/64", 4)), "the admin's");
+        assert!(
+            !own6.owns(&v6("fd10:244:0:1::/64", RTPROT_BOOT)),
+            "own subnet"
+        );
+        assert!(
+            !own6.owns(&v6("fd10:244::/56", RTPROT_FLANNEL)),
+            "the network"
+        );
+        assert!(!own6.owns(&v6("fd11::/64", RTPROT_FLANNEL)), "outside");
+        assert!(!own6.owns(&route("10.5.2.0/24", "10.5.2.0", 7).protocol(RTPROT_FLANNEL)));
         let r = |dst: &str, proto: u8, oif: u32| route(dst, "10.5.2.0", oif).protocol(proto);
         assert!(own.owns(&r("10.5.2.0/24", RTPROT_FLANNEL, 99)));
         assert!(own.owns(&r("10.5.2.0/24", RTPROT_BOOT, 7)));

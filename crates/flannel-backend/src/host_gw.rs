@@ -1,15 +1,17 @@
 //! The `host-gw` backend: per peer a route `<subnet> via <peer public IP> dev <ext>`
 //! (docs/compatibility.md, "host-gw routes"). Works only when every peer is on a network
 //! directly connected to the external interface; other peers are refused with an error.
+//! Dual stack: also `<v6 subnet> via <peer PublicIPv6> dev <ext>` for each peer that
+//! has both (SPEC §4.2), owned and reconciled exactly like the IPv4 routes.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use flannel_core::{Lease, LeaseAttrs, LeaseEvent, NetworkConfig};
 use flannel_net::netlink::{Netlink, Route, RTN_UNICAST};
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde_json::value::RawValue;
 
 use crate::dataplane::{self, Desired, Ownership, Plan, State};
@@ -19,16 +21,33 @@ use crate::{Backend, BackendError, ExternalInterface};
 const TYPE: &str = "host-gw";
 /// Upstream re-checks its routes every 10 s.
 const RESYNC: Duration = Duration::from_secs(10);
+/// The metric the kernel gives an IPv6 route added without one (IP6_RT_PRIO_USER);
+/// set explicitly so our routes compare equal to what a dump returns.
+const V6_METRIC: u32 = 1024;
+
+/// The routes planned for a set of peers, by the peer's IPv4 subnet (the lease's
+/// identity, so an event's key names both families' entries).
+#[derive(Debug, Default, Clone)]
+struct Planned {
+    v4: BTreeMap<Ipv4Net, Ipv4Addr>,
+    v6: BTreeMap<Ipv4Net, (Ipv6Net, Ipv6Addr)>,
+}
 
 pub struct HostGwBackend {
     ext: ExternalInterface,
     nl: Netlink,
     network: Option<Ipv4Net>,
     own: Option<Ipv4Net>,
+    /// `IPv6Network` when IPv6 is enabled (dual stack).
+    network6: Option<Ipv6Net>,
+    own6: Option<Ipv6Net>,
     peers: PeerSet,
-    /// Peer subnet → gateway (its public IP), as programmed.
-    programmed: BTreeMap<Ipv4Net, Ipv4Addr>,
+    /// Per peer (by IPv4 subnet) the routes as programmed.
+    programmed: Planned,
     warnings: Warnings,
+    /// IPv6 problems of a peer whose IPv4 route is fine, kept apart so that the
+    /// IPv4 success does not clear them (each is said once).
+    warnings6: Warnings,
     /// Neighbour/FDB/route writes issued for peers so far.
     peer_writes: u64,
     lookups: RouteLookups,
@@ -42,9 +61,12 @@ impl HostGwBackend {
             nl,
             network: None,
             own: None,
+            network6: None,
+            own6: None,
             peers: PeerSet::default(),
-            programmed: BTreeMap::new(),
+            programmed: Planned::default(),
             warnings: Warnings::default(),
+            warnings6: Warnings::default(),
             peer_writes: 0,
             lookups: RouteLookups::default(),
         })
@@ -58,7 +80,7 @@ impl HostGwBackend {
 
     /// Whether the kernel's answer for a peer's public IP lets host-gw route to it:
     /// a unicast route without gateway out of the external interface.
-    fn verdict(&self, ip: Ipv4Addr, answer: &Result<Route, String>) -> Result<(), String> {
+    fn verdict(&self, ip: IpAddr, answer: &Result<Route, String>) -> Result<(), String> {
         let name = &self.ext.name;
         match answer {
             Ok(r) if r.kind != RTN_UNICAST => Err(format!("{ip} is not a unicast remote address")),
@@ -80,25 +102,32 @@ impl HostGwBackend {
         &mut self,
         leases: &[Lease],
         refresh: impl Fn(&Result<Route, String>) -> bool,
-    ) -> BTreeMap<Ipv4Net, Ipv4Addr> {
+    ) -> Planned {
         let usable: Vec<&Lease> = leases
             .iter()
             .filter(|l| peers::usable(l, TYPE, self.own, &mut self.warnings))
             .collect();
+        let v6: Vec<(&Lease, Ipv6Net, Ipv6Addr)> = usable
+            .iter()
+            .filter_map(|l| self.v6_part(l).map(|(n, gw)| (*l, n, gw)))
+            .collect();
         self.lookups
-            .update(&self.nl, usable.iter().map(|l| l.attrs.public_ip), refresh)
+            .update(
+                &self.nl,
+                usable
+                    .iter()
+                    .map(|l| IpAddr::V4(l.attrs.public_ip))
+                    .chain(v6.iter().map(|(_, _, gw)| IpAddr::V6(*gw))),
+                refresh,
+            )
             .await;
-        let mut out = BTreeMap::new();
+        let mut out = Planned::default();
         for l in usable {
             let ip = l.attrs.public_ip;
-            let verdict = match self.lookups.get(&ip) {
-                Some(answer) => self.verdict(ip, answer),
-                None => Err(format!("no route lookup for {ip}")),
-            };
-            match verdict {
+            match self.lookup_verdict(IpAddr::V4(ip)) {
                 Ok(()) => {
                     self.warnings.clear(&l.key);
-                    out.insert(l.subnet().trunc(), ip);
+                    out.v4.insert(l.subnet().trunc(), ip);
                 }
                 // An error, not a warning: this peer's pods are unreachable.
                 Err(why) => self.warnings.error(
@@ -107,7 +136,71 @@ impl HostGwBackend {
                 ),
             }
         }
+        for (l, net6, gw) in v6 {
+            match self.lookup_verdict(IpAddr::V6(gw)) {
+                Ok(()) => {
+                    self.warnings6.clear(&l.key);
+                    out.v6.insert(l.subnet().trunc(), (net6, gw));
+                }
+                Err(why) => self.warnings6.error(
+                    l.key,
+                    format!("host-gw: no route for {net6} via {gw}: {why}"),
+                ),
+            }
+        }
         out
+    }
+
+    fn lookup_verdict(&self, ip: IpAddr) -> Result<(), String> {
+        match self.lookups.get(ip) {
+            Some(answer) => self.verdict(ip, answer),
+            None => Err(format!("no route lookup for {ip}")),
+        }
+    }
+
+    /// The IPv6 subnet and gateway of a usable lease, when this node runs dual
+    /// stack and the lease can be routed over IPv6; a lease that cannot gets its
+    /// warning (once) and keeps its IPv4 route.
+    fn v6_part(&mut self, l: &Lease) -> Option<(Ipv6Net, Ipv6Addr)> {
+        let Some(network6) = self.network6 else {
+            if let Some(n) = l.ipv6_subnet() {
+                self.warnings6.warn(
+                    l.key,
+                    format!(
+                        "its IPv6 subnet {n} is ignored: IPv6 is not enabled in the network config"
+                    ),
+                );
+            }
+            return None;
+        };
+        let Some(net6) = l.ipv6_subnet().map(|n| n.trunc()) else {
+            self.warnings6.warn(
+                l.key,
+                "it has no IPv6 subnet in a dual-stack network: only its IPv4 subnet is routed"
+                    .into(),
+            );
+            return None;
+        };
+        if self.own6 == Some(net6) {
+            return None;
+        }
+        if net6.prefix_len() <= network6.prefix_len() || !network6.contains(&net6) {
+            self.warnings6.warn(
+                l.key,
+                format!("its IPv6 subnet {net6} is not inside IPv6Network {network6}: not routed"),
+            );
+            return None;
+        }
+        let Some(gw) = l.attrs.public_ipv6 else {
+            self.warnings6.warn(
+                l.key,
+                format!(
+                    "it has no PublicIPv6: its IPv6 subnet {net6} is not routed (IPv4 still is)"
+                ),
+            );
+            return None;
+        };
+        Some((net6, gw))
     }
 
     /// Runs `plan`, counting its writes.
@@ -128,14 +221,20 @@ impl HostGwBackend {
         .await
     }
 
-    fn desired<'a>(&self, peers: impl IntoIterator<Item = (&'a Ipv4Net, &'a Ipv4Addr)>) -> Desired {
+    fn desired(&self, peers: &Planned) -> Desired {
         let mut d = Desired::default();
-        for (subnet, gw) in peers {
+        for (subnet, gw) in &peers.v4 {
             let dst = IpNet::V4(*subnet);
             d.routes.insert(
                 dst,
                 Route::new(dst).via(IpAddr::V4(*gw)).dev(self.ext.index),
             );
+        }
+        for (subnet, gw) in peers.v6.values() {
+            let dst = IpNet::V6(*subnet);
+            let mut r = Route::new(dst).via(IpAddr::V6(*gw)).dev(self.ext.index);
+            r.priority = Some(V6_METRIC);
+            d.routes.insert(dst, r);
         }
         d
     }
@@ -151,18 +250,29 @@ impl HostGwBackend {
         let planned_us = t.elapsed().as_micros() as u64;
         self.peers
             .prune(&leases, &mut self.lookups, &mut self.warnings);
+        self.warnings6
+            .retain(|k| leases.iter().any(|l| l.key == *k));
         let desired = self.desired(&peers);
-        let own = Ownership {
-            network,
-            own: self.own,
+        let mut owners = vec![Ownership {
+            network: IpNet::V4(network),
+            own: self.own.map(IpNet::V4),
             devices: vec![self.ext.index],
-        };
+        }];
+        if let Some(network6) = self.network6 {
+            owners.push(Ownership {
+                network: IpNet::V6(network6),
+                own: self.own6.map(IpNet::V6),
+                devices: vec![self.ext.index],
+            });
+        }
         let mut current = State::default();
-        for r in dataplane::owned_routes(&self.nl, &own)
-            .await
-            .map_err(BackendError::kernel("host-gw: read routes"))?
-        {
-            current.add_route(r);
+        for own in &owners {
+            for r in dataplane::owned_routes(&self.nl, own)
+                .await
+                .map_err(BackendError::kernel("host-gw: read routes"))?
+            {
+                current.add_route(r);
+            }
         }
         let plan = dataplane::diff(&desired, &current);
         tracing::debug!(
@@ -201,7 +311,27 @@ fn not_started() -> BackendError {
 #[async_trait]
 impl Backend for HostGwBackend {
     async fn register(&mut self, config: &NetworkConfig) -> Result<LeaseAttrs, BackendError> {
-        crate::ipv4_only(config, TYPE)?;
+        if !config.enable_ipv4 {
+            return Err(BackendError::Config(
+                "host-gw: IPv6-only networks are not supported by this flannel-rs build (EnableIPv4 must stay true)".into(),
+            ));
+        }
+        if config.enable_ipv6 {
+            let addr6 = self.ext.addr6.ok_or_else(|| {
+                BackendError::Config(format!(
+                    "host-gw: EnableIPv6 is set but interface {} has no IPv6 address",
+                    self.ext.name
+                ))
+            })?;
+            let public6 = self.ext.public_ipv6.unwrap_or(addr6);
+            if public6 != addr6 {
+                return Err(BackendError::Config(format!(
+                    "host-gw: the public IPv6 {public6} differs from the address {addr6} of {}; \
+                     host-gw needs every host reachable at its own interface address (no NAT)",
+                    self.ext.name
+                )));
+            }
+        }
         let addr = self.ext.addr.ok_or_else(|| {
             BackendError::Config(format!(
                 "host-gw: interface {} has no IPv4 address",
@@ -225,6 +355,10 @@ impl Backend for HostGwBackend {
     async fn start(&mut self, config: &NetworkConfig, own: &Lease) -> Result<(), BackendError> {
         self.network = config.network;
         self.own = Some(own.subnet().trunc());
+        if config.enable_ipv6 {
+            self.network6 = config.ipv6_network;
+            self.own6 = own.ipv6_subnet().map(|n| n.trunc());
+        }
         Ok(())
     }
 
@@ -241,10 +375,18 @@ impl Backend for HostGwBackend {
     async fn apply(&mut self, events: &[LeaseEvent]) -> Result<(), BackendError> {
         self.network.ok_or_else(not_started)?;
         let batch = self.peers.apply_batch(events, &mut self.warnings, |l| {
-            tracing::info!("host-gw: subnet {} removed", l.subnet());
+            tracing::info!("host-gw: subnet {} removed", l.key);
         });
+        for e in events {
+            if let LeaseEvent::Removed(l) = e {
+                self.warnings6.clear(&l.key);
+            }
+        }
         let new_peers = self.plan_peers(&batch.current, |_| false).await;
-        let old = peers::swap_touched(&mut self.programmed, &batch.touched, &new_peers);
+        let old = Planned {
+            v4: peers::swap_touched(&mut self.programmed.v4, &batch.touched, &new_peers.v4),
+            v6: peers::swap_touched(&mut self.programmed.v6, &batch.touched, &new_peers.v6),
+        };
         let desired = self.desired(&new_peers);
         let plan = dataplane::diff(&desired, &self.desired(&old).as_state());
         self.run_plan(&desired, &plan, "host-gw lease events").await

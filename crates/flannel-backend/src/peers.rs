@@ -2,7 +2,7 @@
 //! the current set of peers.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use flannel_core::{Lease, LeaseEvent, LeaseKey};
 use flannel_net::netlink::{Netlink, Route};
@@ -148,7 +148,13 @@ impl PeerSet {
     /// Forgets the route lookups and warnings of leases that are gone; `leases` is
     /// [`all`](Self::all) as planned.
     pub fn prune(&self, leases: &[Lease], lookups: &mut RouteLookups, warnings: &mut Warnings) {
-        let used: HashSet<Ipv4Addr> = leases.iter().map(|l| l.attrs.public_ip).collect();
+        let used: HashSet<IpAddr> = leases
+            .iter()
+            .flat_map(|l| {
+                std::iter::once(IpAddr::V4(l.attrs.public_ip))
+                    .chain(l.attrs.public_ipv6.map(IpAddr::V6))
+            })
+            .collect();
         lookups.retain(&used);
         warnings.retain(|k| self.leases.contains_key(k));
     }
@@ -172,11 +178,11 @@ pub(crate) fn swap_touched<V: Copy>(
     old
 }
 
-/// The kernel's route lookup (`ip route get`) for peers' public IPs, cached so a
-/// periodic resync costs no lookups for peers already decided.
+/// The kernel's route lookup (`ip route get`) for peers' public IPs (either
+/// family), cached so a periodic resync costs no lookups for peers already decided.
 #[derive(Debug, Default)]
 pub(crate) struct RouteLookups {
-    answers: HashMap<Ipv4Addr, Result<Route, String>>,
+    answers: HashMap<IpAddr, Result<Route, String>>,
 }
 
 impl RouteLookups {
@@ -185,11 +191,12 @@ impl RouteLookups {
     pub async fn update(
         &mut self,
         nl: &Netlink,
-        ips: impl IntoIterator<Item = Ipv4Addr>,
+        ips: impl IntoIterator<Item = impl Into<IpAddr>>,
         refresh: impl Fn(&Result<Route, String>) -> bool,
     ) {
-        let todo: HashSet<Ipv4Addr> = ips
+        let todo: HashSet<IpAddr> = ips
             .into_iter()
+            .map(Into::into)
             .filter(|ip| self.answers.get(ip).is_none_or(&refresh))
             .collect();
         let futs: Vec<_> = todo
@@ -197,10 +204,7 @@ impl RouteLookups {
             .map(|ip| {
                 let nl = nl.clone();
                 async move {
-                    let r = nl
-                        .route_get(IpAddr::V4(ip))
-                        .await
-                        .map_err(|e| e.to_string());
+                    let r = nl.route_get(ip).await.map_err(|e| e.to_string());
                     (ip, r)
                 }
             })
@@ -208,12 +212,12 @@ impl RouteLookups {
         self.answers.extend(nl.run_batch(futs).await);
     }
 
-    pub fn get(&self, ip: &Ipv4Addr) -> Option<&Result<Route, String>> {
-        self.answers.get(ip)
+    pub fn get(&self, ip: IpAddr) -> Option<&Result<Route, String>> {
+        self.answers.get(&ip)
     }
 
     /// Forgets IPs no peer uses any more.
-    pub fn retain(&mut self, used: &HashSet<Ipv4Addr>) {
+    pub fn retain(&mut self, used: &HashSet<IpAddr>) {
         self.answers.retain(|ip, _| used.contains(ip));
     }
 }

@@ -213,7 +213,9 @@ async fn open_in(netns: Option<PathBuf>, cfg: Config) -> Result<DataPath, Backen
 
 #[async_trait]
 impl Backend for UdpBackend {
-    async fn register(&mut self, _config: &NetworkConfig) -> Result<LeaseAttrs, BackendError> {
+    async fn register(&mut self, config: &NetworkConfig) -> Result<LeaseAttrs, BackendError> {
+        // Upstream's udp backend is IPv4-only too.
+        crate::ipv4_only(config, "udp")?;
         let ip = self.ext.public_ip.or(self.ext.addr).ok_or_else(|| {
             BackendError::Config(format!(
                 "udp backend: interface {} has no IPv4 address",

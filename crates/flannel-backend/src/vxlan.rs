@@ -373,8 +373,8 @@ impl VxlanBackend {
         let mut devices = vec![self.ext.index];
         devices.extend(self.device_index());
         Ok(Ownership {
-            network,
-            own: self.own,
+            network: IpNet::V4(network),
+            own: self.own.map(IpNet::V4),
             devices,
         })
     }
@@ -421,7 +421,7 @@ impl VxlanBackend {
             // DirectRouting: a peer whose address the kernel reaches without a
             // gateway gets a plain route over the underlay (docs/compatibility.md,
             // "vxlan device, wire format and routes").
-            let direct = match self.lookups.get(&ip) {
+            let direct = match self.lookups.get(IpAddr::V4(ip)) {
                 Some(Ok(r)) if self.cfg.direct_routing => r
                     .oif
                     .filter(|o| r.gateway.is_none() && r.kind == RTN_UNICAST && Some(*o) != dev),

@@ -226,3 +226,206 @@ async fn host_gw_refuses_nat() {
     let e = be.register(&config(CFG)).await.unwrap_err().to_string();
     assert!(e.contains("203.0.113.1") && e.contains("198.18.0.1"), "{e}");
 }
+
+const DUAL: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd10:244::/56","IPv6SubnetLen":64,"Backend":{"Type":"host-gw"}}"#;
+
+/// Gives a host of [`two_hosts`] an IPv6 underlay address and its lease a v6 part.
+fn dual_stack(h: &mut Host, n: u8) -> String {
+    let ifname = h.ext.name.clone();
+    let addr = format!("fd18::{n}");
+    h.sh(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{addr}/64"),
+        "dev",
+        &ifname,
+        "nodad",
+    ]);
+    h.sh(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+    h.ext.addr6 = Some(addr.parse().unwrap());
+    h.ext.public_ipv6 = h.ext.addr6;
+    addr
+}
+
+fn dual_lease(h: &Host, attrs: &LeaseAttrs, v6: &str) -> flannel_core::Lease {
+    let mut l = h.lease(attrs);
+    let key = format!("{}-24&{v6}-64", h.subnet.trim_end_matches("/24"));
+    l.key = key.parse().unwrap();
+    l
+}
+
+#[tokio::test]
+async fn host_gw_dual_stack_routes_v6_via_public_ipv6() {
+    if !privileged("host_gw_dual_stack_routes_v6_via_public_ipv6") {
+        return;
+    }
+    let cfg = flannel_core::NetworkConfig::parse(DUAL).unwrap();
+    let (mut a, mut b) = two_hosts(1, 2).await;
+    dual_stack(&mut a, 1);
+    dual_stack(&mut b, 2);
+    let raw = RawValue::from_string(CFG.to_string()).unwrap();
+    let mut ba = HostGwBackend::new(&raw, a.ext.clone(), a.nl.clone()).unwrap();
+    let mut bb = HostGwBackend::new(&raw, b.ext.clone(), b.nl.clone()).unwrap();
+    let mut attrs_a = ba.register(&cfg).await.unwrap();
+    let mut attrs_b = bb.register(&cfg).await.unwrap();
+    // The agent publishes the interface's addresses.
+    attrs_a.public_ipv6 = a.ext.public_ipv6;
+    attrs_b.public_ipv6 = b.ext.public_ipv6;
+    assert_eq!(
+        attrs_b.encode(),
+        r#"{"PublicIP":"198.18.0.2","PublicIPv6":"fd18::2","BackendType":"host-gw"}"#
+    );
+    let la = dual_lease(&a, &attrs_a, "fd10:244:0:1::");
+    let lb = dual_lease(&b, &attrs_b, "fd10:244:0:2::");
+    ba.start(&cfg, &la).await.unwrap();
+    // An admin's route inside IPv6Network must stay.
+    a.sh(&[
+        "ip",
+        "-6",
+        "route",
+        "add",
+        "fd10:244:0:50::/64",
+        "via",
+        "fd18::2",
+        "dev",
+        "ua",
+        "proto",
+        "static",
+    ]);
+    // A peer without PublicIPv6: its IPv4 route only.
+    let mut c = lb.clone();
+    c.key = "10.244.3.0-24&fd10:244:0:3::-64".parse().unwrap();
+    std::sync::Arc::make_mut(&mut c.attrs).public_ipv6 = None;
+    ba.reconcile(&[lb.clone(), c.clone()]).await.unwrap();
+    let routes = a.sh(&["ip", "-d", "-6", "route", "show", "table", "all"]);
+    let ours: Vec<&str> = routes
+        .lines()
+        .filter(|l| l.contains("fd10:244:0:2::"))
+        .collect();
+    assert_eq!(
+        ours,
+        vec!["unicast fd10:244:0:2::/64 via fd18::2 dev ua table main proto 70 scope global metric 1024 pref medium"],
+        "{routes}"
+    );
+    assert!(!routes.contains("fd10:244:0:3::"), "{routes}");
+    assert!(a
+        .sh(&["ip", "route"])
+        .contains("10.244.3.0/24 via 198.18.0.2 dev ua proto 70"));
+
+    // The v6 path carries traffic: b's pod gets a v6 address behind b.
+    b.sh(&[
+        "ip",
+        "addr",
+        "add",
+        "fd10:244:0:2::1/64",
+        "dev",
+        "pod0",
+        "nodad",
+    ]);
+    b.pod
+        .run(&[
+            "ip",
+            "addr",
+            "add",
+            "fd10:244:0:2::2/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ])
+        .unwrap();
+    b.pod
+        .run(&[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            "fd10:244:0:2::1",
+        ])
+        .unwrap();
+    a.sh(&[
+        "ip",
+        "addr",
+        "add",
+        "fd10:244:0:1::1/64",
+        "dev",
+        "pod0",
+        "nodad",
+    ]);
+    a.pod
+        .run(&[
+            "ip",
+            "addr",
+            "add",
+            "fd10:244:0:1::2/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ])
+        .unwrap();
+    a.pod
+        .run(&[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            "fd10:244:0:1::1",
+        ])
+        .unwrap();
+    bb.start(&cfg, &lb).await.unwrap();
+    bb.reconcile(std::slice::from_ref(&la)).await.unwrap();
+    assert!(pod_ping(&a.pod, "fd10:244:0:2::2"));
+    assert!(pod_ping(&b.pod, "fd10:244:0:1::2"));
+
+    // Over a matching kernel: no writes.
+    let w = ba.peer_writes();
+    ba.reconcile(&[lb.clone(), c.clone()]).await.unwrap();
+    ba.resync().await.unwrap();
+    assert_eq!(ba.peer_writes(), w);
+
+    // Deleted behind our back: the periodic check puts it back.
+    a.sh(&["ip", "-6", "route", "del", "fd10:244:0:2::/64"]);
+    ba.resync().await.unwrap();
+    assert!(a
+        .sh(&["ip", "-6", "route"])
+        .contains("fd10:244:0:2::/64 via fd18::2 dev ua proto 70"));
+
+    // Lease deleted: both routes go, the admin's stays.
+    ba.apply(&[LeaseEvent::Removed(lb.clone())]).await.unwrap();
+    let r6 = a.sh(&["ip", "-6", "route"]);
+    assert!(!r6.contains("fd10:244:0:2::"), "{r6}");
+    assert!(
+        r6.contains("fd10:244:0:50::/64 via fd18::2 dev ua proto static"),
+        "{r6}"
+    );
+    assert!(!a.sh(&["ip", "route"]).contains("10.244.2.0"));
+    // A full reconcile without the peer removes nothing else.
+    ba.reconcile(std::slice::from_ref(&c)).await.unwrap();
+    assert!(a.sh(&["ip", "-6", "route"]).contains("fd10:244:0:50::/64"));
+}
+
+#[tokio::test]
+async fn ipv6_is_refused_by_the_other_backends() {
+    let cfg = flannel_core::NetworkConfig::parse(DUAL).unwrap();
+    if !privileged("ipv6_is_refused_by_the_other_backends") {
+        return;
+    }
+    let (a, _b) = two_hosts(1, 2).await;
+    for ty in ["vxlan", "udp"] {
+        let raw = RawValue::from_string(format!(r#"{{"Type":"{ty}"}}"#)).unwrap();
+        let mut be =
+            flannel_backend::new_backend(ty, &raw, a.ext.clone(), a.nl.clone(), Default::default())
+                .unwrap();
+        let e = be.register(&cfg).await.unwrap_err().to_string();
+        assert!(e.contains("only IPv4"), "{ty}: {e}");
+    }
+    // host-gw without an IPv6 address on the interface: a clear error.
+    let raw = RawValue::from_string(CFG.to_string()).unwrap();
+    let mut be = HostGwBackend::new(&raw, a.ext.clone(), a.nl.clone()).unwrap();
+    let e = be.register(&cfg).await.unwrap_err().to_string();
+    assert!(e.contains("no IPv6 address"), "{e}");
+}

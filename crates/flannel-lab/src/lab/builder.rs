@@ -19,6 +19,7 @@ pub struct LabBuilder {
     keepable: bool,
     timeout: Duration,
     progress: Option<Progress>,
+    ipv6: bool,
 }
 
 impl LabBuilder {
@@ -96,6 +97,13 @@ impl LabBuilder {
     /// default 60 s, generous for a loaded 2-core machine.
     pub fn timeout(mut self, t: Duration) -> Self {
         self.timeout = t;
+        self
+    }
+    /// An IPv6 underlay besides the IPv4 one: [`UNDERLAY_V6_GATEWAY`] on the bridge,
+    /// host n at `<UNDERLAY_V6_PREFIX>::<n>` ([`Host::ip6`]), IPv6 forwarding on in
+    /// every host. The network config is untouched (set `EnableIPv6` there).
+    pub fn ipv6(mut self, on: bool) -> Self {
+        self.ipv6 = on;
         self
     }
     /// Called with a line per build step.
@@ -198,6 +206,7 @@ impl LabBuilder {
             pods: Vec::new(),
             flanneld,
             cni: None,
+            ipv6: self.ipv6,
             ip_masq: self.ip_masq,
             agent_args: std::mem::take(&mut self.agent_args),
             agent_env: std::mem::take(&mut self.agent_env),
@@ -228,7 +237,10 @@ impl LabBuilder {
         for i in 0..self.hosts {
             lab.create_host(i)?;
             let h = &lab.hosts[i];
-            say(&format!("host {} at {} ({})", h.ns, h.ip, h.link));
+            match h.ip6 {
+                Some(a) => say(&format!("host {} at {} and {a} ({})", h.ns, h.ip, h.link)),
+                None => say(&format!("host {} at {} ({})", h.ns, h.ip, h.link)),
+            }
         }
         lab.wait_etcd()?;
         say(&format!(
@@ -272,6 +284,7 @@ impl Lab {
             keepable: false,
             timeout: Duration::from_secs(60),
             progress: None,
+            ipv6: false,
         }
     }
 
@@ -288,6 +301,12 @@ impl Lab {
         ip(&["-n", &u, "link", "add", &br, "type", "bridge"])?;
         let addr = format!("{UNDERLAY_GATEWAY}/{UNDERLAY_PREFIX_LEN}");
         ip(&["-n", &u, "addr", "add", &addr, "dev", &br])?;
+        if self.ipv6 {
+            // nodad: usable at once, no wait for duplicate detection on a bridge
+            // that only this lab's hosts join.
+            let addr6 = format!("{UNDERLAY_V6_GATEWAY}/{UNDERLAY_V6_PREFIX_LEN}");
+            ip(&["-n", &u, "addr", "add", &addr6, "dev", &br, "nodad"])?;
+        }
         ip(&["-n", &u, "link", "set", &br, "up"])?;
         Ok(())
     }
@@ -299,6 +318,7 @@ impl Lab {
         let peer = format!("{}u{number}", self.tag);
         let br = format!("{}br", self.tag);
         let ip4 = Ipv4Addr::new(198, 18, 0, number as u8);
+        let ip6 = self.ipv6.then(|| underlay_v6(number));
         let dir = self.run_dir.join(format!("h{number}"));
         fs::create_dir_all(&dir)
             .map_err(|e| LabError::io(format!("create {}", dir.display()), e))?;
@@ -307,6 +327,7 @@ impl Lab {
             ns: ns.clone(),
             number,
             ip: ip4,
+            ip6,
             link: link.clone(),
             dir,
             agent: None,
@@ -332,10 +353,17 @@ impl Lab {
         ip(&["-n", &self.under, "link", "set", &peer, "master", &br, "up"])?;
         let cidr = format!("{ip4}/{UNDERLAY_PREFIX_LEN}");
         ip(&["-n", &ns, "addr", "add", &cidr, "dev", &link])?;
+        if let Some(a) = ip6 {
+            let cidr6 = format!("{a}/{UNDERLAY_V6_PREFIX_LEN}");
+            ip(&["-n", &ns, "addr", "add", &cidr6, "dev", &link, "nodad"])?;
+        }
         ip(&["-n", &ns, "link", "set", &link, "up"])?;
         // flanneld sets no sysctl; a host needs forwarding for its pods. This is
         // per network namespace.
         self.run_in(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        if ip6.is_some() {
+            self.run_in(&ns, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+        }
         Ok(())
     }
 }

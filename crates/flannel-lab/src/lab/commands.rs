@@ -82,6 +82,11 @@ impl Lab {
 
     /// `count` pings (0.2 s apart, 2 s reply timeout) from namespace `ns` to `to`.
     pub fn ping_from(&self, ns: &str, to: Ipv4Addr, count: u32) -> Result<PingStats> {
+        self.ping_ip_from(ns, IpAddr::V4(to), count)
+    }
+
+    /// [`ping_from`](Self::ping_from) for either family.
+    pub fn ping_ip_from(&self, ns: &str, to: IpAddr, count: u32) -> Result<PingStats> {
         let out = self.exec_in(
             ns,
             &[
@@ -103,6 +108,11 @@ impl Lab {
     /// Starts `count` pings (0.2 s apart, 2 s reply timeout) from pod `from` to `to`
     /// in the background, e.g. to count what a failover costs the data plane.
     pub fn start_ping(&self, from: PodId, to: Ipv4Addr, count: u32) -> Result<BackgroundPing> {
+        self.start_ping_ip(from, IpAddr::V4(to), count)
+    }
+
+    /// [`start_ping`](Self::start_ping) for either family.
+    pub fn start_ping_ip(&self, from: PodId, to: IpAddr, count: u32) -> Result<BackgroundPing> {
         let pod = self.pod(from)?;
         static PINGS: AtomicU32 = AtomicU32::new(0);
         let n = PINGS.fetch_add(1, Ordering::Relaxed);
@@ -118,18 +128,28 @@ impl Lab {
 
     /// `count` pings from a pod to `to`.
     pub fn ping(&self, from: PodId, to: Ipv4Addr, count: u32) -> Result<PingStats> {
+        self.ping_ip(from, IpAddr::V4(to), count)
+    }
+
+    /// [`ping`](Self::ping) for either family.
+    pub fn ping_ip(&self, from: PodId, to: IpAddr, count: u32) -> Result<PingStats> {
         let ns = self.pod(from)?.ns.clone();
-        self.ping_from(&ns, to, count)
+        self.ping_ip_from(&ns, to, count)
     }
 
     /// Waits until one ping from pod `from` to `to` gets its reply.
     pub fn wait_reachable(&self, from: PodId, to: Ipv4Addr) -> Result<()> {
+        self.wait_reachable_ip(from, IpAddr::V4(to))
+    }
+
+    /// [`wait_reachable`](Self::wait_reachable) for either family.
+    pub fn wait_reachable_ip(&self, from: PodId, to: IpAddr) -> Result<()> {
         let ns = self.pod(from)?.ns.clone();
         poll_until(
             &format!("{to} to answer pings from {ns}"),
             self.timeout,
             Duration::from_millis(200),
-            || Ok(self.ping_from(&ns, to, 1)?.all_replied()),
+            || Ok(self.ping_ip_from(&ns, to, 1)?.all_replied()),
         )
     }
 

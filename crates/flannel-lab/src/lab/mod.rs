@@ -12,7 +12,7 @@ pub use builder::LabBuilder;
 pub use commands::BackgroundPing;
 
 use std::fs;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -42,6 +42,20 @@ use crate::process::{
 pub const UNDERLAY_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
 /// Prefix length of the underlay (198.18.0.0/24).
 pub const UNDERLAY_PREFIX_LEN: u8 = 24;
+/// The IPv6 underlay (with [`LabBuilder::ipv6`]): a ULA /64 on the same bridge.
+pub const UNDERLAY_V6_PREFIX: Ipv6Addr = Ipv6Addr::new(0xfd18, 0x198, 0x18, 0, 0, 0, 0, 0);
+/// Prefix length of the IPv6 underlay.
+pub const UNDERLAY_V6_PREFIX_LEN: u8 = 64;
+/// The underlay bridge's IPv6 address (`::fe` of the prefix).
+pub const UNDERLAY_V6_GATEWAY: Ipv6Addr = Ipv6Addr::new(0xfd18, 0x198, 0x18, 0, 0, 0, 0, 0xfe);
+
+/// Host `number`'s IPv6 underlay address (`::<number>` of the prefix).
+pub fn underlay_v6(number: usize) -> Ipv6Addr {
+    let mut s = UNDERLAY_V6_PREFIX.segments();
+    s[7] = number as u16;
+    Ipv6Addr::from(s)
+}
+
 /// etcd's client port (of the first member; see [`EtcdMember::nth`]).
 pub const ETCD_PORT: u16 = 2379;
 /// flannel's default etcd prefix.
@@ -148,6 +162,8 @@ pub struct Host {
     pub number: usize,
     /// Its underlay address (198.18.0.<number>), the flanneld public IP.
     pub ip: Ipv4Addr,
+    /// Its IPv6 underlay address ([`underlay_v6`]) if the lab has an IPv6 underlay.
+    pub ip6: Option<Ipv6Addr>,
     /// Its underlay interface (inside its namespace).
     pub link: String,
     /// Its directory in the run dir: subnet.env, flanneld.log, CNI state.
@@ -200,6 +216,8 @@ pub struct Pod {
     pub host: usize,
     /// The address the CNI plugin gave it.
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, if the CNI plugin gave it one (dual stack).
+    pub ip6: Option<Ipv6Addr>,
 }
 
 /// A callback receiving one line per build step.
@@ -220,6 +238,7 @@ pub struct Lab {
     pods: Vec<Option<Pod>>,
     flanneld: Option<PathBuf>,
     cni: Option<PathBuf>,
+    ipv6: bool,
     ip_masq: bool,
     agent_args: Vec<String>,
     agent_env: Vec<(String, String)>,
@@ -310,6 +329,15 @@ pub fn parse_cni_ipv4(result: &str) -> Option<Ipv4Addr> {
     })
 }
 
+/// The first IPv6 address of a CNI result.
+pub fn parse_cni_ipv6(result: &str) -> Option<Ipv6Addr> {
+    let v: Value = serde_json::from_str(result).ok()?;
+    v.get("ips")?.as_array()?.iter().find_map(|ipc| {
+        let addr = ipc.get("address")?.as_str()?;
+        addr.split('/').next()?.parse().ok()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,6 +358,19 @@ mod tests {
         assert_eq!(parse_cni_ipv4(r), Some(Ipv4Addr::new(10, 244, 3, 2)));
         assert_eq!(parse_cni_ipv4(r#"{"ips":[]}"#), None);
         assert_eq!(parse_cni_ipv4("{"), None);
+        assert_eq!(parse_cni_ipv6(r), None);
+        let dual = r#"{"ips":[{"address":"10.244.3.2/24"},{"address":"fd10:244:0:3::2/64"}]}"#;
+        assert_eq!(parse_cni_ipv4(dual), Some(Ipv4Addr::new(10, 244, 3, 2)));
+        assert_eq!(
+            parse_cni_ipv6(dual),
+            Some("fd10:244:0:3::2".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn underlay_v6_addresses() {
+        assert_eq!(underlay_v6(3).to_string(), "fd18:198:18::3");
+        assert_eq!(UNDERLAY_V6_GATEWAY.to_string(), "fd18:198:18::fe");
     }
 
     #[test]

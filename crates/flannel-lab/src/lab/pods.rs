@@ -63,14 +63,15 @@ impl Lab {
         host.next_pod += 1;
         self.add_namespace(&ns)?;
         let result = self.cni(h, &ns, "ADD").and_then(|out| {
-            parse_cni_ipv4(&out).ok_or_else(|| LabError::Cni {
+            let ip4 = parse_cni_ipv4(&out).ok_or_else(|| LabError::Cni {
                 command: "ADD".into(),
                 pod: ns.clone(),
                 host: self.hosts[h].ns.clone(),
                 msg: format!("no IPv4 address in result {}", out.trim()),
-            })
+            })?;
+            Ok((ip4, parse_cni_ipv6(&out)))
         });
-        let ip4 = match result {
+        let (ip4, ip6) = match result {
             Ok(a) => a,
             Err(e) => {
                 let _ = self.cni(h, &ns, "DEL");
@@ -84,6 +85,7 @@ impl Lab {
             ns,
             host: h,
             ip: ip4,
+            ip6,
         }));
         Ok(id)
     }

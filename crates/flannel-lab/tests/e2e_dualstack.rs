@@ -1,0 +1,225 @@
+//! End-to-end: the lab's IPv6 underlay, and dual-stack (IPv4 + IPv6) pod networks.
+
+use std::time::Duration;
+
+use flannel_lab::e2e::{ready, Needs};
+use flannel_lab::Lab;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+#[test]
+fn hosts_reach_each_other_over_the_ipv6_underlay() {
+    if !ready("ipv6 underlay", Needs::CniOnly) {
+        return;
+    }
+    let lab = Lab::builder()
+        .hosts(3)
+        .ipv6(true)
+        .start_agents(false)
+        .timeout(DEADLINE)
+        .build()
+        .expect("lab");
+    let addrs: Vec<_> = lab
+        .hosts()
+        .iter()
+        .map(|h| h.ip6.expect("an IPv6 underlay address"))
+        .collect();
+    for (i, h) in lab.hosts().iter().enumerate() {
+        let fwd = lab
+            .run_in(&h.ns, &["sysctl", "-n", "net.ipv6.conf.all.forwarding"])
+            .expect("sysctl");
+        assert_eq!(fwd.trim(), "1", "{}: IPv6 forwarding", h.ns);
+        for (j, to) in addrs.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            let st = lab.ping_ip_from(&h.ns, (*to).into(), 3).expect("ping");
+            assert!(st.all_replied(), "{} -> {to}: {st:?}", h.ns);
+        }
+        let gw = flannel_lab::lab::UNDERLAY_V6_GATEWAY;
+        let st = lab.ping_ip_from(&h.ns, gw.into(), 1).expect("ping");
+        assert!(st.all_replied(), "{} -> {gw}: {st:?}", h.ns);
+    }
+    // Without ipv6(true) nothing changes: no v6 address on the hosts.
+    let v4 = Lab::builder()
+        .hosts(1)
+        .start_agents(false)
+        .timeout(DEADLINE)
+        .build()
+        .expect("lab");
+    assert_eq!(v4.hosts()[0].ip6, None);
+    let a = v4
+        .ip_in(
+            &v4.hosts()[0].ns,
+            &["-6", "addr", "show", "scope", "global"],
+        )
+        .expect("ip");
+    assert!(a.trim().is_empty(), "{a}");
+}
+
+const DUAL_HOST_GW: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd10:244::/56","IPv6SubnetLen":64,"Backend":{"Type":"host-gw"}}"#;
+
+/// The `FLANNEL_IPV6_SUBNET` of a subnet.env text, as its network (`…::/64`).
+fn ipv6_subnet(text: &str) -> Option<ipnet::Ipv6Net> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("FLANNEL_IPV6_SUBNET="))
+        .and_then(|v| v.trim().parse::<ipnet::Ipv6Net>().ok())
+        .map(|n| n.trunc())
+}
+
+#[test]
+fn host_gw_dual_stack_all_pairs_and_lease_deletion() {
+    if !ready("host-gw dual stack", Needs::Agents) {
+        return;
+    }
+    let mut lab = Lab::builder()
+        .hosts(3)
+        .ipv6(true)
+        .config_json(DUAL_HOST_GW)
+        .timeout(DEADLINE)
+        .build()
+        .expect("lab");
+    let mut subnets6 = Vec::new();
+    for h in lab.hosts() {
+        let text = std::fs::read_to_string(h.subnet_file()).expect("subnet.env");
+        assert!(
+            text.contains("FLANNEL_IPV6_NETWORK=fd10:244::/56\n"),
+            "{text}"
+        );
+        let s6 = ipv6_subnet(&text).unwrap_or_else(|| panic!("no v6 subnet: {text}"));
+        assert_eq!(s6.prefix_len(), 64, "{text}");
+        subnets6.push(s6);
+    }
+    // Each lease publishes the host's v6 underlay address.
+    let leases = lab
+        .etcd()
+        .get_prefix(&format!("{}/subnets/", flannel_lab::lab::ETCD_PREFIX))
+        .expect("leases");
+    assert_eq!(leases.len(), 3, "{leases:?}");
+    for h in lab.hosts() {
+        let ip6 = h.ip6.unwrap().to_string();
+        assert!(
+            leases
+                .iter()
+                .any(|(_, v)| v.contains(&format!(r#""PublicIPv6":"{ip6}""#))),
+            "{ip6} in {leases:?}"
+        );
+    }
+    let pods: Vec<_> = (0..3).map(|h| lab.add_pod(h).expect("pod")).collect();
+    for (i, p) in pods.iter().enumerate() {
+        let pod = lab.pod(*p).unwrap();
+        let ip6 = pod
+            .ip6
+            .unwrap_or_else(|| panic!("pod {} has no IPv6 address", pod.ns));
+        assert!(subnets6[i].contains(&ip6), "{ip6} not in {}", subnets6[i]);
+    }
+    for &from in &pods {
+        for &to in &pods {
+            if from == to {
+                continue;
+            }
+            let dst = lab.pod(to).unwrap().clone();
+            lab.wait_reachable(from, dst.ip).expect("v4 reachable");
+            lab.wait_reachable_ip(from, dst.ip6.unwrap().into())
+                .expect("v6 reachable");
+        }
+    }
+    // Exact v6 route on host 0 for host 1's subnet.
+    let r = lab
+        .ip_in(
+            &lab.hosts()[0].ns,
+            &["-6", "route", "show", "exact", &subnets6[1].to_string()],
+        )
+        .unwrap();
+    let gw = lab.hosts()[1].ip6.unwrap();
+    let link = lab.hosts()[0].link.clone();
+    assert_eq!(
+        r.trim(),
+        format!(
+            "{} via {gw} dev {link} proto 70 metric 1024 pref medium",
+            subnets6[1]
+        ),
+    );
+
+    // Host 2's lease deleted (its agent stopped first, so it does not renew):
+    // the others drop both its routes.
+    lab.stop_agent(2).expect("stop agent");
+    let key = leases
+        .iter()
+        .find(|(_, v)| v.contains(&format!(r#""PublicIP":"{}""#, lab.hosts()[2].ip)))
+        .map(|(k, _)| k.clone())
+        .expect("host 2's lease");
+    assert!(lab.etcd().delete(&key).unwrap());
+    for h in 0..2 {
+        let ns = lab.hosts()[h].ns.clone();
+        flannel_lab::poll_until(
+            "v6 route of the deleted lease to go",
+            DEADLINE,
+            Duration::from_millis(200),
+            || {
+                let r = lab.ip_in(
+                    &ns,
+                    &["-6", "route", "show", "exact", &subnets6[2].to_string()],
+                )?;
+                Ok(r.trim().is_empty())
+            },
+        )
+        .expect("route gone");
+    }
+    // The remaining pair still talks over both families.
+    let p1 = lab.pod(pods[1]).unwrap().clone();
+    assert!(lab.ping(pods[0], p1.ip, 3).unwrap().all_replied());
+    assert!(lab
+        .ping_ip(pods[0], p1.ip6.unwrap().into(), 3)
+        .unwrap()
+        .all_replied());
+}
+
+#[test]
+fn host_gw_dual_stack_agent_kill_9_restart_loses_no_v6_ping() {
+    if !ready("host-gw dual stack restart", Needs::Agents) {
+        return;
+    }
+    let mut lab = Lab::builder()
+        .hosts(2)
+        .ipv6(true)
+        .config_json(DUAL_HOST_GW)
+        .timeout(DEADLINE)
+        .build()
+        .expect("lab");
+    let pods: Vec<_> = (0..2).map(|h| lab.add_pod(h).expect("pod")).collect();
+    let ip6: Vec<_> = pods
+        .iter()
+        .map(|p| lab.pod(*p).unwrap().ip6.expect("pod v6 address"))
+        .collect();
+    lab.wait_reachable_ip(pods[0], ip6[1].into())
+        .expect("v6 reachable");
+    lab.wait_reachable_ip(pods[1], ip6[0].into())
+        .expect("v6 reachable");
+    let mut monitors: Vec<_> = lab
+        .hosts()
+        .iter()
+        .map(|h| lab.monitor(&h.ns, &["route"]).expect("monitor"))
+        .collect();
+    // 40 pings 0.2 s apart span the kill, the restart and its first reconcile.
+    let into = lab.start_ping_ip(pods[0], ip6[1].into(), 40).unwrap();
+    let out_of = lab.start_ping_ip(pods[1], ip6[0].into(), 40).unwrap();
+    lab.kill_agent(1).unwrap();
+    lab.start_agent(1).unwrap();
+    for (what, p) in [("into", into), ("out of", out_of)] {
+        let st = p.finish(DEADLINE).expect("ping");
+        assert!(
+            st.all_replied(),
+            "v6 pings {what} the restarted host: {st:?}"
+        );
+    }
+    lab.check_agents().unwrap();
+    for (h, m) in monitors.iter_mut().enumerate() {
+        let deleted: Vec<String> = m
+            .barrier()
+            .into_iter()
+            .filter(|l| l.starts_with("Deleted ") && l.contains("fd10:244:"))
+            .collect();
+        assert!(deleted.is_empty(), "host {h}: {deleted:#?}");
+    }
+}
