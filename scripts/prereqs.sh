@@ -9,6 +9,8 @@ PACKAGES=(
   containernetworking-plugins  # bridge, host-local, loopback: the CNI delegates
   iproute2 iputils-ping iperf3 # namespaces, links, ping and throughput in the lab
   nftables iptables            # masquerade and forward rules
+  wireguard-tools wireguard-go # wg and an independent WireGuard for the wireguard tests
+  tcpdump                      # the wireguard test checks what is on the wire
   buildah mmdebstrap           # the container image (scripts/image.sh, tests/e2e_image.rs)
   procps kmod ca-certificates curl gcc pkg-config
 )

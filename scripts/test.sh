@@ -26,23 +26,30 @@ cargo test --workspace --no-fail-fast -- --test-threads="${FLANNEL_TEST_THREADS:
 # found in these seconds fails the suite. The smoke build (unoptimised, no sanitizer)
 # is the cheap one to build from cold; long runs use scripts/fuzz.sh's full build.
 fuzz_secs="${FLANNEL_FUZZ_SECS:-10}"
+have_nightly() { rustup run nightly rustc --version >/dev/null 2>&1; }
 if [ "$fuzz_secs" = 0 ]; then
   if [ "${FLANNEL_E2E:-}" = 1 ]; then
     echo "test.sh: FLANNEL_FUZZ_SECS=0 skips the fuzz smoke, which FLANNEL_E2E=1 requires" >&2
     exit 1
   fi
   echo "==> fuzz smoke skipped (FLANNEL_FUZZ_SECS=0)"
-elif ! rustup run nightly rustc --version >/dev/null 2>&1; then
-  if [ "${FLANNEL_E2E:-}" = 1 ]; then
-    echo "test.sh: the fuzz smoke needs the nightly toolchain (rustup toolchain install nightly)" >&2
-    exit 1
-  fi
-  echo "==> fuzz smoke skipped: no nightly toolchain (FLANNEL_E2E=1 makes this a failure)"
 else
-  if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
-    echo "==> installing cargo-fuzz"
-    cargo install cargo-fuzz --locked --quiet
+  if ! have_nightly && command -v rustup >/dev/null 2>&1; then
+    echo "==> installing the nightly toolchain (cargo fuzz needs it)"
+    rustup toolchain install nightly --profile minimal >/dev/null || true
   fi
-  echo "==> fuzz smoke: every target for ${fuzz_secs}s"
-  FLANNEL_FUZZ_BUILD=smoke bash scripts/fuzz.sh "$fuzz_secs"
+  if ! have_nightly; then
+    if [ "${FLANNEL_E2E:-}" = 1 ]; then
+      echo "test.sh: the fuzz smoke needs the nightly toolchain (rustup toolchain install nightly)" >&2
+      exit 1
+    fi
+    echo "==> fuzz smoke skipped: no nightly toolchain (FLANNEL_E2E=1 makes this a failure)"
+  else
+    if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+      echo "==> installing cargo-fuzz"
+      cargo install cargo-fuzz --locked --quiet
+    fi
+    echo "==> fuzz smoke: every target for ${fuzz_secs}s"
+    FLANNEL_FUZZ_BUILD=smoke bash scripts/fuzz.sh "$fuzz_secs"
+  fi
 fi
