@@ -22,6 +22,7 @@ pub mod counters;
 pub mod csum;
 pub mod datapath;
 pub mod engine;
+mod gso;
 pub mod keeper;
 pub mod netconf;
 #[cfg(feature = "node")]

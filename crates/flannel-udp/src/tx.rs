@@ -10,7 +10,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use crate::counters::CounterValues;
 use crate::csum;
-use crate::packet::{self, be16, be32, put16, put32, PROTO_TCP, PROTO_UDP};
+use crate::gso::{GsoSplit, Unsplittable};
+use crate::packet::{self, be16, be32, put16};
 use crate::peers::PeerTable;
 use crate::vnet::{self, VnetHdr};
 
@@ -196,36 +197,18 @@ impl Encap<'_> {
         out: &mut TxBatch,
         tally: &mut CounterValues,
     ) {
-        let tcp = hdr.gso_type & !vnet::GSO_ECN == vnet::GSO_TCPV4;
-        let want = if tcp { PROTO_TCP } else { PROTO_UDP };
-        let l4len = if tcp {
-            if pkt.len() < ihl + 20 {
+        let split = match GsoSplit::plan(pkt, ihl, hdr, MAX_SEGMENTS_PER_READ) {
+            Ok(s) => s,
+            Err(Unsplittable::Malformed) => {
                 tally.tx_drop_malformed += 1;
                 return;
             }
-            usize::from(pkt[ihl + 12] >> 4) * 4
-        } else {
-            8
+            Err(Unsplittable::TooManySegments(n)) => {
+                tally.tx_drop_malformed += n as u64;
+                return;
+            }
         };
-        let mss = usize::from(hdr.gso_size);
-        let hlen = ihl + l4len;
-        let min_l4 = if tcp { 20 } else { 8 };
-        if pkt[9] != want
-            || l4len < min_l4
-            || hlen > pkt.len()
-            || mss == 0
-            || hlen + mss > usize::from(u16::MAX)
-            || packet::is_later_fragment(pkt)
-        {
-            tally.tx_drop_malformed += 1;
-            return;
-        }
-        let payload = pkt.len() - hlen;
-        let nseg = payload.div_ceil(mss).max(1);
-        if nseg > MAX_SEGMENTS_PER_READ {
-            tally.tx_drop_malformed += nseg as u64;
-            return;
-        }
+        let (hlen, nseg) = (split.hlen, split.nseg);
         let Some(dst) = self.route(pkt, nseg as u64, out, tally) else {
             return;
         };
@@ -233,46 +216,14 @@ impl Encap<'_> {
             tally.tx_drop_ttl += nseg as u64;
             return;
         }
-        let src_ip = Ipv4Addr::from(be32(pkt, 12));
-        let dst_ip = Ipv4Addr::from(be32(pkt, 16));
-        let id0 = be16(pkt, 4);
-        let seq0 = if tcp { be32(pkt, ihl + 4) } else { 0 };
-        let flags0 = if tcp { pkt[ihl + 13] } else { 0 };
         for i in 0..nseg {
-            let start = hlen + i * mss;
-            let seglen = mss.min(payload - i * mss);
+            let (start, seglen) = split.payload_of(i);
             let body = &pkt[start..start + seglen];
             let h0 = out.scratch.len();
             out.scratch.extend_from_slice(&pkt[..hlen]);
             let h = &mut out.scratch[h0..];
-            put16(h, 2, (hlen + seglen) as u16);
-            put16(h, 4, id0.wrapping_add(i as u16));
             h[8] -= 1;
-            put16(h, 10, 0);
-            let c = csum::ipv4_header(&h[..ihl]);
-            put16(h, 10, c);
-            let l4 = &mut h[ihl..];
-            let mut sum = csum::pseudo(src_ip, dst_ip, want, (l4len + seglen) as u32);
-            if tcp {
-                put32(l4, 4, seq0.wrapping_add((i * mss) as u32));
-                let mut f = flags0;
-                if i + 1 < nseg {
-                    f &= !(0x01 | 0x08); // FIN, PSH only on the last segment
-                }
-                if i > 0 {
-                    f &= !0x80; // CWR only on the first
-                }
-                l4[13] = f;
-                put16(l4, 16, 0);
-                sum = csum::add(csum::add(sum, l4), body);
-                put16(l4, 16, csum::finish(sum));
-            } else {
-                put16(l4, 4, (8 + seglen) as u16);
-                put16(l4, 6, 0);
-                sum = csum::add(csum::add(sum, l4), body);
-                let c = csum::finish(sum);
-                put16(l4, 6, if c == 0 { 0xffff } else { c });
-            }
+            split.write_header(h, body, i);
             out.dgrams.push(Dgram {
                 dst,
                 buf,
@@ -305,6 +256,7 @@ fn finish_partial_csum(pkt: &mut [u8], hdr: &VnetHdr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::packet::{PROTO_TCP, PROTO_UDP};
     use crate::peers::Peer;
 
     fn table() -> PeerTable {

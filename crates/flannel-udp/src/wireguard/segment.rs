@@ -7,7 +7,8 @@
 //! WireGuard carries packets unchanged.
 
 use crate::csum;
-use crate::packet::{self, be16, be32, put16, put32, PROTO_TCP, PROTO_UDP};
+use crate::gso::GsoSplit;
+use crate::packet::{self, be16, put16};
 use crate::vnet::{self, VnetHdr, VNET_HDR_LEN};
 
 /// Largest number of segments one read may carry that we accept.
@@ -92,78 +93,19 @@ fn segment(
     mut emit: impl FnMut(&[u8]),
 ) -> Result<usize, Refused> {
     let ihl = packet::header_len(pkt).map_err(|_| Refused::Malformed)?;
-    let tcp = hdr.gso_type & !vnet::GSO_ECN == vnet::GSO_TCPV4;
-    let want = if tcp { PROTO_TCP } else { PROTO_UDP };
-    let l4len = if tcp {
-        if pkt.len() < ihl + 20 {
-            return Err(Refused::Malformed);
-        }
-        usize::from(pkt[ihl + 12] >> 4) * 4
-    } else {
-        8
-    };
-    let mss = usize::from(hdr.gso_size);
-    let hlen = ihl + l4len;
-    let min_l4 = if tcp { 20 } else { 8 };
-    // The kernel's IP total length of a super-packet may be 0 or stale: the read
-    // length is the truth.
-    if pkt[9] != want
-        || l4len < min_l4
-        || hlen > pkt.len()
-        || mss == 0
-        || hlen + mss > usize::from(u16::MAX)
-        || packet::is_later_fragment(pkt)
-    {
-        return Err(Refused::Malformed);
-    }
-    let payload = pkt.len() - hlen;
-    let nseg = payload.div_ceil(mss).max(1);
-    if nseg > MAX_SEGMENTS {
-        return Err(Refused::Malformed);
-    }
-    let src_ip = packet::src(pkt);
-    let dst_ip = packet::dst(pkt);
-    let id0 = be16(pkt, 4);
-    let seq0 = if tcp { be32(pkt, ihl + 4) } else { 0 };
-    let flags0 = if tcp { pkt[ihl + 13] } else { 0 };
+    let split = GsoSplit::plan(pkt, ihl, hdr, MAX_SEGMENTS).map_err(|_| Refused::Malformed)?;
+    let (hlen, nseg) = (split.hlen, split.nseg);
     // Each segment's header is written just before its payload, over the tail of
     // the previous segment, which `emit` has consumed by then: no payload is
     // copied. `seg` keeps the original headers.
     seg.clear();
     seg.extend_from_slice(&pkt[..hlen]);
     for i in 0..nseg {
-        let start = hlen + i * mss;
-        let seglen = mss.min(payload - i * mss);
+        let (start, seglen) = split.payload_of(i);
         let whole = &mut pkt[start - hlen..start + seglen];
         whole[..hlen].copy_from_slice(&seg[..hlen]);
         let (h, body) = whole.split_at_mut(hlen);
-        put16(h, 2, (hlen + seglen) as u16);
-        put16(h, 4, id0.wrapping_add(i as u16));
-        put16(h, 10, 0);
-        let c = csum::ipv4_header(&h[..ihl]);
-        put16(h, 10, c);
-        let l4 = &mut h[ihl..];
-        let mut sum = csum::pseudo(src_ip, dst_ip, want, (l4len + seglen) as u32);
-        if tcp {
-            put32(l4, 4, seq0.wrapping_add((i * mss) as u32));
-            let mut f = flags0;
-            if i + 1 < nseg {
-                f &= !(0x01 | 0x08); // FIN, PSH only on the last segment
-            }
-            if i > 0 {
-                f &= !0x80; // CWR only on the first
-            }
-            l4[13] = f;
-            put16(l4, 16, 0);
-            sum = csum::add(csum::add(sum, l4), body);
-            put16(l4, 16, csum::finish(sum));
-        } else {
-            put16(l4, 4, (8 + seglen) as u16);
-            put16(l4, 6, 0);
-            sum = csum::add(csum::add(sum, l4), body);
-            let c = csum::finish(sum);
-            put16(l4, 6, if c == 0 { 0xffff } else { c });
-        }
+        split.write_header(h, body, i);
         emit(whole);
     }
     Ok(nseg)
@@ -172,6 +114,7 @@ fn segment(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::packet::{be32, PROTO_TCP};
 
     fn tcp_csum_ok(seg: &[u8]) -> bool {
         let ihl = usize::from(seg[0] & 15) * 4;
