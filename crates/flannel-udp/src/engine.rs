@@ -170,27 +170,7 @@ pub fn decap_loop(c: &WorkerConfig) {
                 &mut tally,
             );
             for w in &plan.writes {
-                iov.clear();
-                if c.vnet {
-                    iov.push(libc::iovec {
-                        iov_base: w.vnet.as_ptr() as *mut _,
-                        iov_len: VNET_HDR_LEN,
-                    });
-                }
-                if w.hdr_len > 0 {
-                    iov.push(libc::iovec {
-                        iov_base: plan.scratch[w.hdr_start as usize..].as_ptr() as *mut _,
-                        iov_len: w.hdr_len as usize,
-                    });
-                }
-                for &(s, l) in
-                    &plan.parts[w.parts_start as usize..(w.parts_start + w.parts_len) as usize]
-                {
-                    iov.push(libc::iovec {
-                        iov_base: buf[s as usize..].as_ptr() as *mut _,
-                        iov_len: l as usize,
-                    });
-                }
+                plan.iovecs(w, &buf[..], c.vnet, &mut iov);
                 match tun::writev(c.tun, &iov) {
                     Ok(_) => {
                         tally.rx_packets += u64::from(w.packets);

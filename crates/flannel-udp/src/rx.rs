@@ -59,6 +59,31 @@ impl RxPlan {
         self.writes.clear();
     }
 
+    /// Fills `iov` with write `w`'s pieces: its vnet header (when the TUN has
+    /// one), its rewritten headers in `scratch` and its payload parts in `buf`.
+    /// The iovecs point into `w`, `self` and `buf`; use them before any changes.
+    pub fn iovecs(&self, w: &TunWrite, buf: &[u8], vnet: bool, iov: &mut Vec<libc::iovec>) {
+        iov.clear();
+        if vnet {
+            iov.push(libc::iovec {
+                iov_base: w.vnet.as_ptr() as *mut _,
+                iov_len: VNET_HDR_LEN,
+            });
+        }
+        if w.hdr_len > 0 {
+            iov.push(libc::iovec {
+                iov_base: self.scratch[w.hdr_start as usize..].as_ptr() as *mut _,
+                iov_len: w.hdr_len as usize,
+            });
+        }
+        for &(s, l) in &self.parts[w.parts_start as usize..(w.parts_start + w.parts_len) as usize] {
+            iov.push(libc::iovec {
+                iov_base: buf[s as usize..].as_ptr() as *mut _,
+                iov_len: l as usize,
+            });
+        }
+    }
+
     /// The bytes of write `w` after its vnet header (for tests and fuzzing).
     pub fn materialize(&self, w: &TunWrite, buf: &[u8]) -> Vec<u8> {
         let mut v = Vec::new();

@@ -583,27 +583,7 @@ fn inbound(
         decap.packets(&plain[..used], &pkts, &mut plan);
         let (mut packets, mut bytes) = (0u64, 0u64);
         for w in &plan.writes {
-            iov.clear();
-            if off.vnet {
-                iov.push(libc::iovec {
-                    iov_base: w.vnet.as_ptr() as *mut _,
-                    iov_len: VNET_HDR_LEN,
-                });
-            }
-            if w.hdr_len > 0 {
-                iov.push(libc::iovec {
-                    iov_base: plan.scratch[w.hdr_start as usize..].as_ptr() as *mut _,
-                    iov_len: w.hdr_len as usize,
-                });
-            }
-            for &(s, l) in
-                &plan.parts[w.parts_start as usize..(w.parts_start + w.parts_len) as usize]
-            {
-                iov.push(libc::iovec {
-                    iov_base: plain[s as usize..].as_ptr() as *mut _,
-                    iov_len: l as usize,
-                });
-            }
+            plan.iovecs(w, &plain[..], off.vnet, &mut iov);
             if tun::writev(tun, &iov).is_ok() {
                 packets += u64::from(w.packets);
                 bytes += u64::from(w.bytes);
