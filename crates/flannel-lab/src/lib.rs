@@ -31,7 +31,7 @@ pub mod wggo;
 
 pub use error::{LabError, Result};
 pub use flannel_testkit::Monitor;
-pub use lab::{poll_until, BackgroundPing, Host, Lab, LabBuilder, Pod, PodId, SubnetFile};
+pub use lab::{poll_until, BackgroundPing, Family, Host, Lab, LabBuilder, Pod, PodId, SubnetFile};
 pub use measure::PingStats;
 
 /// Whether this process runs as root (the lab needs it).

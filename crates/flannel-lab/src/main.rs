@@ -5,7 +5,7 @@
 //! and agent figures against baselines from the same run; `down` removes what a
 //! killed run left behind.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use flannel_lab::bench::{self, backend_label, BenchOptions};
 use flannel_lab::cleanup::{self, install_signal_teardown};
-use flannel_lab::{leases, poll_until, Lab, PodId};
+use flannel_lab::{leases, poll_until, Family, Lab, PodId};
 use ipnet::Ipv4Net;
 
 #[derive(Parser)]
@@ -54,6 +54,11 @@ enum Cmd {
         /// Leave the lab running; remove it later with `flannel-lab down <prefix>`.
         #[arg(long)]
         keep: bool,
+        /// Dual stack: an IPv6 underlay besides the IPv4 one, IPv6 pod network
+        /// fd10:244::/56 (a /64 per host); every pod gets both addresses, and the
+        /// ping matrix and iperf3 run for each family.
+        #[arg(long)]
+        ipv6: bool,
     },
     /// Throughput per backend against the underlay, convergence for N leases,
     /// join/leave latency, agent start time and RSS.
@@ -163,6 +168,7 @@ fn main() -> ExitCode {
                         iperf_secs,
                         etcd_members,
                         keep,
+                        ipv6,
                     } => demo(&DemoOptions {
                         backend,
                         hosts,
@@ -170,6 +176,7 @@ fn main() -> ExitCode {
                         secs: iperf_secs,
                         etcd_members,
                         keep,
+                        ipv6,
                     }),
                     Cmd::Bench {
                         backends,
@@ -251,7 +258,11 @@ struct DemoOptions {
     secs: u32,
     etcd_members: usize,
     keep: bool,
+    ipv6: bool,
 }
+
+/// The demo's IPv6 pod network (`--ipv6`).
+const DEMO_IPV6_NETWORK: &str = "fd10:244::/56";
 
 fn demo(o: &DemoOptions) -> Result<()> {
     let (hosts, pods_per_host, secs, keep) = (o.hosts, o.pods_per_host, o.secs, o.keep);
@@ -259,16 +270,25 @@ fn demo(o: &DemoOptions) -> Result<()> {
     let label = backend_label(&backend);
     let say = stepper();
     println!(
-        "flannel-lab demo: {hosts} hosts, backend {label}, {} etcd member(s)",
-        o.etcd_members
+        "flannel-lab demo: {hosts} hosts, backend {label}, {} etcd member(s){}",
+        o.etcd_members,
+        if o.ipv6 { ", dual stack" } else { "" }
     );
-    let mut lab = Lab::builder()
+    let mut builder = Lab::builder()
         .hosts(hosts)
         .backend_json(&backend.to_string())
         .etcd_members(o.etcd_members)
         .keepable(keep)
-        .on_progress(say)
-        .build()?;
+        .on_progress(say);
+    if o.ipv6 {
+        builder = builder.dual_stack(DEMO_IPV6_NETWORK);
+    }
+    let mut lab = builder.build()?;
+    let families: &[Family] = if o.ipv6 {
+        &[Family::V4, Family::V6]
+    } else {
+        &[Family::V4]
+    };
     let mut pods: Vec<PodId> = Vec::new();
     for h in 0..hosts {
         for _ in 0..pods_per_host {
@@ -278,7 +298,7 @@ fn demo(o: &DemoOptions) -> Result<()> {
                 "pod {} on {} -> {}",
                 p.ns,
                 lab.hosts()[h].ns,
-                p.ip
+                addrs_of(p, families)
             ));
             pods.push(id);
         }
@@ -288,10 +308,13 @@ fn demo(o: &DemoOptions) -> Result<()> {
         say("waiting until every pod reaches every other pod");
         let t = Instant::now();
         let mut unreachable = 0;
-        for &a in &pods {
-            for &b in &pods {
-                if a != b && lab.wait_reachable(a, lab.pod(b)?.ip).is_err() {
-                    unreachable += 1;
+        for &f in families {
+            for &a in &pods {
+                for &b in &pods {
+                    let to = lab.pod(b)?.addr(f);
+                    if a != b && to.is_none_or(|ip| lab.wait_reachable_ip(a, ip).is_err()) {
+                        unreachable += 1;
+                    }
                 }
             }
         }
@@ -303,88 +326,78 @@ fn demo(o: &DemoOptions) -> Result<()> {
 
     println!("\nHosts");
     println!(
-        "  {:<22} {:<14} {:<18} {:>5}",
-        "NAME", "PUBLIC IP", "SUBNET", "MTU"
+        "  {:<22} {:<14} {:<18} {:<20} {:>5}",
+        "NAME", "PUBLIC IP", "SUBNET", "IPV6 SUBNET", "MTU"
     );
     for (h, host) in lab.hosts().iter().enumerate() {
         let sf = lab.subnet_file(h)?;
         println!(
-            "  {:<22} {:<14} {:<18} {:>5}",
+            "  {:<22} {:<14} {:<18} {:<20} {:>5}",
             host.ns,
             host.ip.to_string(),
             sf.as_ref().map_or("-".into(), |s| s.subnet.to_string()),
+            sf.as_ref()
+                .and_then(|s| s.ipv6_subnet)
+                .map_or("-".into(), |s| s.to_string()),
             sf.as_ref().map_or("-".into(), |s| s.mtu.to_string()),
         );
     }
     println!("\nPods");
-    println!("  {:<22} {:<22} {:<14}", "NAME", "HOST", "IP");
+    println!("  {:<22} {:<22} {:<14}", "NAME", "HOST", "ADDRESSES");
     for p in lab.pods() {
         println!(
-            "  {:<22} {:<22} {:<14}",
+            "  {:<22} {:<22} {}",
             p.ns,
             lab.hosts()[p.host].ns,
-            p.ip.to_string()
+            addrs_of(p, families)
         );
     }
 
+    // Pairs with loss, over all families: the demo fails if any (after teardown).
+    let mut lossy = 0;
     if data_plane {
-        println!("\nPing matrix (3 pings each, 0.2 s apart; row pings column)");
-        let ips: Vec<_> = pods
-            .iter()
-            .map(|p| lab.pod(*p).map(|p| p.ip))
-            .collect::<Result<_, _>>()?;
-        print!("  {:<14}", "from \\ to");
-        for ip in &ips {
-            print!(" {:<12}", ip.to_string());
+        for &f in families {
+            let failures = ping_matrix(&lab, &pods, f)?;
+            lossy += failures;
+            let pairs = pods.len() * (pods.len() - 1);
+            println!(
+                "  {} of {pairs} pairs reachable over {} without loss",
+                pairs - failures,
+                f.label()
+            );
         }
-        println!();
-        let mut failures = 0;
-        for (i, &a) in pods.iter().enumerate() {
-            print!("  {:<14}", ips[i].to_string());
-            for (j, ip) in ips.iter().enumerate() {
-                if i == j {
-                    print!(" {:<12}", "-");
-                    continue;
-                }
-                let s = lab.ping(a, *ip, 3)?;
-                let mark = if s.all_replied() { "✓" } else { "✗" };
-                if !s.all_replied() {
-                    failures += 1;
-                }
-                print!(" {:<12}", format!("{mark} {:.0}% loss", s.loss() * 100.0));
-            }
-            println!();
-        }
-        println!(
-            "  {} of {} pairs reachable without loss",
-            pods.len() * (pods.len() - 1) - failures,
-            pods.len() * (pods.len() - 1)
-        );
-
         if secs > 0 && hosts >= 2 && pods.len() >= 2 {
             let (a, b) = (pods[0], pods[pods_per_host]);
-            println!();
-            say("iperf3 host -> host over the underlay");
-            let host = lab.iperf_hosts(0, 1, secs, 1)?;
-            say("iperf3 pod -> pod across the hosts");
-            let pod = lab.iperf_pods(a, b, secs, 1)?;
             println!("\nThroughput (iperf3, {secs} s, single stream)");
-            println!("  {:<40} {:>8}", "PATH", "Gbit/s");
-            println!(
-                "  {:<40} {:>8.2}",
-                format!("host {} -> host {}", lab.hosts()[0].ip, lab.hosts()[1].ip),
-                host
-            );
-            println!(
-                "  {:<40} {:>8.2}",
-                format!("pod {} -> pod {}", lab.pod(a)?.ip, lab.pod(b)?.ip),
-                pod
-            );
-            println!(
-                "  {:<40} {:>8.2}",
-                "ratio pod / host",
-                if host > 0.0 { pod / host } else { 0.0 }
-            );
+            println!("  {:<48} {:>8}", "PATH", "Gbit/s");
+            for &f in families {
+                let host = lab.iperf_hosts_over(f, 0, 1, secs, 1)?;
+                let pod = lab.iperf_pods_over(f, a, b, secs, 1)?;
+                let ends = |x: Option<IpAddr>| x.map_or("-".into(), |i| i.to_string());
+                println!(
+                    "  {:<48} {:>8.2}",
+                    format!(
+                        "host {} -> host {}",
+                        ends(lab.hosts()[0].addr(f)),
+                        ends(lab.hosts()[1].addr(f))
+                    ),
+                    host
+                );
+                println!(
+                    "  {:<48} {:>8.2}",
+                    format!(
+                        "pod {} -> pod {}",
+                        ends(lab.pod(a)?.addr(f)),
+                        ends(lab.pod(b)?.addr(f))
+                    ),
+                    pod
+                );
+                println!(
+                    "  {:<48} {:>8.2}",
+                    format!("ratio pod / host ({})", f.label()),
+                    if host > 0.0 { pod / host } else { 0.0 }
+                );
+            }
         }
     }
 
@@ -420,7 +433,64 @@ fn demo(o: &DemoOptions) -> Result<()> {
         lab.teardown()?;
         say(&format!("{prefix} removed"));
     }
+    if lossy > 0 {
+        bail!("{lossy} pod pair(s) lost pings");
+    }
     Ok(())
+}
+
+/// A pod's addresses of `families`, space-separated.
+fn addrs_of(p: &flannel_lab::Pod, families: &[Family]) -> String {
+    families
+        .iter()
+        .map(|&f| p.addr(f).map_or("-".into(), |a| a.to_string()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Prints a ping matrix (3 pings per pair) over `family`; returns the pairs with loss.
+fn ping_matrix(lab: &Lab, pods: &[PodId], family: Family) -> Result<usize> {
+    println!(
+        "\nPing matrix, {} (3 pings each, 0.2 s apart; row pings column)",
+        family.label()
+    );
+    let ips: Vec<Option<IpAddr>> = pods
+        .iter()
+        .map(|p| lab.pod(*p).map(|p| p.addr(family)))
+        .collect::<Result<_, _>>()?;
+    let name = |ip: &Option<IpAddr>| ip.map_or("-".into(), |i| i.to_string());
+    let width = ips.iter().map(|i| name(i).len()).max().unwrap_or(0).max(12);
+    print!("  {:<width$}", "from \\ to");
+    for ip in &ips {
+        print!(" {:<width$}", name(ip));
+    }
+    println!();
+    let mut failures = 0;
+    for (i, &a) in pods.iter().enumerate() {
+        print!("  {:<width$}", name(&ips[i]));
+        for (j, ip) in ips.iter().enumerate() {
+            if i == j {
+                print!(" {:<width$}", "-");
+                continue;
+            }
+            let Some(ip) = ip else {
+                failures += 1;
+                print!(" {:<width$}", "✗ no address");
+                continue;
+            };
+            let s = lab.ping_ip(a, *ip, 3)?;
+            if !s.all_replied() {
+                failures += 1;
+            }
+            let mark = if s.all_replied() { "✓" } else { "✗" };
+            print!(
+                " {:<width$}",
+                format!("{mark} {:.0}% loss", s.loss() * 100.0)
+            );
+        }
+        println!();
+    }
+    Ok(failures)
 }
 
 fn bench_kube(

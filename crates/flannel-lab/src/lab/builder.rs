@@ -20,6 +20,7 @@ pub struct LabBuilder {
     timeout: Duration,
     progress: Option<Progress>,
     ipv6: bool,
+    ipv6_network: Option<String>,
 }
 
 impl LabBuilder {
@@ -106,6 +107,14 @@ impl LabBuilder {
         self.ipv6 = on;
         self
     }
+    /// A dual-stack cluster: the IPv6 underlay of [`ipv6`](Self::ipv6) and, in the
+    /// generated network config, `EnableIPv6` with `IPv6Network` = `cidr` (the
+    /// subnet length left at flannel's default, /64).
+    pub fn dual_stack(mut self, cidr: &str) -> Self {
+        self.ipv6 = true;
+        self.ipv6_network = Some(cidr.to_string());
+        self
+    }
     /// Called with a line per build step.
     pub fn on_progress(mut self, f: impl FnMut(&str) + 'static) -> Self {
         self.progress = Some(Box::new(f));
@@ -128,6 +137,10 @@ impl LabBuilder {
         let mut config = json!({"Network": self.network, "Backend": backend});
         if self.nftables {
             config["EnableNFTables"] = json!(true);
+        }
+        if let Some(net) = &self.ipv6_network {
+            config["EnableIPv6"] = json!(true);
+            config["IPv6Network"] = json!(net);
         }
         Ok(config.to_string())
     }
@@ -285,6 +298,7 @@ impl Lab {
             timeout: Duration::from_secs(60),
             progress: None,
             ipv6: false,
+            ipv6_network: None,
         }
     }
 

@@ -158,12 +158,12 @@ impl Lab {
     pub fn iperf(
         &self,
         server_ns: &str,
-        server_ip: Ipv4Addr,
+        server_ip: impl Into<IpAddr>,
         client_ns: &str,
         secs: u32,
         streams: u32,
     ) -> Result<f64> {
-        let sip = server_ip.to_string();
+        let sip = server_ip.into().to_string();
         let mut server = self.spawn_in(
             server_ns,
             &["iperf3", "-s", "-1", "-B", &sip, "-p", "5201"],
@@ -205,14 +205,44 @@ impl Lab {
 
     /// iperf3 between two pods (`from` sends to `to`), Gbit/s.
     pub fn iperf_pods(&self, from: PodId, to: PodId, secs: u32, streams: u32) -> Result<f64> {
+        self.iperf_pods_over(Family::V4, from, to, secs, streams)
+    }
+
+    /// [`iperf_pods`](Self::iperf_pods) over `family`.
+    pub fn iperf_pods_over(
+        &self,
+        family: Family,
+        from: PodId,
+        to: PodId,
+        secs: u32,
+        streams: u32,
+    ) -> Result<f64> {
         let (a, b) = (self.pod(from)?.clone(), self.pod(to)?.clone());
-        self.iperf(&b.ns, b.ip, &a.ns, secs, streams)
+        let ip = b.addr(family).ok_or_else(|| {
+            LabError::Invalid(format!("pod {} has no {} address", b.ns, family.label()))
+        })?;
+        self.iperf(&b.ns, ip, &a.ns, secs, streams)
     }
 
     /// iperf3 between two hosts over the underlay, Gbit/s.
     pub fn iperf_hosts(&self, from: usize, to: usize, secs: u32, streams: u32) -> Result<f64> {
+        self.iperf_hosts_over(Family::V4, from, to, secs, streams)
+    }
+
+    /// [`iperf_hosts`](Self::iperf_hosts) over `family`'s underlay.
+    pub fn iperf_hosts_over(
+        &self,
+        family: Family,
+        from: usize,
+        to: usize,
+        secs: u32,
+        streams: u32,
+    ) -> Result<f64> {
         let (a, b) = (self.host(from)?, self.host(to)?);
-        self.iperf(&b.ns, b.ip, &a.ns, secs, streams)
+        let ip = b.addr(family).ok_or_else(|| {
+            LabError::Invalid(format!("host {} has no {} address", b.ns, family.label()))
+        })?;
+        self.iperf(&b.ns, ip, &a.ns, secs, streams)
     }
 
     /// Starts `ip monitor <objects>` in `ns` and waits until it demonstrably

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use flannel_core::lease::LeaseKey;
 use flannel_core::subnet_env::{parse_env_lines, SubnetEnv};
 use flannel_testkit::Monitor;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::{json, Value};
 
 use crate::bins::{find_binary, find_tool};
@@ -111,6 +111,8 @@ pub struct SubnetFile {
     pub network: Option<Ipv4Net>,
     /// The lease subnet (network address, e.g. 10.244.5.0/24).
     pub subnet: Ipv4Net,
+    /// The IPv6 lease subnet (`FLANNEL_IPV6_SUBNET`), in a dual-stack network.
+    pub ipv6_subnet: Option<Ipv6Net>,
     pub mtu: u32,
     pub ip_masq: bool,
     pub text: String,
@@ -122,12 +124,14 @@ impl SubnetFile {
     pub fn parse(text: &str) -> Option<SubnetFile> {
         let mut network = None;
         let mut subnet = None;
+        let mut ipv6_subnet = None;
         let mut mtu = None;
         let mut ip_masq = false;
         for (k, v) in parse_env_lines(text) {
             match k.as_str() {
                 "FLANNEL_NETWORK" => network = v.parse::<Ipv4Net>().ok().map(|n| n.trunc()),
                 "FLANNEL_SUBNET" => subnet = v.parse::<Ipv4Net>().ok().map(|n| n.trunc()),
+                "FLANNEL_IPV6_SUBNET" => ipv6_subnet = v.parse::<Ipv6Net>().ok().map(|n| n.trunc()),
                 "FLANNEL_MTU" => mtu = v.parse().ok(),
                 "FLANNEL_IPMASQ" => ip_masq = v == "true",
                 _ => {}
@@ -136,6 +140,7 @@ impl SubnetFile {
         Some(SubnetFile {
             network,
             subnet: subnet?,
+            ipv6_subnet,
             mtu: mtu?,
             ip_masq,
             text: text.to_string(),
@@ -199,6 +204,42 @@ impl Host {
     }
     pub fn log_file(&self) -> PathBuf {
         self.dir.join("flanneld.log")
+    }
+}
+
+/// An address family of the lab (IPv6 needs [`LabBuilder::ipv6`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn label(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+}
+
+impl Host {
+    /// Its underlay address of `family` (None: IPv6 without an IPv6 underlay).
+    pub fn addr(&self, family: Family) -> Option<IpAddr> {
+        match family {
+            Family::V4 => Some(IpAddr::V4(self.ip)),
+            Family::V6 => self.ip6.map(IpAddr::V6),
+        }
+    }
+}
+
+impl Pod {
+    /// Its address of `family` (None: the pod has no IPv6 address).
+    pub fn addr(&self, family: Family) -> Option<IpAddr> {
+        match family {
+            Family::V4 => Some(IpAddr::V4(self.ip)),
+            Family::V6 => self.ip6.map(IpAddr::V6),
+        }
     }
 }
 
