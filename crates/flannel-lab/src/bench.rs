@@ -24,7 +24,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::error::{LabError, Result};
-use crate::lab::Lab;
+use crate::lab::{Family, Lab};
 use crate::measure::{median, percentile};
 
 /// What to measure.
@@ -57,6 +57,28 @@ pub struct BenchOptions {
     pub scale_rounds: usize,
     /// Where to copy the agent log of each scale run (`scale-<type>-<n>.log`).
     pub log_dir: Option<std::path::PathBuf>,
+    /// Throughput and startup in a dual-stack lab: every figure for IPv4 and for
+    /// IPv6 (pod v6 against the v6 underlay), start → subnet.env with IPv6 on.
+    pub ipv6: bool,
+}
+
+/// The IPv6 pod network of `--ipv6` runs.
+pub const BENCH_IPV6_NETWORK: &str = "fd10:244::/56";
+
+/// (backend, streams, IPv6 ratio / IPv4 ratio) for every backend and stream count
+/// measured in both families.
+pub fn family_ratios(t: &[Throughput]) -> Vec<(String, u32, f64)> {
+    t.iter()
+        .filter(|v6| v6.family == Family::V6.label())
+        .filter_map(|v6| {
+            let v4 = t.iter().find(|v4| {
+                v4.family == Family::V4.label()
+                    && v4.backend == v6.backend
+                    && v4.streams == v6.streams
+            })?;
+            Some((v6.backend.clone(), v6.streams, ratio(v6.ratio, v4.ratio)))
+        })
+        .collect()
 }
 
 /// The parts of the bench; all by default.
@@ -122,6 +144,7 @@ impl Default for BenchOptions {
             scale_joins: 100,
             scale_rounds: 3,
             log_dir: None,
+            ipv6: false,
         }
     }
 }
@@ -129,6 +152,8 @@ impl Default for BenchOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct Throughput {
     pub backend: String,
+    /// "IPv4" or "IPv6": the family of both the pod and the underlay traffic.
+    pub family: String,
     pub streams: u32,
     pub secs: u32,
     /// Underlay host-to-host, Gbit/s (the baseline), median of the rounds.
@@ -180,6 +205,8 @@ pub struct Churn {
 #[derive(Debug, Clone, Serialize)]
 pub struct Startup {
     pub backend: String,
+    /// Dual stack (IPv6 on) or IPv4 only.
+    pub ipv6: bool,
     pub samples: usize,
     /// Agent spawn → subnet.env written, median, ms.
     pub median_ms: f64,
@@ -361,17 +388,29 @@ fn throughput_and_startup(
     report: &mut BenchReport,
     say: &mut impl FnMut(&str),
 ) -> Result<()> {
-    let mut lab = Lab::builder()
+    let mut builder = Lab::builder()
         .hosts(2)
         .backend_json(&backend.to_string())
-        .timeout(opts.timeout)
-        .build()?;
+        .timeout(opts.timeout);
+    if opts.ipv6 {
+        builder = builder.dual_stack(BENCH_IPV6_NETWORK);
+    }
+    let mut lab = builder.build()?;
+    let families: &[Family] = if opts.ipv6 {
+        &[Family::V4, Family::V6]
+    } else {
+        &[Family::V4]
+    };
     let a = lab.add_pod(0)?;
     let b = lab.add_pod(1)?;
-    let ib = lab.pod(b)?.ip;
-    let ia = lab.pod(a)?.ip;
-    lab.wait_reachable(a, ib)?;
-    lab.wait_reachable(b, ia)?;
+    for &f in families {
+        for (from, to) in [(a, b), (b, a)] {
+            let ip = lab.pod(to)?.addr(f).ok_or_else(|| {
+                LabError::Invalid(format!("pod without an {} address", f.label()))
+            })?;
+            lab.wait_reachable_ip(from, ip)?;
+        }
+    }
     let ty = backend_type(backend);
     let userspace = matches!(ty.as_str(), "udp" | "wireguard");
     let wggo = if ty == "wireguard" {
@@ -387,58 +426,65 @@ fn throughput_and_startup(
         None
     };
     for &streams in &opts.streams {
-        let mut rounds = Vec::new();
-        let mut cpu = Vec::new();
-        let mut wg_rounds = Vec::new();
-        let mut wg_cpu = Vec::new();
-        for _ in 0..opts.rounds.max(1) {
-            let host = lab.iperf_hosts(0, 1, opts.secs, streams)?;
-            let pids: Vec<u32> = [0, 1].iter().filter_map(|&h| lab.agent_pid(h)).collect();
-            let before = cpu_of(&pids)?;
-            let pod = lab.iperf_pods(a, b, opts.secs, streams)?;
-            if userspace {
-                cpu.push(per_gbit(cpu_of(&pids)? - before, pod, opts.secs));
+        for &family in families {
+            let mut rounds = Vec::new();
+            let mut cpu = Vec::new();
+            let mut wg_rounds = Vec::new();
+            let mut wg_cpu = Vec::new();
+            // The anchor runs over IPv4 only (its tunnel does not depend on the family).
+            let wggo = wggo.as_ref().filter(|_| family == Family::V4);
+            for _ in 0..opts.rounds.max(1) {
+                let host = lab.iperf_hosts_over(family, 0, 1, opts.secs, streams)?;
+                let pids: Vec<u32> = [0, 1].iter().filter_map(|&h| lab.agent_pid(h)).collect();
+                let before = cpu_of(&pids)?;
+                let pod = lab.iperf_pods_over(family, a, b, opts.secs, streams)?;
+                if userspace {
+                    cpu.push(per_gbit(cpu_of(&pids)? - before, pod, opts.secs));
+                }
+                rounds.push((host, pod));
+                if let Some(w) = wggo {
+                    let before = cpu_of(&w.pids())?;
+                    let g = w.iperf(&lab, opts.secs, streams)?;
+                    wg_cpu.push(per_gbit(cpu_of(&w.pids())? - before, g, opts.secs));
+                    wg_rounds.push(g);
+                }
             }
-            rounds.push((host, pod));
-            if let Some(w) = &wggo {
-                let before = cpu_of(&w.pids())?;
-                let g = w.iperf(&lab, opts.secs, streams)?;
-                wg_cpu.push(per_gbit(cpu_of(&w.pids())? - before, g, opts.secs));
-                wg_rounds.push(g);
-            }
-        }
-        let host = median_f64(rounds.iter().map(|r| r.0));
-        let pod = median_f64(rounds.iter().map(|r| r.1));
-        let wg = (!wg_rounds.is_empty()).then(|| median_f64(wg_rounds.iter().copied()));
-        let t = Throughput {
-            backend: label.to_string(),
-            streams,
-            secs: opts.secs,
-            host_gbps: host,
-            pod_gbps: pod,
-            ratio: if host > 0.0 { pod / host } else { 0.0 },
-            rounds,
-            agent_cpu_s_per_gbit: (!cpu.is_empty()).then(|| median_f64(cpu.into_iter())),
-            wggo_gbps: wg,
-            ratio_wggo: wg.map(|w| if w > 0.0 { pod / w } else { 0.0 }),
-            wggo_cpu_s_per_gbit: (!wg_cpu.is_empty()).then(|| median_f64(wg_cpu.into_iter())),
-            wggo_rounds: wg_rounds,
-        };
-        say(&format!(
-            "  {streams} stream(s): pod {pod:.2} Gbit/s, host {host:.2} Gbit/s, ratio {:.3} (median of {})",
-            t.ratio,
-            t.rounds.len()
-        ));
-        if let Some(c) = t.agent_cpu_s_per_gbit {
-            say(&format!("    agents: {c:.3} CPU s per Gbit"));
-        }
-        if let (Some(w), Some(r), Some(c)) = (t.wggo_gbps, t.ratio_wggo, t.wggo_cpu_s_per_gbit) {
+            let host = median_f64(rounds.iter().map(|r| r.0));
+            let pod = median_f64(rounds.iter().map(|r| r.1));
+            let wg = (!wg_rounds.is_empty()).then(|| median_f64(wg_rounds.iter().copied()));
+            let t = Throughput {
+                backend: label.to_string(),
+                family: family.label().to_string(),
+                streams,
+                secs: opts.secs,
+                host_gbps: host,
+                pod_gbps: pod,
+                ratio: if host > 0.0 { pod / host } else { 0.0 },
+                rounds,
+                agent_cpu_s_per_gbit: (!cpu.is_empty()).then(|| median_f64(cpu.into_iter())),
+                wggo_gbps: wg,
+                ratio_wggo: wg.map(|w| if w > 0.0 { pod / w } else { 0.0 }),
+                wggo_cpu_s_per_gbit: (!wg_cpu.is_empty()).then(|| median_f64(wg_cpu.into_iter())),
+                wggo_rounds: wg_rounds,
+            };
             say(&format!(
-                "    wireguard-go {w:.2} Gbit/s ({:.3} x host), ours {r:.2} x wireguard-go; wireguard-go {c:.3} CPU s per Gbit",
-                if host > 0.0 { w / host } else { 0.0 }
+                "  {streams} stream(s) {}: pod {pod:.2} Gbit/s, host {host:.2} Gbit/s, ratio {:.3} (median of {})",
+                family.label(),
+                t.ratio,
+                t.rounds.len()
             ));
+            if let Some(c) = t.agent_cpu_s_per_gbit {
+                say(&format!("    agents: {c:.3} CPU s per Gbit"));
+            }
+            if let (Some(w), Some(r), Some(c)) = (t.wggo_gbps, t.ratio_wggo, t.wggo_cpu_s_per_gbit)
+            {
+                say(&format!(
+                    "    wireguard-go {w:.2} Gbit/s ({:.3} x host), ours {r:.2} x wireguard-go; wireguard-go {c:.3} CPU s per Gbit",
+                    if host > 0.0 { w / host } else { 0.0 }
+                ));
+            }
+            report.throughput.push(t);
         }
-        report.throughput.push(t);
     }
     drop(wggo);
     let mut samples = Vec::new();
@@ -450,6 +496,7 @@ fn throughput_and_startup(
         samples.push(lab.start_agent(0)?);
     }
     // Let it settle into its steady state before reading the RSS.
+    let ib = lab.pod(b)?.ip;
     lab.wait_reachable(a, ib)?;
     let rss = lab.agent_rss_kib(0)?;
     let med = median(&samples).unwrap_or_default();
@@ -460,6 +507,7 @@ fn throughput_and_startup(
     ));
     report.startup.push(Startup {
         backend: label.to_string(),
+        ipv6: opts.ipv6,
         samples: samples.len(),
         median_ms: ms(med),
         agent_rss_kib: rss,
@@ -1145,6 +1193,39 @@ y INFO full lease set programmed peers=9 elapsed_ms=345\n";
         assert_eq!(median_f64([3.0, 1.0, 2.0].into_iter()), 2.0);
         assert_eq!(median_f64([4.0, 1.0].into_iter()), 2.5);
         assert_eq!(median_f64(std::iter::empty()), 0.0);
+    }
+
+    #[test]
+    fn family_ratios_pair_each_v6_figure_with_its_v4_twin() {
+        let t = |backend: &str, family: Family, streams, ratio| Throughput {
+            backend: backend.into(),
+            family: family.label().into(),
+            streams,
+            secs: 1,
+            host_gbps: 10.0,
+            pod_gbps: 10.0 * ratio,
+            ratio,
+            rounds: vec![],
+            agent_cpu_s_per_gbit: None,
+            wggo_gbps: None,
+            ratio_wggo: None,
+            wggo_cpu_s_per_gbit: None,
+            wggo_rounds: vec![],
+        };
+        let all = [
+            t("vxlan", Family::V4, 1, 0.8),
+            t("vxlan", Family::V6, 1, 0.6),
+            t("vxlan", Family::V4, 4, 0.5),
+            t("host-gw", Family::V6, 1, 0.9),
+            t("host-gw", Family::V4, 1, 1.0),
+            t("udp", Family::V4, 1, 0.3),
+        ];
+        let r = family_ratios(&all);
+        assert_eq!(r.len(), 2, "{r:?}");
+        assert_eq!((r[0].0.as_str(), r[0].1), ("vxlan", 1));
+        assert!((r[0].2 - 0.75).abs() < 1e-9);
+        assert_eq!((r[1].0.as_str(), r[1].1), ("host-gw", 1));
+        assert!((r[1].2 - 0.9).abs() < 1e-9);
     }
 
     #[test]

@@ -103,6 +103,10 @@ enum Cmd {
         /// Copy the agent log of each scale run into this directory.
         #[arg(long)]
         logs: Option<PathBuf>,
+        /// Throughput and startup in a dual-stack lab: each figure for IPv4 and
+        /// IPv6 (the v6 pod path against the v6 underlay, same run).
+        #[arg(long)]
+        ipv6: bool,
     },
     /// Kubernetes mode at scale: one agent against the fake API server holding N
     /// nodes whose status is rewritten periodically (start, steady-state API bytes
@@ -192,6 +196,7 @@ fn main() -> ExitCode {
                         scale_joins,
                         scale_rounds,
                         logs,
+                        ipv6,
                     } => {
                         let opts = BenchOptions {
                             backends: match backends
@@ -213,6 +218,7 @@ fn main() -> ExitCode {
                             scale_joins,
                             scale_rounds,
                             log_dir: logs,
+                            ipv6,
                             ..BenchOptions::default()
                         };
                         run_bench(&opts, json)
@@ -617,13 +623,19 @@ fn run_bench(opts: &BenchOptions, json_out: Option<PathBuf>) -> Result<()> {
             opts.secs, opts.rounds
         );
         println!(
-            "  {:<28} {:>7} {:>10} {:>10} {:>7}",
-            "BACKEND", "STREAMS", "POD Gb/s", "HOST Gb/s", "RATIO"
+            "  {:<28} {:>6} {:>7} {:>10} {:>10} {:>7}",
+            "BACKEND", "FAMILY", "STREAMS", "POD Gb/s", "HOST Gb/s", "RATIO"
         );
         for t in &report.throughput {
             println!(
-                "  {:<28} {:>7} {:>10.2} {:>10.2} {:>7.3}",
-                t.backend, t.streams, t.pod_gbps, t.host_gbps, t.ratio
+                "  {:<28} {:>6} {:>7} {:>10.2} {:>10.2} {:>7.3}",
+                t.backend, t.family, t.streams, t.pod_gbps, t.host_gbps, t.ratio
+            );
+        }
+        for (backend, streams, r) in bench::family_ratios(&report.throughput) {
+            println!(
+                "  {backend} {streams} stream(s): IPv6 ratio / IPv4 ratio = {r:.3} \
+                 (goal: within 5 % of 1)"
             );
         }
         let userspace: Vec<_> = report
@@ -703,13 +715,17 @@ fn run_bench(opts: &BenchOptions, json_out: Option<PathBuf>) -> Result<()> {
     if !report.startup.is_empty() {
         println!("\nAgent: start -> subnet.env written (median), RSS with one peer");
         println!(
-            "  {:<28} {:>8} {:>10} {:>10}",
-            "BACKEND", "SAMPLES", "MEDIAN ms", "RSS KiB"
+            "  {:<28} {:>10} {:>8} {:>10} {:>10}",
+            "BACKEND", "FAMILIES", "SAMPLES", "MEDIAN ms", "RSS KiB"
         );
         for s in &report.startup {
             println!(
-                "  {:<28} {:>8} {:>10.1} {:>10}",
-                s.backend, s.samples, s.median_ms, s.agent_rss_kib
+                "  {:<28} {:>10} {:>8} {:>10.1} {:>10}",
+                s.backend,
+                if s.ipv6 { "v4+v6" } else { "v4" },
+                s.samples,
+                s.median_ms,
+                s.agent_rss_kib
             );
         }
     }
