@@ -15,16 +15,16 @@
 //!
 //! Absolute times are noise on a shared machine; the ratios are the figures.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
-use flannel_core::lease::{LeaseAttrs, MacAddr, VxlanData};
-use ipnet::Ipv4Net;
+use flannel_core::lease::{LeaseAttrs, LeaseKey, MacAddr, VxlanData};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::error::{LabError, Result};
-use crate::lab::{Family, Lab};
+use crate::lab::{Family, Lab, UNDERLAY_V6_PREFIX};
 use crate::measure::{median, percentile};
 
 /// What to measure.
@@ -57,8 +57,9 @@ pub struct BenchOptions {
     pub scale_rounds: usize,
     /// Where to copy the agent log of each scale run (`scale-<type>-<n>.log`).
     pub log_dir: Option<std::path::PathBuf>,
-    /// Throughput and startup in a dual-stack lab: every figure for IPv4 and for
-    /// IPv6 (pod v6 against the v6 underlay), start → subnet.env with IPv6 on.
+    /// Dual stack: throughput and startup for IPv4 and for IPv6 (pod v6 against
+    /// the v6 underlay), start → subnet.env with IPv6 on; scale leases carry IPv6
+    /// parts (subnet, PublicIPv6, vxlan BackendV6Data) and count both families.
     pub ipv6: bool,
 }
 
@@ -218,6 +219,9 @@ pub struct Startup {
 #[derive(Debug, Clone, Serialize)]
 pub struct Scale {
     pub backend: String,
+    /// Dual stack: every lease also has an IPv6 subnet, PublicIPv6 (and vxlan
+    /// BackendV6Data); "all routes" means both families'.
+    pub ipv6: bool,
     pub leases: usize,
     /// Agent spawn → all `leases` routes present in its host (the agent's lease
     /// exists already, as on a restart; the host holds none of the entries), ms,
@@ -255,6 +259,10 @@ pub struct Scale {
     pub leave_p99_ms: f64,
     /// The bench's etcd put round trip itself (part of every join sample), p50, ms.
     pub put_p50_ms: f64,
+    /// Join measured from the put's response (the write committed) instead of its
+    /// start: the agent's share of the join, p50, ms (0 when the watch event beat
+    /// the response).
+    pub join_after_put_p50_ms: f64,
     /// Every round in order: (start -> all routes, ip -batch), ms; the figures
     /// above are medians.
     pub rounds: Vec<(f64, f64)>,
@@ -593,7 +601,7 @@ fn convergence(
     let log_from = std::fs::metadata(lab.hosts()[0].log_file()).map_or(0, |m| m.len());
     let t0 = Instant::now();
     lab.spawn_agent(0)?;
-    let done = wait_routes(&mut lab, n, opts.timeout, log_from)?;
+    let done = wait_routes(&mut lab, n, false, opts.timeout, log_from)?;
     let secs = done.saturating_duration_since(t0).as_secs_f64();
     let rss = lab.agent_rss_kib(0)?;
     say(&format!("  {n} leases: {secs:.2} s, RSS {rss} KiB"));
@@ -619,28 +627,9 @@ fn convergence(
     for (j, &subnet) in subnets.iter().enumerate() {
         let key = Lab::lease_key_for(subnet);
         let value = fake_lease_value(&ty, j);
-        let route = format!("{subnet} ");
-        let deleted = format!("Deleted {subnet} ");
-        let mark = mon.mark();
-        let t0 = Instant::now();
-        lab.etcd().put_leased(&key, &value, LEASE_TTL_SECS)?;
-        let t = mon
-            .wait_for_after(mark, opts.timeout, |l| l.starts_with(&route))
-            .ok_or_else(|| LabError::Timeout {
-                what: format!("route for joining lease {subnet}"),
-                after: opts.timeout,
-            })?;
-        join.push(t.saturating_duration_since(t0));
-        let mark = mon.mark();
-        let t0 = Instant::now();
-        lab.etcd().delete(&key)?;
-        let t = mon
-            .wait_for_after(mark, opts.timeout, |l| l.starts_with(&deleted))
-            .ok_or_else(|| LabError::Timeout {
-                what: format!("route of leaving lease {subnet} to go"),
-                after: opts.timeout,
-            })?;
-        leave.push(t.saturating_duration_since(t0));
+        let m = join_leave(&lab, &mut mon, &key, &value, &[subnet.into()], opts.timeout)?;
+        join.push(m.join);
+        leave.push(m.leave);
     }
     let c = Churn {
         backend: label.to_string(),
@@ -671,25 +660,51 @@ fn scale_public_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + j)
 }
 
+/// The `i`-th scale peer's IPv6 underlay address: in the lab's on-link /64, clear
+/// of the hosts (`::<n>`) and the gateway.
+fn scale_public_ipv6(i: usize) -> Ipv6Addr {
+    let mut s = UNDERLAY_V6_PREFIX.segments();
+    s[6] = 1 + (i >> 16) as u16;
+    s[7] = i as u16;
+    Ipv6Addr::from(s)
+}
+
+/// The IPv6 pod network of dual-stack scale runs (a /64 per peer).
+const SCALE_IPV6_NETWORK: &str = "fd10::/48";
+
+/// The `i`-th /64 of [`SCALE_IPV6_NETWORK`].
+fn scale_subnet6(i: usize) -> Ipv6Net {
+    let mut s = [0xfd10u16, 0, 0, 0, 0, 0, 0, 0];
+    s[3] = i as u16;
+    Ipv6Net::new(Ipv6Addr::from(s), 64).expect("prefix 64 is valid")
+}
+
 /// What the `i`-th scale peer publishes, and the entries a host programs for it.
 struct ScalePeer {
     subnet: Ipv4Net,
     public_ip: Ipv4Addr,
     mac: MacAddr,
+    /// Dual stack: its IPv6 subnet, PublicIPv6 and v6 VTEP MAC.
+    v6: Option<(Ipv6Net, Ipv6Addr, MacAddr)>,
 }
 
 impl ScalePeer {
+    fn key(&self) -> String {
+        let key = LeaseKey {
+            v4: self.subnet,
+            v6: self.v6.map(|v| v.0),
+        };
+        format!("{}/subnets/{key}", crate::lab::ETCD_PREFIX)
+    }
+
     fn value(&self, ty: &str) -> String {
         let mut attrs = LeaseAttrs::new(self.public_ip);
         attrs.backend_type = ty.to_string();
+        attrs.public_ipv6 = self.v6.map(|v| v.1);
         if ty == "vxlan" {
-            attrs.backend_data = Some(
-                VxlanData {
-                    vni: 1,
-                    vtep_mac: self.mac,
-                }
-                .encode(),
-            );
+            let data = |vtep_mac| VxlanData { vni: 1, vtep_mac }.encode();
+            attrs.backend_data = Some(data(self.mac));
+            attrs.backend_v6_data = self.v6.map(|v| data(v.2));
         }
         attrs.encode()
     }
@@ -700,7 +715,35 @@ impl ScalePeer {
     fn batch_lines(&self, ty: &str, dev: &str, b: &mut Batches) -> usize {
         use std::fmt::Write as _;
         let gw = self.subnet.network();
-        if ty == "vxlan" {
+        let v6 = match (self.v6, ty) {
+            (None, _) => 0,
+            (Some((subnet, _, mac)), "vxlan") => {
+                let gw = subnet.network();
+                let dev = VXLAN_V6_DEV;
+                let _ = writeln!(
+                    b.neigh,
+                    "neigh replace {gw} lladdr {mac} dev {dev} nud permanent"
+                );
+                let _ = writeln!(
+                    b.fdb,
+                    "fdb replace {mac} dev {dev} dst {} self permanent",
+                    self.v6.expect("matched").1
+                );
+                let _ = writeln!(
+                    b.routes,
+                    "route replace {subnet} via {gw} dev {dev} onlink proto 70 metric 1024"
+                );
+                3
+            }
+            (Some((subnet, public, _)), _) => {
+                let _ = writeln!(
+                    b.routes,
+                    "route replace {subnet} via {public} dev {dev} proto 70 metric 1024"
+                );
+                1
+            }
+        };
+        v6 + if ty == "vxlan" {
             let _ = writeln!(
                 b.neigh,
                 "neigh replace {gw} lladdr {} dev {dev} nud permanent",
@@ -728,6 +771,9 @@ impl ScalePeer {
     }
 }
 
+/// The vxlan backend's IPv6 device (VNI 1).
+const VXLAN_V6_DEV: &str = "flannel-v6.1";
+
 /// Batch files for the baseline.
 #[derive(Default)]
 struct Batches {
@@ -736,9 +782,11 @@ struct Batches {
     routes: String,
 }
 
-/// `n` scale peers with subnets 10.1.0.0/24, 10.1.1.0/24, ... skipping `own`.
-fn scale_peers(n: usize, own: Ipv4Net) -> Vec<ScalePeer> {
+/// `n` scale peers with subnets 10.1.0.0/24, 10.1.1.0/24, ... skipping `own`; with
+/// `own6`, dual stack: /64s of [`SCALE_IPV6_NETWORK`] skipping `own6`.
+fn scale_peers(n: usize, own: Ipv4Net, own6: Option<Ipv6Net>) -> Vec<ScalePeer> {
     let mut rng = rand::rng();
+    let mut subnets6 = (0..).map(scale_subnet6).filter(|s| Some(*s) != own6);
     (0..)
         .map(fake_subnet)
         .filter(|s| !s.contains(&own.network()) && !own.contains(&s.network()))
@@ -748,16 +796,38 @@ fn scale_peers(n: usize, own: Ipv4Net) -> Vec<ScalePeer> {
             subnet,
             public_ip: scale_public_ip(i),
             mac: MacAddr::random_local(&mut rng),
+            v6: own6.map(|_| {
+                let s6 = subnets6.next().expect("endless");
+                (s6, scale_public_ipv6(i), MacAddr::random_local(&mut rng))
+            }),
         })
         .collect()
 }
 
 /// IPv4 /24 routes into 10.0.0.0/8 in the network namespace of process `pid`,
-/// read from /proc (much cheaper than running `ip route` while an agent works).
-fn lease_routes_of(pid: u32) -> Result<usize> {
-    let path = format!("/proc/{pid}/net/route");
-    let text = std::fs::read_to_string(&path).map_err(|e| LabError::io(path, e))?;
-    Ok(count_proc_routes(&text))
+/// read from /proc (much cheaper than running `ip route` while an agent works);
+/// with `v6`, also the /64 routes into fd10::/16 (the smaller of both counts).
+fn lease_routes_of(pid: u32, v6: bool) -> Result<usize> {
+    let read = |f: &str| {
+        let path = format!("/proc/{pid}/net/{f}");
+        std::fs::read_to_string(&path).map_err(|e| LabError::io(path, e))
+    };
+    let v4 = count_proc_routes(&read("route")?);
+    if !v6 {
+        return Ok(v4);
+    }
+    Ok(v4.min(count_proc_routes6(&read("ipv6_route")?)))
+}
+
+/// Counts the /64 routes into fd10::/16 of a /proc/net/ipv6_route text (destination
+/// as 32 hex digits, then its prefix length in hex).
+fn count_proc_routes6(text: &str) -> usize {
+    text.lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 9 && f[0].len() == 32 && f[0].starts_with("fd10") && f[1] == "40"
+        })
+        .count()
 }
 
 /// Counts the /24 routes into 10.0.0.0/8 of a /proc/net/route text (addresses in
@@ -787,7 +857,13 @@ fn log_field(log: &str, message: &str, key: &str) -> Option<f64> {
 /// the line it writes once a full lease set is programmed, and the routes are
 /// counted then; between, they are counted only every 50 ms (agents that write no
 /// such line).
-fn wait_routes(lab: &mut Lab, n: usize, timeout: Duration, log_from: u64) -> Result<Instant> {
+fn wait_routes(
+    lab: &mut Lab,
+    n: usize,
+    v6: bool,
+    timeout: Duration,
+    log_from: u64,
+) -> Result<Instant> {
     use std::io::{Read, Seek, SeekFrom};
     let pid = lab
         .agent_pid(0)
@@ -814,7 +890,7 @@ fn wait_routes(lab: &mut Lab, n: usize, timeout: Duration, log_from: u64) -> Res
         }
         if marked || last_count.elapsed() >= Duration::from_millis(50) {
             let now = Instant::now();
-            if lease_routes_of(pid)? >= n {
+            if lease_routes_of(pid, v6)? >= n {
                 return Ok(now);
             }
             last_count = Instant::now();
@@ -841,12 +917,18 @@ fn scale(
     say: &mut impl FnMut(&str),
 ) -> Result<Scale> {
     let ty = backend_type(backend);
-    let config = json!({"Network": "10.0.0.0/8", "Backend": backend}).to_string();
+    let dual = opts.ipv6;
+    let mut config = json!({"Network": "10.0.0.0/8", "Backend": backend});
+    if dual {
+        config["EnableIPv6"] = json!(true);
+        config["IPv6Network"] = json!(SCALE_IPV6_NETWORK);
+    }
     // Host 0 runs the agent; host 1 is the fresh namespace of the `ip -batch`
     // baseline.
     let mut lab = Lab::builder()
         .hosts(2)
-        .config_json(&config)
+        .config_json(&config.to_string())
+        .ipv6(dual)
         .start_agents(false)
         .timeout(opts.timeout)
         .build()?;
@@ -864,12 +946,15 @@ fn scale(
         return Err(LabError::Invalid(format!("flanneld exit on SIGTERM: {st}")));
     }
     let own = lab.host_subnet(0)?;
+    let own6 = lab.subnet_file(0)?.and_then(|s| s.ipv6_subnet);
+    if dual && own6.is_none() {
+        return Err(LabError::Invalid(
+            "dual stack: host 0's subnet.env has no FLANNEL_IPV6_SUBNET".into(),
+        ));
+    }
 
-    let peers = scale_peers(n, own);
-    let kvs: Vec<(String, String)> = peers
-        .iter()
-        .map(|p| (Lab::lease_key_for(p.subnet), p.value(&ty)))
-        .collect();
+    let peers = scale_peers(n, own, own6);
+    let kvs: Vec<(String, String)> = peers.iter().map(|p| (p.key(), p.value(&ty))).collect();
     lab.etcd().put_many_leased(&kvs, LEASE_TTL_SECS)?;
     drop(kvs);
 
@@ -901,8 +986,14 @@ fn scale(
     let clear = |lab: &Lab, ns: &str| -> Result<()> {
         if ty == "vxlan" {
             lab.ip_in(ns, &["link", "del", "flannel.1"])?;
+            if dual {
+                lab.ip_in(ns, &["link", "del", VXLAN_V6_DEV])?;
+            }
         } else {
             lab.ip_in(ns, &["route", "flush", "proto", "70"])?;
+            if dual {
+                lab.ip_in(ns, &["-6", "route", "flush", "proto", "70"])?;
+            }
         }
         Ok(())
     };
@@ -940,6 +1031,32 @@ fn scale(
                 ],
             )?;
             lab.ip_in(&base, &["link", "set", &dev, "up"])?;
+            if dual {
+                let base_ip6 = lab.hosts()[1]
+                    .ip6
+                    .ok_or_else(|| LabError::Invalid("host 1 has no IPv6 address".into()))?
+                    .to_string();
+                lab.ip_in(
+                    &base,
+                    &[
+                        "link",
+                        "add",
+                        VXLAN_V6_DEV,
+                        "type",
+                        "vxlan",
+                        "id",
+                        "1",
+                        "local",
+                        &base_ip6,
+                        "dev",
+                        &base_link,
+                        "dstport",
+                        "8472",
+                        "nolearning",
+                    ],
+                )?;
+                lab.ip_in(&base, &["link", "set", VXLAN_V6_DEV, "up"])?;
+            }
         }
         let t0 = Instant::now();
         if let Some(f) = &fdb_file {
@@ -950,7 +1067,12 @@ fn scale(
         }
         lab.ip_in(&base, &["-batch", &ip_file])?;
         batches.push(t0.elapsed());
-        let in_base = count_proc_routes(&lab.run_in(&base, &["cat", "/proc/net/route"])?);
+        let mut in_base = count_proc_routes(&lab.run_in(&base, &["cat", "/proc/net/route"])?);
+        if dual {
+            in_base = in_base.min(count_proc_routes6(
+                &lab.run_in(&base, &["cat", "/proc/net/ipv6_route"])?,
+            ));
+        }
         if in_base != n {
             return Err(LabError::Invalid(format!(
                 "the ip -batch baseline made {in_base} routes, not {n}"
@@ -961,7 +1083,7 @@ fn scale(
         let log_from = std::fs::metadata(&log_path).map_or(0, |m| m.len());
         let t0 = Instant::now();
         lab.spawn_agent(0)?;
-        let done = wait_routes(&mut lab, n, opts.timeout, log_from)?;
+        let done = wait_routes(&mut lab, n, dual, opts.timeout, log_from)?;
         starts.push(done.saturating_duration_since(t0));
         let log = lab.agent_log(0)?;
         let tail = log.get(log_from as usize..).unwrap_or("");
@@ -990,6 +1112,7 @@ fn scale(
     let ns = lab.hosts()[0].ns.clone();
     let mut mon = lab.monitor(&ns, &["route"])?;
     let (mut join, mut leave, mut put) = (Vec::new(), Vec::new(), Vec::new());
+    let mut after_put = Vec::new();
     let churn: Vec<Ipv4Net> = (0..)
         .map(|j: u32| {
             Ipv4Net::new(
@@ -1002,38 +1125,36 @@ fn scale(
         .take(opts.scale_joins)
         .collect();
     for (j, &subnet) in churn.iter().enumerate() {
+        let mut rng = rand::rng();
         let peer = ScalePeer {
             subnet,
             public_ip: scale_public_ip(n + j),
-            mac: MacAddr::random_local(&mut rand::rng()),
+            mac: MacAddr::random_local(&mut rng),
+            // Far above the peers' /64s (index < 2^15 for every N the bench runs).
+            v6: own6.map(|_| {
+                let s6 = scale_subnet6(0xf000 + j);
+                (
+                    s6,
+                    scale_public_ipv6(n + j),
+                    MacAddr::random_local(&mut rng),
+                )
+            }),
         };
-        let key = Lab::lease_key_for(subnet);
-        let value = peer.value(&ty);
-        let route = format!("{subnet} ");
-        let deleted = format!("Deleted {subnet} ");
-        // As flanneld: grant first, then the write that makes the lease visible.
-        let id = lab.etcd().grant(LEASE_TTL_SECS)?;
-        let mark = mon.mark();
-        let t0 = Instant::now();
-        lab.etcd().put_on_lease(&key, &value, id)?;
-        put.push(t0.elapsed());
-        let t = mon
-            .wait_for_after(mark, opts.timeout, |l| l.starts_with(&route))
-            .ok_or_else(|| LabError::Timeout {
-                what: format!("route for joining lease {subnet}"),
-                after: opts.timeout,
-            })?;
-        join.push(t.saturating_duration_since(t0));
-        let mark = mon.mark();
-        let t0 = Instant::now();
-        lab.etcd().delete(&key)?;
-        let t = mon
-            .wait_for_after(mark, opts.timeout, |l| l.starts_with(&deleted))
-            .ok_or_else(|| LabError::Timeout {
-                what: format!("route of leaving lease {subnet} to go"),
-                after: opts.timeout,
-            })?;
-        leave.push(t.saturating_duration_since(t0));
+        let routes: Vec<IpNet> = std::iter::once(subnet.into())
+            .chain(peer.v6.map(|v| v.0.into()))
+            .collect();
+        let m = join_leave(
+            &lab,
+            &mut mon,
+            &peer.key(),
+            &peer.value(&ty),
+            &routes,
+            opts.timeout,
+        )?;
+        join.push(m.join);
+        leave.push(m.leave);
+        put.push(m.put);
+        after_put.push(m.join.saturating_sub(m.put));
     }
     let rss_after = lab.agent_rss_kib(0)?;
     if let Some(dir) = &opts.log_dir {
@@ -1044,6 +1165,7 @@ fn scale(
     let p = |v: &[Duration], q: u32| ms(percentile(v, q).unwrap_or_default());
     let r = Scale {
         backend: label.to_string(),
+        ipv6: dual,
         leases: n,
         start_to_routes_ms: ms(start_to_routes),
         agent_apply_ms,
@@ -1062,6 +1184,7 @@ fn scale(
         leave_p50_ms: p(&leave, 50),
         leave_p99_ms: p(&leave, 99),
         put_p50_ms: p(&put, 50),
+        join_after_put_p50_ms: p(&after_put, 50),
         rounds: starts
             .iter()
             .zip(&batches)
@@ -1070,10 +1193,58 @@ fn scale(
         agent_apply_rounds_ms: applies,
     };
     say(&format!(
-        "  join p50/p99 {:.1}/{:.1} ms, leave p50/p99 {:.1}/{:.1} ms ({} samples; etcd put itself p50 {:.1} ms)",
-        r.join_p50_ms, r.join_p99_ms, r.leave_p50_ms, r.leave_p99_ms, r.samples, r.put_p50_ms
+        "  join p50/p99 {:.1}/{:.1} ms, leave p50/p99 {:.1}/{:.1} ms ({} samples; etcd put itself p50 {:.1} ms, join after the put returned p50 {:.1} ms)",
+        r.join_p50_ms, r.join_p99_ms, r.leave_p50_ms, r.leave_p99_ms, r.samples, r.put_p50_ms,
+        r.join_after_put_p50_ms
     ));
     Ok(r)
+}
+
+/// One join/leave sample: a lease written → its routes present, deleted → gone.
+struct JoinLeave {
+    join: Duration,
+    leave: Duration,
+    /// The etcd write itself.
+    put: Duration,
+}
+
+/// Writes `key` as flanneld does (grant first, then the write that makes the lease
+/// visible), waits for a route to each of `routes` in `mon` (a route monitor of
+/// the agent's host), deletes it and waits for the routes to go. Join (leave) is
+/// when the last family's route is in (gone).
+fn join_leave(
+    lab: &Lab,
+    mon: &mut flannel_testkit::Monitor,
+    key: &str,
+    value: &str,
+    routes: &[IpNet],
+    timeout: Duration,
+) -> Result<JoinLeave> {
+    let wait = |mon: &mut flannel_testkit::Monitor, mark, prefix: &str, t0: Instant| {
+        let mut last = t0;
+        for r in routes {
+            let line = format!("{prefix}{r} ");
+            let t = mon
+                .wait_for_after(mark, timeout, |l| l.starts_with(&line))
+                .ok_or_else(|| LabError::Timeout {
+                    what: format!("`{line}` for lease {key}"),
+                    after: timeout,
+                })?;
+            last = last.max(t);
+        }
+        Ok::<_, LabError>(last.saturating_duration_since(t0))
+    };
+    let id = lab.etcd().grant(LEASE_TTL_SECS)?;
+    let mark = mon.mark();
+    let t0 = Instant::now();
+    lab.etcd().put_on_lease(key, value, id)?;
+    let put = t0.elapsed();
+    let join = wait(mon, mark, "", t0)?;
+    let mark = mon.mark();
+    let t0 = Instant::now();
+    lab.etcd().delete(key)?;
+    let leave = wait(mon, mark, "Deleted ", t0)?;
+    Ok(JoinLeave { join, leave, put })
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -1114,8 +1285,9 @@ mod tests {
     #[test]
     fn scale_peers_are_distinct_spread_and_clear_of_the_own_subnet() {
         let own: Ipv4Net = "10.1.5.0/24".parse().unwrap();
-        let peers = scale_peers(10_000, own);
+        let peers = scale_peers(10_000, own, None);
         assert_eq!(peers.len(), 10_000);
+        assert!(peers.iter().all(|p| p.v6.is_none()));
         let subnets: std::collections::BTreeSet<_> = peers.iter().map(|p| p.subnet).collect();
         let ips: std::collections::BTreeSet<_> = peers.iter().map(|p| p.public_ip).collect();
         assert_eq!((subnets.len(), ips.len()), (10_000, 10_000));
@@ -1141,6 +1313,7 @@ mod tests {
             subnet: "10.1.0.0/24".parse().unwrap(),
             public_ip: Ipv4Addr::new(198, 18, 1, 0),
             mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            v6: None,
         };
         let mut b = Batches::default();
         assert_eq!(p.batch_lines("vxlan", "flannel.1", &mut b), 3);
@@ -1163,6 +1336,79 @@ mod tests {
             "route replace 10.1.0.0/24 via 198.18.1.0 dev eth0 proto 70\n"
         );
         assert!(b.fdb.is_empty() && b.neigh.is_empty());
+    }
+
+    #[test]
+    fn dual_stack_scale_peers_publish_both_families_as_flanneld_does() {
+        let own: Ipv4Net = "10.1.5.0/24".parse().unwrap();
+        let own6: Ipv6Net = "fd10:0:0:3::/64".parse().unwrap();
+        let peers = scale_peers(10_000, own, Some(own6));
+        let v6: std::collections::BTreeSet<_> = peers.iter().map(|p| p.v6.unwrap().0).collect();
+        let ip6: std::collections::BTreeSet<_> = peers.iter().map(|p| p.v6.unwrap().1).collect();
+        assert_eq!((v6.len(), ip6.len()), (10_000, 10_000));
+        assert!(!v6.contains(&own6));
+        let net6: Ipv6Net = SCALE_IPV6_NETWORK.parse().unwrap();
+        let under6 = Ipv6Net::new(UNDERLAY_V6_PREFIX, 64).unwrap();
+        assert!(v6.iter().all(|s| net6.contains(s) && s.prefix_len() == 64));
+        // On the lab's v6 link, clear of the hosts (::n) and the gateway (::fe).
+        assert!(ip6
+            .iter()
+            .all(|a| under6.contains(a) && a.segments()[6] != 0));
+        let p = &peers[0];
+        assert_eq!(p.key(), "/coreos.com/network/subnets/10.1.0.0-24&fd10::-64");
+        let (s6, a6, mac6) = p.v6.unwrap();
+        assert_eq!(s6, "fd10::/64".parse::<Ipv6Net>().unwrap());
+        let v = LeaseAttrs::decode(&p.value("vxlan")).unwrap();
+        assert_eq!(v.public_ipv6, Some(a6));
+        assert_eq!(
+            VxlanData::decode(v.backend_v6_data.as_ref().unwrap())
+                .unwrap()
+                .vtep_mac,
+            mac6
+        );
+        let v = LeaseAttrs::decode(&p.value("host-gw")).unwrap();
+        assert!(v.backend_v6_data.is_none() && v.public_ipv6 == Some(a6));
+
+        let mut b = Batches::default();
+        assert_eq!(p.batch_lines("host-gw", "eth0", &mut b), 2);
+        assert_eq!(
+            b.routes,
+            format!(
+                "route replace fd10::/64 via {a6} dev eth0 proto 70 metric 1024\n\
+                 route replace 10.1.0.0/24 via 198.18.1.0 dev eth0 proto 70\n"
+            )
+        );
+        let mut b = Batches::default();
+        assert_eq!(p.batch_lines("vxlan", "flannel.1", &mut b), 6);
+        assert!(b.neigh.starts_with(&format!(
+            "neigh replace fd10:: lladdr {mac6} dev flannel-v6.1 nud permanent\n"
+        )));
+        assert!(b.fdb.starts_with(&format!(
+            "fdb replace {mac6} dev flannel-v6.1 dst {a6} self permanent\n"
+        )));
+        assert!(b.routes.starts_with(
+            "route replace fd10::/64 via fd10:: dev flannel-v6.1 onlink proto 70 metric 1024\n"
+        ));
+    }
+
+    #[test]
+    fn proc_ipv6_routes_count_the_lease_64s_only() {
+        // /proc/net/ipv6_route: dest, dest len, src, src len, next hop, metric,
+        // refcnt, use, flags, device (all hex but the device).
+        let line = |dest: &str, len: &str, dev: &str| {
+            format!(
+                "{dest} {len} 00000000000000000000000000000000 00 fd180198001800000000000000000002 00000400 00000001 00000000 00000003 {dev}\n"
+            )
+        };
+        let text = [
+            line("fd100000000000010000000000000000", "40", "eth0"),
+            line("fd100000000000020000000000000000", "40", "eth0"),
+            line("fd100000000000000000000000000000", "30", "eth0"),
+            line("fd180198001800000000000000000000", "40", "eth0"),
+            line("fe800000000000000000000000000000", "40", "eth0"),
+        ]
+        .concat();
+        assert_eq!(count_proc_routes6(&text), 2);
     }
 
     #[test]

@@ -103,8 +103,9 @@ enum Cmd {
         /// Copy the agent log of each scale run into this directory.
         #[arg(long)]
         logs: Option<PathBuf>,
-        /// Throughput and startup in a dual-stack lab: each figure for IPv4 and
-        /// IPv6 (the v6 pod path against the v6 underlay, same run).
+        /// Dual stack: throughput and startup for IPv4 and IPv6 (the v6 pod path
+        /// against the v6 underlay, same run); scale leases with IPv6 parts too (all
+        /// routes = both families', ip -batch writes both).
         #[arg(long)]
         ipv6: bool,
     },
@@ -755,7 +756,11 @@ fn run_bench(opts: &BenchOptions, json_out: Option<PathBuf>) -> Result<()> {
                 |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
             println!(
                 "  {:<14} {:>6} {:>9.0} {:>9} {:>9.0} {:>6.2} {:>6} {:>8} {:>8} {:>7.0} {:>15} {:>15} {:>6.1}",
-                s.backend,
+                if s.ipv6 {
+                    format!("{} v4+v6", s.backend)
+                } else {
+                    s.backend.clone()
+                },
                 s.leases,
                 s.start_to_routes_ms,
                 opt(s.agent_apply_ms, 0),
