@@ -15,7 +15,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::de::{self, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
@@ -50,7 +50,7 @@ pub struct NodeLite {
     pub spec: Option<LiteSpec>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Deserialize)]
 pub struct LiteSpec {
     #[serde(default, rename = "podCIDR")]
     pub pod_cidr: Option<String>,
@@ -166,6 +166,47 @@ impl kube::Resource for NodeLite {
     }
 }
 
+/// The part of a Pod flanneld reads: which node its own pod runs on
+/// (`--kube-subnet-mgr` without `NODE_NAME`). A Pod's typed decoder is large, and
+/// this is the one field of one request.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct PodLite {
+    #[serde(default, deserialize_with = "lite_meta")]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: Option<PodSpecLite>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct PodSpecLite {
+    #[serde(default, rename = "nodeName")]
+    pub node_name: Option<String>,
+}
+
+impl kube::Resource for PodLite {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        <Pod as k8s_openapi::Resource>::KIND.into()
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        <Pod as k8s_openapi::Resource>::GROUP.into()
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        <Pod as k8s_openapi::Resource>::VERSION.into()
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        <Pod as k8s_openapi::Resource>::URL_PATH_SEGMENT.into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
 /// What the node conversions read of a node, from either type.
 pub trait NodeFields {
     fn annotation(&self, key: &str) -> Option<&str>;
@@ -225,6 +266,27 @@ mod tests {
         "spec": {"podCIDR": "10.244.2.0/24", "podCIDRs": ["10.244.2.0/24"], "providerID": "x"},
         "status": {"images": [{"names": ["a"], "sizeBytes": 1}], "conditions": []}
     }"#;
+
+    #[test]
+    fn pod_lite_reads_the_node_name_and_skips_the_rest() {
+        let text = r#"{"apiVersion":"v1","kind":"Pod",
+            "metadata":{"name":"kube-flannel-ds-x","namespace":"kube-flannel","uid":"u",
+                        "resourceVersion":"9","labels":{"app":"flannel"},
+                        "ownerReferences":[{"kind":"DaemonSet","name":"kube-flannel-ds"}]},
+            "spec":{"containers":[{"name":"kube-flannel","image":"x","args":["--ip-masq"],
+                     "resources":{"requests":{"cpu":"100m"}}}],
+                    "nodeName":"node-7","hostNetwork":true,"tolerations":[{"operator":"Exists"}]},
+            "status":{"phase":"Running","podIP":"198.18.0.7"}}"#;
+        let p: PodLite = serde_json::from_str(text).unwrap();
+        assert_eq!(p.spec.unwrap().node_name.as_deref(), Some("node-7"));
+        assert_eq!(p.metadata.name.as_deref(), Some("kube-flannel-ds-x"));
+        let unscheduled: PodLite = serde_json::from_str(r#"{"metadata":{},"spec":{}}"#).unwrap();
+        assert_eq!(unscheduled.spec.unwrap().node_name, None);
+        assert_eq!(
+            <PodLite as kube::Resource>::url_path(&(), Some("kube-flannel")),
+            "/api/v1/namespaces/kube-flannel/pods"
+        );
+    }
 
     #[test]
     fn keeps_what_flannel_reads_only() {

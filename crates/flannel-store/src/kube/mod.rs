@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use flannel_core::{ConfigError, Lease, LeaseKey, LeaseUpdate, MacAddr, NetworkConfig};
 use ipnet::Ipv4Net;
-use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, Patch, PatchParams};
 use kube::Client;
 use tokio::sync::{mpsc, watch as tokio_watch};
@@ -277,9 +276,10 @@ pub(crate) enum OwnNode {
 
 /// The Kubernetes lease store.
 pub struct KubeStore {
-    nodes: Api<Node>,
-    /// The same nodes, decoded only as far as the lease watch reads them.
-    node_list: Api<lite::NodeLite>,
+    /// Nodes decoded only as far as flannel reads them (the own node's reads and
+    /// patches too: the typed Node's decoder would be most of the binary's serde
+    /// code, resident in every agent, for fields nobody reads).
+    nodes: Api<lite::NodeLite>,
     node_name: String,
     ann: Annotations,
     config: NetworkConfig,
@@ -378,7 +378,6 @@ impl KubeStore {
             "Kubernetes subnet manager for node {node_name}"
         );
         Ok(KubeStore {
-            node_list: Api::all(client.clone()),
             nodes: Api::all(client),
             node_name,
             ann,
@@ -393,7 +392,7 @@ impl KubeStore {
         let (Some(ns), Some(name)) = (&o.pod_namespace, &o.pod_name) else {
             return Err(KubeError::NoNodeName);
         };
-        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+        let pods: Api<lite::PodLite> = Api::namespaced(client.clone(), ns);
         let what = format!("reading pod {ns}/{name} to find the node name");
         let pod = pods
             .get(name)
@@ -422,7 +421,7 @@ impl KubeStore {
     }
 
     /// Reads the own node, retrying transient failures for `request_timeout`.
-    async fn own_node(&self, what: &str) -> Result<Node, KubeError> {
+    async fn own_node(&self, what: &str) -> Result<lite::NodeLite, KubeError> {
         let deadline = Instant::now() + self.opts.request_timeout;
         loop {
             match self.nodes.get(&self.node_name).await {

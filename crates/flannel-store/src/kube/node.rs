@@ -6,7 +6,6 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use flannel_core::{Lease, LeaseAttrs, LeaseKey, MacAddr, VxlanData};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use k8s_openapi::api::core::v1::Node;
 use serde_json::value::RawValue;
 
 use super::annotations::Annotations;
@@ -126,8 +125,8 @@ fn raw_text(r: &Option<Box<RawValue>>) -> String {
 
 /// The annotations to change so the node publishes `attrs`, exactly as upstream's
 /// AcquireLease decides them; empty when the node already says all of it.
-pub fn annotation_changes(
-    node: &Node,
+pub fn annotation_changes<N: NodeFields>(
+    node: &N,
     attrs: &LeaseAttrs,
     ann: &Annotations,
 ) -> BTreeMap<String, String> {
@@ -206,7 +205,7 @@ pub struct NodeStartupInfo {
     pub public_ipv6: Option<Ipv6Addr>,
 }
 
-pub fn startup_info(node: &Node, ann: &Annotations) -> NodeStartupInfo {
+pub fn startup_info<N: NodeFields>(node: &N, ann: &Annotations) -> NodeStartupInfo {
     let mac = |key: &str| {
         let text = annotation(node, key)?;
         let raw = RawValue::from_string(text.to_string()).ok()?;
@@ -245,7 +244,7 @@ pub fn startup_info(node: &Node, ann: &Annotations) -> NodeStartupInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::NodeSpec;
+    use k8s_openapi::api::core::v1::{Node, NodeSpec};
 
     fn node(cidrs: &[&str], annotations: &[(&str, &str)]) -> Node {
         let mut n = Node::default();
