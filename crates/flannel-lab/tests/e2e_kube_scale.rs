@@ -91,7 +91,7 @@ fn status_churn_of_5000_nodes_is_free_and_joins_are_routed() {
     );
 
     // 3. A node joining among them is routed, and unrouted when it leaves.
-    let (join, leave) = ks
+    let (join, leave, _) = ks
         .join_leave(
             &mut mon,
             "joiner-000",
