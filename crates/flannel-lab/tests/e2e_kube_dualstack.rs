@@ -307,3 +307,46 @@ fn kube_host_gw_ipv6_only_end_to_end() {
         .all_replied());
     lab.check_agents().unwrap();
 }
+
+/// etcd mode cannot hold IPv6-only leases (upstream writes a bogus `0.0.0.0-0&…`
+/// key): flanneld refuses at start, saying that IPv6-only needs the Kubernetes
+/// subnet manager, and writes no lease.
+#[test]
+fn etcd_ipv6_only_is_refused_with_a_clear_error() {
+    if !ready("etcd IPv6-only refusal", Needs::Agents) {
+        return;
+    }
+    let mut lab = Lab::builder()
+        .hosts(1)
+        .ipv6(true)
+        .config_json(V6_ONLY_NET_CONF)
+        .start_agents(false)
+        .timeout(DEADLINE)
+        .build()
+        .expect("lab");
+    lab.spawn_agent(0).expect("flanneld");
+    let mut status = None;
+    poll_until(
+        "flanneld to refuse the IPv6-only etcd config",
+        DEADLINE,
+        Duration::from_millis(50),
+        || {
+            status = lab.agent_exit_status(0);
+            Ok(status.is_some())
+        },
+    )
+    .unwrap();
+    let st = status.unwrap();
+    assert_eq!(st.code(), Some(1), "exit status {st}");
+    let log = lab.agent_log(0).unwrap();
+    assert!(
+        log.contains("IPv6-only") && log.contains("--kube-subnet-mgr"),
+        "{log}"
+    );
+    let leases = lab
+        .etcd()
+        .get_prefix(&format!("{}/subnets/", flannel_lab::lab::ETCD_PREFIX))
+        .unwrap();
+    assert!(leases.is_empty(), "{leases:?}");
+    assert!(!lab.hosts()[0].subnet_file().exists());
+}
