@@ -213,16 +213,15 @@ fn kube_host_gw_ipv6_only_end_to_end() {
     let Some((mut lab, fake)) = kube_lab("kube IPv6-only", V6_ONLY_NET_CONF) else {
         return;
     };
-    for h in 0..3 {
-        fake.create_node(&node_name(h), &[V6_CIDRS[h]])
-            .expect("create node");
+    for (h, c) in V6_CIDRS.iter().enumerate() {
+        fake.create_node(&node_name(h), &[c]).expect("create node");
     }
     for h in 0..3 {
         lab.spawn_agent(h).expect("flanneld");
     }
-    for h in 0..3 {
+    for (h, c) in V6_CIDRS.iter().enumerate() {
         let text = wait_v6_only_subnet_file(&mut lab, h);
-        let gw6 = V6_CIDRS[h].replace("::/64", "::1/64");
+        let gw6 = c.replace("::/64", "::1/64");
         assert_eq!(
             text,
             format!(
