@@ -124,9 +124,24 @@ impl KubeFake {
     /// Creates Node `name` with `spec.podCIDRs` = `pod_cidrs` and `spec.podCIDR` its
     /// first entry, as kube-controller-manager writes them.
     pub fn create_node(&self, name: &str, pod_cidrs: &[&str]) -> Result<()> {
+        self.create_node_annotated(name, pod_cidrs, &[])
+    }
+
+    /// [`create_node`](Self::create_node) with flannel annotations already set (names
+    /// without the prefix), e.g. an operator's `public-ipv6-overwrite`.
+    pub fn create_node_annotated(
+        &self,
+        name: &str,
+        pod_cidrs: &[&str],
+        annotations: &[(&str, &str)],
+    ) -> Result<()> {
+        let annotations: serde_json::Map<String, Value> = annotations
+            .iter()
+            .map(|(k, v)| (format!("{PREFIX}{k}"), Value::String(v.to_string())))
+            .collect();
         let node = json!({
             "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name},
+            "metadata": {"name": name, "annotations": annotations},
             "spec": {"podCIDR": pod_cidrs.first(), "podCIDRs": pod_cidrs},
         });
         self.ok("POST", "/api/v1/nodes", &node.to_string())?;

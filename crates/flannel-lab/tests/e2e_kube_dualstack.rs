@@ -3,8 +3,9 @@
 //! host-gw as the backend.
 //!
 //! 1. Dual stack: nodes with an IPv4 and an IPv6 `podCIDRs` entry. subnet.env and
-//!    the node annotations are exactly what upstream writes, pods get an address of
-//!    each family, every pair pings over both, and a deleted node's routes go.
+//!    the node annotations are exactly what upstream writes (`public-ipv6-overwrite`
+//!    replacing the published v6 address), pods get an address of each family, every
+//!    pair pings over both, and a deleted node's routes go.
 //! 2. IPv6-only (`EnableIPv4:false`, which upstream allows in Kubernetes mode):
 //!    nodes with only an IPv6 pod CIDR, no IPv4 route or pod address anywhere,
 //!    IPv6 between all pods, a deleted node's route goes.
@@ -20,6 +21,8 @@ use ipnet::Ipv6Net;
 
 const DEADLINE: Duration = Duration::from_secs(90);
 
+/// A second underlay address of host 3, published through `public-ipv6-overwrite`.
+const OVERWRITE6: &str = "fd18:198:18::33";
 const DUAL_NET_CONF: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd10:244::/56","Backend":{"Type":"host-gw"}}"#;
 const V6_ONLY_NET_CONF: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd10:244::/56","Backend":{"Type":"host-gw"}}"#;
 /// Per host its pod CIDRs as kube-controller-manager gives them with
@@ -91,8 +94,26 @@ fn kube_host_gw_dual_stack_end_to_end() {
     let Some((mut lab, fake)) = kube_lab("kube dual stack", DUAL_NET_CONF) else {
         return;
     };
+    // node-3's operator publishes a second v6 address of its host instead of the
+    // detected one (`public-ipv6-overwrite`): peers must route to that one.
+    let host3 = lab.hosts()[2].ns.clone();
+    let link3 = lab.hosts()[2].link.clone();
+    lab.ip_in(
+        &host3,
+        &[
+            "addr",
+            "add",
+            &format!("{OVERWRITE6}/64"),
+            "dev",
+            &link3,
+            "nodad",
+        ],
+    )
+    .unwrap();
     for h in 0..3 {
-        fake.create_node(&node_name(h), &[V4_CIDRS[h], V6_CIDRS[h]])
+        let overwrite = [("public-ipv6-overwrite", OVERWRITE6)];
+        let ann: &[(&str, &str)] = if h == 2 { &overwrite } else { &[] };
+        fake.create_node_annotated(&node_name(h), &[V4_CIDRS[h], V6_CIDRS[h]], ann)
             .expect("create node");
     }
     for h in 0..3 {
@@ -116,7 +137,7 @@ fn kube_host_gw_dual_stack_end_to_end() {
         let host = &lab.hosts()[h];
         // host-gw has no backend data: Go marshals the empty RawMessage as `null`
         // and writes it for both families.
-        let want = want_annotations(&[
+        let mut want = want_annotations(&[
             ("backend-type", "host-gw".into()),
             ("backend-data", "null".into()),
             ("public-ip", host.ip.to_string()),
@@ -124,6 +145,10 @@ fn kube_host_gw_dual_stack_end_to_end() {
             ("public-ipv6", host.ip6.unwrap().to_string()),
             ("kube-subnet-manager", "true".into()),
         ]);
+        if h == 2 {
+            want.insert("public-ipv6".into(), OVERWRITE6.into());
+            want.insert("public-ipv6-overwrite".into(), OVERWRITE6.into());
+        }
         assert_eq!(
             fake.annotations(&node_name(h)).unwrap(),
             want,
@@ -169,6 +194,14 @@ fn kube_host_gw_dual_stack_end_to_end() {
             V4_CIDRS[1],
             lab.hosts()[1].ip
         )
+    );
+    assert_eq!(
+        route(&lab, 0, "-6", V6_CIDRS[2]),
+        format!(
+            "{} via {OVERWRITE6} dev {link} proto 70 metric 1024 pref medium",
+            V6_CIDRS[2]
+        ),
+        "node-3's v6 subnet via its public-ipv6-overwrite"
     );
     println!("3 kube nodes with dual podCIDRs: every pair pings over IPv4 and IPv6");
 
