@@ -3,13 +3,15 @@
 //! directly connected to the external interface; other peers are refused with an error.
 //! Dual stack: also `<v6 subnet> via <peer PublicIPv6> dev <ext>` for each peer that
 //! has both (SPEC §4.2), owned and reconciled exactly like the IPv4 routes.
+//! IPv6-only (`EnableIPv4:false`, Kubernetes mode): the v6 routes alone; the leases'
+//! IPv4 part is the `0.0.0.0/0` placeholder and is never looked at.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use flannel_core::{Lease, LeaseAttrs, LeaseEvent, NetworkConfig};
+use flannel_core::{Lease, LeaseAttrs, LeaseEvent, LeaseKey, NetworkConfig};
 use flannel_net::netlink::{Netlink, Route, RTN_UNICAST};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde_json::value::RawValue;
@@ -25,24 +27,28 @@ const RESYNC: Duration = Duration::from_secs(10);
 /// set explicitly so our routes compare equal to what a dump returns.
 const V6_METRIC: u32 = 1024;
 
-/// The routes planned for a set of peers, by the peer's IPv4 subnet (the lease's
-/// identity, so an event's key names both families' entries).
+/// The routes planned for a set of peers, by lease key (the lease's identity, so an
+/// event's key names both families' entries; the IPv4 subnet alone is not unique in
+/// an IPv6-only network, where every lease has the `0.0.0.0/0` placeholder).
 #[derive(Debug, Default, Clone)]
 struct Planned {
-    v4: BTreeMap<Ipv4Net, Ipv4Addr>,
-    v6: BTreeMap<Ipv4Net, (Ipv6Net, Ipv6Addr)>,
+    v4: BTreeMap<LeaseKey, (Ipv4Net, Ipv4Addr)>,
+    v6: BTreeMap<LeaseKey, (Ipv6Net, Ipv6Addr)>,
 }
 
 pub struct HostGwBackend {
     ext: ExternalInterface,
     nl: Netlink,
+    /// Set by `start`.
+    started: bool,
+    /// `Network` when IPv4 is enabled (None: IPv6-only).
     network: Option<Ipv4Net>,
     own: Option<Ipv4Net>,
     /// `IPv6Network` when IPv6 is enabled (dual stack).
     network6: Option<Ipv6Net>,
     own6: Option<Ipv6Net>,
     peers: PeerSet,
-    /// Per peer (by IPv4 subnet) the routes as programmed.
+    /// Per peer the routes as programmed.
     programmed: Planned,
     warnings: Warnings,
     /// IPv6 problems of a peer whose IPv4 route is fine, kept apart so that the
@@ -59,6 +65,7 @@ impl HostGwBackend {
         Ok(HostGwBackend {
             ext,
             nl,
+            started: false,
             network: None,
             own: None,
             network6: None,
@@ -103,10 +110,8 @@ impl HostGwBackend {
         leases: &[Lease],
         refresh: impl Fn(&Result<Route, String>) -> bool,
     ) -> Planned {
-        let usable: Vec<&Lease> = leases
-            .iter()
-            .filter(|l| peers::usable(l, TYPE, self.own, &mut self.warnings))
-            .collect();
+        let ipv4 = self.network.is_some();
+        let usable: Vec<&Lease> = leases.iter().filter(|l| self.usable(l)).collect();
         let v6: Vec<(&Lease, Ipv6Net, Ipv6Addr)> = usable
             .iter()
             .filter_map(|l| self.v6_part(l).map(|(n, gw)| (*l, n, gw)))
@@ -116,18 +121,19 @@ impl HostGwBackend {
                 &self.nl,
                 usable
                     .iter()
+                    .filter(|_| ipv4)
                     .map(|l| IpAddr::V4(l.attrs.public_ip))
                     .chain(v6.iter().map(|(_, _, gw)| IpAddr::V6(*gw))),
                 refresh,
             )
             .await;
         let mut out = Planned::default();
-        for l in usable {
+        for l in usable.into_iter().filter(|_| ipv4) {
             let ip = l.attrs.public_ip;
             match self.lookup_verdict(IpAddr::V4(ip)) {
                 Ok(()) => {
                     self.warnings.clear(&l.key);
-                    out.v4.insert(l.subnet().trunc(), ip);
+                    out.v4.insert(l.key, (l.subnet().trunc(), ip));
                 }
                 // An error, not a warning: this peer's pods are unreachable.
                 Err(why) => self.warnings.error(
@@ -140,7 +146,7 @@ impl HostGwBackend {
             match self.lookup_verdict(IpAddr::V6(gw)) {
                 Ok(()) => {
                     self.warnings6.clear(&l.key);
-                    out.v6.insert(l.subnet().trunc(), (net6, gw));
+                    out.v6.insert(l.key, (net6, gw));
                 }
                 Err(why) => self.warnings6.error(
                     l.key,
@@ -149,6 +155,16 @@ impl HostGwBackend {
             }
         }
         out
+    }
+
+    /// Whether `l` is a peer of ours at all: of our type and not our own lease
+    /// (IPv6-only: told by the v6 subnet; there is no IPv4 public IP to require).
+    fn usable(&mut self, l: &Lease) -> bool {
+        if self.network.is_some() {
+            return peers::usable(l, TYPE, self.own, &mut self.warnings);
+        }
+        peers::type_matches(l, TYPE, &mut self.warnings)
+            && (self.own6.is_none() || self.own6 != l.ipv6_subnet().map(|n| n.trunc()))
     }
 
     fn lookup_verdict(&self, ip: IpAddr) -> Result<(), String> {
@@ -174,11 +190,12 @@ impl HostGwBackend {
             return None;
         };
         let Some(net6) = l.ipv6_subnet().map(|n| n.trunc()) else {
-            self.warnings6.warn(
-                l.key,
+            let msg = if self.network.is_some() {
                 "it has no IPv6 subnet in a dual-stack network: only its IPv4 subnet is routed"
-                    .into(),
-            );
+            } else {
+                "it has no IPv6 subnet in an IPv6-only network: not routed"
+            };
+            self.warnings6.warn(l.key, msg.into());
             return None;
         };
         if self.own6 == Some(net6) {
@@ -192,11 +209,14 @@ impl HostGwBackend {
             return None;
         }
         let Some(gw) = l.attrs.public_ipv6 else {
+            let v4 = if self.network.is_some() {
+                " (IPv4 still is)"
+            } else {
+                ""
+            };
             self.warnings6.warn(
                 l.key,
-                format!(
-                    "it has no PublicIPv6: its IPv6 subnet {net6} is not routed (IPv4 still is)"
-                ),
+                format!("it has no PublicIPv6: its IPv6 subnet {net6} is not routed{v4}"),
             );
             return None;
         };
@@ -223,7 +243,7 @@ impl HostGwBackend {
 
     fn desired(&self, peers: &Planned) -> Desired {
         let mut d = Desired::default();
-        for (subnet, gw) in &peers.v4 {
+        for (subnet, gw) in peers.v4.values() {
             let dst = IpNet::V4(*subnet);
             d.routes.insert(
                 dst,
@@ -243,7 +263,9 @@ impl HostGwBackend {
         &mut self,
         refresh: impl Fn(&Result<Route, String>) -> bool,
     ) -> Result<(), BackendError> {
-        let network = self.network.ok_or_else(not_started)?;
+        if !self.started {
+            return Err(not_started());
+        }
         let t = std::time::Instant::now();
         let leases = self.peers.all();
         let peers = self.plan_peers(&leases, refresh).await;
@@ -253,11 +275,14 @@ impl HostGwBackend {
         self.warnings6
             .retain(|k| leases.iter().any(|l| l.key == *k));
         let desired = self.desired(&peers);
-        let mut owners = vec![Ownership {
-            network: IpNet::V4(network),
-            own: self.own.map(IpNet::V4),
-            devices: vec![self.ext.index],
-        }];
+        let mut owners = Vec::new();
+        if let Some(network) = self.network {
+            owners.push(Ownership {
+                network: IpNet::V4(network),
+                own: self.own.map(IpNet::V4),
+                devices: vec![self.ext.index],
+            });
+        }
         if let Some(network6) = self.network6 {
             owners.push(Ownership {
                 network: IpNet::V6(network6),
@@ -311,11 +336,6 @@ fn not_started() -> BackendError {
 #[async_trait]
 impl Backend for HostGwBackend {
     async fn register(&mut self, config: &NetworkConfig) -> Result<LeaseAttrs, BackendError> {
-        if !config.enable_ipv4 {
-            return Err(BackendError::Config(
-                "host-gw: IPv6-only networks are not supported by this flannel-rs build (EnableIPv4 must stay true)".into(),
-            ));
-        }
         if config.enable_ipv6 {
             let addr6 = self.ext.addr6.ok_or_else(|| {
                 BackendError::Config(format!(
@@ -331,6 +351,12 @@ impl Backend for HostGwBackend {
                     self.ext.name
                 )));
             }
+        }
+        if !config.enable_ipv4 {
+            // IPv6-only: nothing IPv4 is published (the agent fills in 0.0.0.0).
+            let mut attrs = LeaseAttrs::new(Ipv4Addr::UNSPECIFIED);
+            attrs.backend_type = TYPE.to_string();
+            return Ok(attrs);
         }
         let addr = self.ext.addr.ok_or_else(|| {
             BackendError::Config(format!(
@@ -353,8 +379,11 @@ impl Backend for HostGwBackend {
     }
 
     async fn start(&mut self, config: &NetworkConfig, own: &Lease) -> Result<(), BackendError> {
-        self.network = config.network;
-        self.own = Some(own.subnet().trunc());
+        self.started = true;
+        if config.enable_ipv4 {
+            self.network = config.network;
+            self.own = Some(own.subnet().trunc());
+        }
         if config.enable_ipv6 {
             self.network6 = config.ipv6_network;
             self.own6 = own.ipv6_subnet().map(|n| n.trunc());
@@ -373,10 +402,15 @@ impl Backend for HostGwBackend {
     }
 
     async fn apply(&mut self, events: &[LeaseEvent]) -> Result<(), BackendError> {
-        self.network.ok_or_else(not_started)?;
+        if !self.started {
+            return Err(not_started());
+        }
         let batch = self.peers.apply_batch(events, &mut self.warnings, |l| {
             tracing::info!("host-gw: subnet {} removed", l.key);
         });
+        let mut touched: Vec<LeaseKey> = events.iter().map(|e| e.key()).collect();
+        touched.sort();
+        touched.dedup();
         for e in events {
             if let LeaseEvent::Removed(l) = e {
                 self.warnings6.clear(&l.key);
@@ -384,8 +418,8 @@ impl Backend for HostGwBackend {
         }
         let new_peers = self.plan_peers(&batch.current, |_| false).await;
         let old = Planned {
-            v4: peers::swap_touched(&mut self.programmed.v4, &batch.touched, &new_peers.v4),
-            v6: peers::swap_touched(&mut self.programmed.v6, &batch.touched, &new_peers.v6),
+            v4: peers::swap_touched(&mut self.programmed.v4, &touched, &new_peers.v4),
+            v6: peers::swap_touched(&mut self.programmed.v6, &touched, &new_peers.v6),
         };
         let desired = self.desired(&new_peers);
         let plan = dataplane::diff(&desired, &self.desired(&old).as_state());

@@ -429,3 +429,76 @@ async fn ipv6_is_refused_by_the_other_backends() {
     let e = be.register(&cfg).await.unwrap_err().to_string();
     assert!(e.contains("no IPv6 address"), "{e}");
 }
+
+const V6_ONLY: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd10:244::/56","IPv6SubnetLen":64,"Backend":{"Type":"host-gw"}}"#;
+
+/// An IPv6-only lease as the Kubernetes store builds it: the `0.0.0.0/0` IPv4
+/// placeholder and the v6 pod CIDR.
+fn v6_only_lease(attrs: &LeaseAttrs, v6: &str) -> flannel_core::Lease {
+    flannel_core::Lease {
+        key: format!("0.0.0.0-0&{v6}-64").parse().unwrap(),
+        attrs: attrs.clone().into(),
+        expiration: None,
+    }
+}
+
+#[tokio::test]
+async fn host_gw_ipv6_only_routes_v6_alone() {
+    if !privileged("host_gw_ipv6_only_routes_v6_alone") {
+        return;
+    }
+    let cfg = flannel_core::NetworkConfig::parse(V6_ONLY).unwrap();
+    let (mut a, mut b) = two_hosts(1, 2).await;
+    dual_stack(&mut a, 1);
+    dual_stack(&mut b, 2);
+    // As the interface selection leaves it for IPv6-only: no IPv4 part.
+    a.ext.addr = None;
+    a.ext.public_ip = None;
+    let raw = RawValue::from_string(CFG.to_string()).unwrap();
+    let mut ba = HostGwBackend::new(&raw, a.ext.clone(), a.nl.clone()).unwrap();
+    let mut attrs = ba.register(&cfg).await.unwrap();
+    attrs.public_ipv6 = a.ext.public_ipv6;
+    assert_eq!(
+        attrs.encode(),
+        r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd18::1","BackendType":"host-gw"}"#
+    );
+    assert!(
+        ba.reconcile(&[]).await.is_err(),
+        "a reconcile before start is an error"
+    );
+    let own = v6_only_lease(&attrs, "fd10:244:0:1::");
+    ba.start(&cfg, &own).await.unwrap();
+    // Two peers share the IPv4 placeholder; both are routed, our own lease is not.
+    let mut peer_attrs = attrs.clone();
+    peer_attrs.public_ipv6 = b.ext.public_ipv6;
+    let p2 = v6_only_lease(&peer_attrs, "fd10:244:0:2::");
+    let p3 = v6_only_lease(&peer_attrs, "fd10:244:0:3::");
+    ba.reconcile(&[own.clone(), p2.clone(), p3.clone()])
+        .await
+        .unwrap();
+    let r6 = a.sh(&["ip", "-6", "route", "show", "proto", "70"]);
+    assert_eq!(
+        r6.lines().collect::<Vec<_>>(),
+        vec![
+            "fd10:244:0:2::/64 via fd18::2 dev ua metric 1024 pref medium",
+            "fd10:244:0:3::/64 via fd18::2 dev ua metric 1024 pref medium",
+        ],
+        "{r6}"
+    );
+    let r4 = a.sh(&["ip", "-4", "route", "show", "proto", "70"]);
+    assert!(
+        r4.trim().is_empty(),
+        "IPv4 routes in an IPv6-only network: {r4}"
+    );
+    // Resync over a matching kernel writes nothing.
+    let w = ba.peer_writes();
+    ba.resync().await.unwrap();
+    assert_eq!(ba.peer_writes(), w);
+    // One peer leaves: only its route goes.
+    ba.apply(&[LeaseEvent::Removed(p2)]).await.unwrap();
+    let r6 = a.sh(&["ip", "-6", "route", "show", "proto", "70"]);
+    assert_eq!(
+        r6.trim(),
+        "fd10:244:0:3::/64 via fd18::2 dev ua metric 1024 pref medium"
+    );
+}

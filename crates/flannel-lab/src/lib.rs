@@ -23,6 +23,7 @@ pub mod e2e;
 pub mod error;
 pub mod etcd;
 pub mod http;
+pub mod kube_fake;
 pub mod lab;
 pub mod leases;
 pub mod measure;

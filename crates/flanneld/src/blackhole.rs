@@ -57,13 +57,23 @@ async fn ensure(nl: &Netlink, wanted: &[Route]) -> Result<usize, flannel_net::Ne
             )
             .await?;
         for r in mine {
-            if !present.iter().any(|p| p.same_path(r)) {
+            if !present.iter().any(|p| is_same_blackhole(p, r)) {
                 nl.route_replace(r).await?;
                 added += 1;
             }
         }
     }
     Ok(added)
+}
+
+/// Whether `present` (from a dump) is the blackhole route `wanted`. The device is
+/// not compared: the kernel reports an IPv6 blackhole on `lo` though none was
+/// given, and comparing it made every resync re-add the route.
+fn is_same_blackhole(present: &Route, wanted: &Route) -> bool {
+    present.kind == wanted.kind
+        && present.dst == wanted.dst
+        && present.table == wanted.table
+        && present.priority.unwrap_or(0) == wanted.priority.unwrap_or(0)
 }
 
 /// Keeps the routes in place until dropped.

@@ -43,6 +43,13 @@ impl Lab {
         Ok(v)
     }
 
+    /// Appends `arg` to every host's flanneld command line from the next start on
+    /// (as [`LabBuilder::agent_arg`] does before the lab exists, e.g. for a path in
+    /// the run dir).
+    pub fn add_agent_arg(&mut self, arg: &str) {
+        self.agent_args.push(arg.to_string());
+    }
+
     /// The public key of host `h`'s wireguard key file, as `wg pubkey`
     /// (wireguard-tools) derives it: an independent check of what the agent publishes.
     pub fn wireguard_public_key(&self, h: usize) -> Result<String> {

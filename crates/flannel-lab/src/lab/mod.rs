@@ -255,7 +255,8 @@ pub struct Pod {
     pub ns: String,
     /// Index of its host in [`Lab::hosts`].
     pub host: usize,
-    /// The address the CNI plugin gave it.
+    /// The address the CNI plugin gave it (`0.0.0.0` for a pod of an IPv6-only
+    /// network, [`Lab::add_pod_ipv6_only`]).
     pub ip: Ipv4Addr,
     /// Its IPv6 address, if the CNI plugin gave it one (dual stack).
     pub ip6: Option<Ipv6Addr>,

@@ -58,18 +58,37 @@ impl Lab {
 
     /// Creates a pod on host `h` through the CNI plugin; returns its id.
     pub fn add_pod(&mut self, h: usize) -> Result<PodId> {
+        self.add_pod_family(h, false)
+    }
+
+    /// Creates a pod of an IPv6-only network on host `h`: the CNI result must hold an
+    /// IPv6 address and no IPv4 one; the pod's [`Pod::ip`] is `0.0.0.0`.
+    pub fn add_pod_ipv6_only(&mut self, h: usize) -> Result<PodId> {
+        self.add_pod_family(h, true)
+    }
+
+    fn add_pod_family(&mut self, h: usize, ipv6_only: bool) -> Result<PodId> {
         let host = self.host_mut(h)?;
         let ns = format!("{}p{}", host.ns, host.next_pod);
         host.next_pod += 1;
         self.add_namespace(&ns)?;
         let result = self.cni(h, &ns, "ADD").and_then(|out| {
-            let ip4 = parse_cni_ipv4(&out).ok_or_else(|| LabError::Cni {
+            let bad = |msg: &str| LabError::Cni {
                 command: "ADD".into(),
                 pod: ns.clone(),
                 host: self.hosts[h].ns.clone(),
-                msg: format!("no IPv4 address in result {}", out.trim()),
-            })?;
-            Ok((ip4, parse_cni_ipv6(&out)))
+                msg: format!("{msg} in result {}", out.trim()),
+            };
+            let ip6 = parse_cni_ipv6(&out);
+            if ipv6_only {
+                if parse_cni_ipv4(&out).is_some() {
+                    return Err(bad("an IPv4 address in an IPv6-only network"));
+                }
+                let ip6 = ip6.ok_or_else(|| bad("no IPv6 address"))?;
+                return Ok((Ipv4Addr::UNSPECIFIED, Some(ip6)));
+            }
+            let ip4 = parse_cni_ipv4(&out).ok_or_else(|| bad("no IPv4 address"))?;
+            Ok((ip4, ip6))
         });
         let (ip4, ip6) = match result {
             Ok(a) => a,

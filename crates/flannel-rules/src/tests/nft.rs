@@ -210,3 +210,77 @@ fn nft_cleanup_removes_our_tables_only() {
     // Cleaning up with nothing there is fine.
     e.cleanup().unwrap();
 }
+
+/// Go flanneld's nftables tables for the same dual-stack set (its comment, its
+/// exact-match mark rule and its rule 4 `saddr != S daddr C return`, SPEC §9).
+const GO_NFT_DUAL: &str = "
+table ip flannel-ipv4 {
+	comment \"rules for ipv4\"
+	chain forward {
+		type filter hook forward priority filter; policy accept;
+		ip saddr 10.244.0.0/16 accept
+		ip daddr 10.244.0.0/16 accept
+	}
+	chain postrtg {
+		type nat hook postrouting priority srcnat; policy accept;
+		meta mark 0x4000 return
+		ip saddr 10.244.1.0/24 ip daddr 10.244.0.0/16 return
+		ip saddr 10.244.0.0/16 ip daddr 10.244.1.0/24 return
+		ip saddr != 10.244.1.0/24 ip daddr 10.244.0.0/16 return
+		ip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random
+		ip saddr != 10.244.0.0/16 ip daddr 10.244.0.0/16 masquerade fully-random
+	}
+}
+table ip6 flannel-ipv6 {
+	comment \"rules for ipv6\"
+	chain forward {
+		type filter hook forward priority filter; policy accept;
+		ip6 saddr 2001:cafe:42::/56 accept
+		ip6 daddr 2001:cafe:42::/56 accept
+	}
+	chain postrtg {
+		type nat hook postrouting priority srcnat; policy accept;
+		meta mark 0x4000 return
+		ip6 saddr 2001:cafe:42:1::/64 ip6 daddr 2001:cafe:42::/56 return
+		ip6 saddr 2001:cafe:42::/56 ip6 daddr 2001:cafe:42:1::/64 return
+		ip6 saddr != 2001:cafe:42:1::/64 ip6 daddr 2001:cafe:42::/56 return
+		ip6 saddr 2001:cafe:42::/56 ip6 daddr != ff00::/8 masquerade fully-random
+		ip6 saddr != 2001:cafe:42::/56 ip6 daddr 2001:cafe:42::/56 masquerade fully-random
+	}
+}
+";
+
+#[test]
+fn nft_takes_over_go_flanneld_tables_in_both_families() {
+    if !require(&["ip", "nft"]) {
+        return;
+    }
+    let ns = Ns::new("nft-go");
+    ns.run(&["nft", "-f", "-"], Some(GO_NFT_DUAL));
+    let go6 = nft_table(&ns, "ip6", "flannel-ipv6");
+    assert!(
+        go6.contains("ip6 saddr != 2001:cafe:42:1::/64 ip6 daddr 2001:cafe:42::/56 return"),
+        "{go6}"
+    );
+    let mut e = NftEngine::new(ns.opts()).unwrap();
+    let rs = rules_dual();
+    assert!(!e.check(&rs).unwrap(), "Go's rule set is not ours");
+    e.apply(&rs).unwrap();
+    e.apply(&rs).unwrap();
+    let without_comment = |t: String| -> Vec<String> {
+        lines(&t)
+            .into_iter()
+            .filter(|l| !l.starts_with("comment "))
+            .collect()
+    };
+    // Our rules replace Go's in place, the v6 chain exactly like the v4 one.
+    assert_eq!(
+        without_comment(nft_table(&ns, "ip", "flannel-ipv4")),
+        lines(NFT_V4)
+    );
+    assert_eq!(
+        without_comment(nft_table(&ns, "ip6", "flannel-ipv6")),
+        lines(NFT_V6)
+    );
+    assert!(e.check(&rs).unwrap());
+}
