@@ -267,4 +267,37 @@ fn vxlan_dual_stack_agent_kill_9_restart_loses_no_v6_ping() {
             .collect();
         assert!(deleted.is_empty(), "host {h}: {deleted:#?}");
     }
+
+    // SIGTERM leaves the kernel state (hitless restart); `--cleanup` then removes
+    // the v6 device and routes along with the v4 ones.
+    let status = lab.stop_agent(0).unwrap();
+    assert!(status.success(), "flanneld exit on SIGTERM: {status}");
+    let (ns, subnet_file) = {
+        let h = &lab.hosts()[0];
+        (
+            h.ns.clone(),
+            format!("--subnet-file={}", h.subnet_file().display()),
+        )
+    };
+    let links = lab.ip_in(&ns, &["-br", "link"]).unwrap();
+    assert!(links.contains("flannel-v6.1"), "{links}");
+    let flanneld = lab.agent_command(0).unwrap()[0].clone();
+    let out = lab
+        .exec_in(&ns, &[&flanneld, "--cleanup", &subnet_file])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "flanneld --cleanup: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let links = lab.ip_in(&ns, &["-br", "link"]).unwrap();
+    assert!(
+        !links.contains("flannel-v6.1") && !links.contains("flannel.1"),
+        "{links}"
+    );
+    let r6 = lab
+        .ip_in(&ns, &["-6", "route", "show", "proto", "70"])
+        .unwrap();
+    assert!(r6.trim().is_empty(), "{r6}");
 }
