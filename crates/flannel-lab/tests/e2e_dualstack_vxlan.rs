@@ -98,12 +98,9 @@ fn vxlan_dual_stack_all_pairs_lease_deleted_restored_and_host_removed() {
     let subnets6: Vec<Ipv6Net> = (0..3).map(|h| ipv6_subnet(&lab, h)).collect();
     // Each lease publishes the host's v6 underlay address and its v6 VTEP MAC, in
     // Go's field order.
-    for h in 0..3 {
+    for (h, s6) in subnets6.iter().enumerate() {
         let (key, value) = lease_of(&lab, h);
-        assert!(
-            key.ends_with(&format!("&{}-64", subnets6[h].addr())),
-            "{key}"
-        );
+        assert!(key.ends_with(&format!("&{}-64", s6.addr())), "{key}");
         let ip6 = lab.hosts()[h].ip6.unwrap();
         let tail = format!(
             r#""PublicIPv6":"{ip6}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"#
