@@ -160,14 +160,14 @@ impl PeerSet {
     }
 }
 
-/// Replaces what is programmed for the `touched` subnets with `new` and returns what
-/// was programmed for them before.
-pub(crate) fn swap_touched<V: Copy>(
-    programmed: &mut BTreeMap<Ipv4Net, V>,
-    touched: &[Ipv4Net],
-    new: &BTreeMap<Ipv4Net, V>,
-) -> BTreeMap<Ipv4Net, V> {
-    let old: BTreeMap<Ipv4Net, V> = touched
+/// Replaces what is programmed for the `touched` subnets (or lease keys) with `new`
+/// and returns what was programmed for them before.
+pub(crate) fn swap_touched<K: Ord + Copy, V: Copy>(
+    programmed: &mut BTreeMap<K, V>,
+    touched: &[K],
+    new: &BTreeMap<K, V>,
+) -> BTreeMap<K, V> {
+    let old: BTreeMap<K, V> = touched
         .iter()
         .filter_map(|s| programmed.get(s).map(|v| (*s, *v)))
         .collect();

@@ -9,7 +9,9 @@
 //! address with the same entries for each peer's IPv6 subnet (neighbour on the v6
 //! subnet IP, FDB to the peer's `PublicIPv6`, route onlink via the v6 subnet IP), its
 //! MAC published in `BackendV6Data`. Each family has its own device, so the two are
-//! read, diffed and written as two independent data planes.
+//! read, diffed and written as two independent data planes. IPv6-only
+//! (`EnableIPv4:false`, Kubernetes mode) has the IPv6 device alone; the leases' IPv4
+//! part is the `0.0.0.0/0` placeholder and is never looked at.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -17,9 +19,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use flannel_core::gojson::FoldedObject;
-use flannel_core::{Lease, LeaseAttrs, LeaseEvent, MacAddr, NetworkConfig, VxlanData};
+use flannel_core::{Lease, LeaseAttrs, LeaseEvent, LeaseKey, MacAddr, NetworkConfig, VxlanData};
 use flannel_net::netlink::{IpFamily, LinkInfo, Netlink, Route, VxlanSpec, RTN_UNICAST};
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv6Net};
 use serde_json::value::RawValue;
 
 use crate::dataplane::{self, Desired, Ownership, Plan, State};
@@ -187,9 +189,10 @@ struct Side {
     mac: Option<MacAddr>,
     network: Option<IpNet>,
     own: Option<IpNet>,
-    /// What is programmed (or being programmed), by the peer lease's IPv4 subnet
-    /// (the lease's identity, so an event's key names both families' entries).
-    programmed: BTreeMap<Ipv4Net, Peer>,
+    /// What is programmed (or being programmed), by lease key (the lease's
+    /// identity, so an event's key names both families' entries; the IPv4 subnet
+    /// alone is not unique in an IPv6-only network).
+    programmed: BTreeMap<LeaseKey, Peer>,
 }
 
 impl Side {
@@ -214,7 +217,8 @@ pub struct VxlanBackend {
     ext: ExternalInterface,
     nl: Netlink,
     opts: BackendOptions,
-    v4: Side,
+    /// The IPv4 data plane, unless the network is IPv6-only.
+    v4: Option<Side>,
     /// The IPv6 data plane, when the network has IPv6 enabled.
     v6: Option<Side>,
     peers: PeerSet,
@@ -239,7 +243,7 @@ impl VxlanBackend {
             ext,
             nl,
             opts,
-            v4: Side::new(Fam::V4),
+            v4: Some(Side::new(Fam::V4)),
             v6: None,
             peers: PeerSet::default(),
             warnings: Warnings::default(),
@@ -261,7 +265,7 @@ impl VxlanBackend {
 
     /// The device's interface index, once registered.
     pub fn device_index(&self) -> Option<u32> {
-        self.v4.device_index()
+        self.v4.as_ref().and_then(Side::device_index)
     }
 
     /// The IPv6 device's interface index, once registered with IPv6 enabled.
@@ -271,24 +275,36 @@ impl VxlanBackend {
 
     fn side(&self, fam: Fam) -> Option<&Side> {
         match fam {
-            Fam::V4 => Some(&self.v4),
+            Fam::V4 => self.v4.as_ref(),
             Fam::V6 => self.v6.as_ref(),
         }
     }
 
     fn side_mut(&mut self, fam: Fam) -> Option<&mut Side> {
         match fam {
-            Fam::V4 => Some(&mut self.v4),
+            Fam::V4 => self.v4.as_mut(),
             Fam::V6 => self.v6.as_mut(),
         }
     }
 
     fn families(&self) -> Vec<Fam> {
-        let mut f = vec![Fam::V4];
-        if self.v6.is_some() {
-            f.push(Fam::V6);
+        [Fam::V4, Fam::V6]
+            .into_iter()
+            .filter(|f| self.side(*f).is_some())
+            .collect()
+    }
+
+    /// Whether every enabled family's device exists (register ran).
+    fn registered(&self) -> Result<(), BackendError> {
+        let fams = self.families();
+        if fams.is_empty()
+            || fams
+                .iter()
+                .any(|f| self.side(*f).and_then(Side::device_index).is_none())
+        {
+            return Err(not_started());
         }
-        f
+        Ok(())
     }
 
     fn device_mtu(&self, fam: Fam) -> u32 {
@@ -526,12 +542,15 @@ impl VxlanBackend {
                 return None;
             }
         };
+        let ipv4 = self.v4.is_some();
+        let v4_still = if ipv4 { " (IPv4 still is)" } else { "" };
         let Some(net6) = l.ipv6_subnet().map(|n| n.trunc()) else {
-            self.warnings6.warn(
-                l.key,
+            let msg = if ipv4 {
                 "it has no IPv6 subnet in a dual-stack network: only its IPv4 subnet is reached"
-                    .into(),
-            );
+            } else {
+                "it has no IPv6 subnet in an IPv6-only network: not reached"
+            };
+            self.warnings6.warn(l.key, msg.into());
             return None;
         };
         if own6 == Some(IpNet::V6(net6)) {
@@ -547,9 +566,7 @@ impl VxlanBackend {
         let Some(public6) = l.attrs.public_ipv6 else {
             self.warnings6.warn(
                 l.key,
-                format!(
-                    "it has no PublicIPv6: its IPv6 subnet {net6} is not routed (IPv4 still is)"
-                ),
+                format!("it has no PublicIPv6: its IPv6 subnet {net6} is not routed{v4_still}"),
             );
             return None;
         };
@@ -565,7 +582,7 @@ impl VxlanBackend {
             Err(e) => {
                 self.warnings6.warn(
                     l.key,
-                    format!("{e}: its IPv6 subnet {net6} is not routed (IPv4 still is)"),
+                    format!("{e}: its IPv6 subnet {net6} is not routed{v4_still}"),
                 );
                 None
             }
@@ -578,13 +595,26 @@ impl VxlanBackend {
         &mut self,
         leases: &[Lease],
         refresh: impl Fn(&Result<Route, String>) -> bool,
-    ) -> (BTreeMap<Ipv4Net, Peer>, BTreeMap<Ipv4Net, Peer>) {
-        let own = match self.v4.own {
+    ) -> (BTreeMap<LeaseKey, Peer>, BTreeMap<LeaseKey, Peer>) {
+        let ipv4 = self.v4.is_some();
+        let own = match self.v4.as_ref().and_then(|s| s.own) {
             Some(IpNet::V4(o)) => Some(o),
             _ => None,
         };
+        let own6 = self.v6.as_ref().and_then(|s| s.own);
+        // IPv6-only: peers are told apart by their v6 subnet, and there is no IPv4
+        // public IP or BackendData to require.
+        let mut peers6 = Vec::new();
+        if !ipv4 {
+            for l in leases {
+                let mine = own6.is_some() && own6 == l.ipv6_subnet().map(|n| IpNet::V6(n.trunc()));
+                if peers::type_matches(l, TYPE, &mut self.warnings) && !mine {
+                    peers6.push(l);
+                }
+            }
+        }
         let mut usable = Vec::new();
-        for l in leases {
+        for l in leases.iter().filter(|_| ipv4) {
             if !peers::usable(l, TYPE, own, &mut self.warnings) {
                 continue;
             }
@@ -600,9 +630,10 @@ impl VxlanBackend {
                 Err(e) => self.warnings.warn(l.key, format!("ignored: {e}")),
             }
         }
-        let v6: Vec<(&Lease, Ipv6Net, MacAddr, Ipv6Addr)> = usable
-            .iter()
-            .filter_map(|(l, _)| self.v6_part(l).map(|(n, m, ip)| (*l, n, m, ip)))
+        peers6.extend(usable.iter().map(|(l, _)| *l));
+        let v6: Vec<(&Lease, Ipv6Net, MacAddr, Ipv6Addr)> = peers6
+            .into_iter()
+            .filter_map(|l| self.v6_part(l).map(|(n, m, ip)| (l, n, m, ip)))
             .collect();
         if self.cfg.direct_routing {
             self.lookups
@@ -617,7 +648,7 @@ impl VxlanBackend {
                 .await;
         }
         let mut out4 = BTreeMap::new();
-        let dev4 = self.v4.device_index();
+        let dev4 = self.device_index();
         let mut macs: HashMap<MacAddr, IpAddr> = HashMap::new();
         for (l, d) in usable {
             let subnet = l.subnet().trunc();
@@ -629,14 +660,14 @@ impl VxlanBackend {
                 dev4,
                 &mut macs,
             );
-            out4.insert(subnet, peer);
+            out4.insert(l.key, peer);
         }
         let mut out6 = BTreeMap::new();
         let dev6 = self.device_index_v6();
         let mut macs: HashMap<MacAddr, IpAddr> = HashMap::new();
         for (l, net6, mac, ip) in v6 {
             let peer = self.peer(l, IpNet::V6(net6), mac, IpAddr::V6(ip), dev6, &mut macs);
-            out6.insert(l.subnet().trunc(), peer);
+            out6.insert(l.key, peer);
         }
         (out4, out6)
     }
@@ -747,7 +778,7 @@ impl VxlanBackend {
         &mut self,
         refresh: impl Fn(&Result<Route, String>) -> bool,
     ) -> Result<(), BackendError> {
-        self.v4.device_index().ok_or_else(not_started)?;
+        self.registered()?;
         let t = std::time::Instant::now();
         let leases = self.peers.all();
         let (peers4, peers6) = self.plan_peers(&leases, refresh).await;
@@ -863,47 +894,50 @@ fn not_started() -> BackendError {
 #[async_trait]
 impl Backend for VxlanBackend {
     async fn register(&mut self, config: &NetworkConfig) -> Result<LeaseAttrs, BackendError> {
-        if !config.enable_ipv4 {
-            return Err(cfg_err(
-                "IPv6-only networks are not supported by this flannel-rs build (EnableIPv4 must stay true)",
-            ));
+        let side = |on: bool, fam: Fam, network: Option<IpNet>| {
+            on.then(|| {
+                let mut s = Side::new(fam);
+                s.network = network;
+                s
+            })
+        };
+        self.v4 = side(config.enable_ipv4, Fam::V4, config.network.map(IpNet::V4));
+        self.v6 = side(
+            config.enable_ipv6,
+            Fam::V6,
+            config.ipv6_network.map(IpNet::V6),
+        );
+        // Checked before any device is created, so a bad config changes nothing.
+        let mut locals = Vec::new();
+        for fam in self.families() {
+            locals.push(self.local_addr(fam)?.to_string());
         }
-        self.v4.network = config.network.map(IpNet::V4);
-        self.v6 = config.enable_ipv6.then(|| {
-            let mut s = Side::new(Fam::V6);
-            s.network = config.ipv6_network.map(IpNet::V6);
-            s
-        });
-        let local = self.local_addr(Fam::V4)?;
-        if self.v6.is_some() {
-            // Checked before any device is created, so a bad config changes nothing.
-            self.local_addr(Fam::V6)?;
-        }
+        let local = locals.join(", ");
         tracing::info!(
-            "vxlan: VNI {} port {} GBP {} learning {} DirectRouting {} on {} ({local}{})",
+            "vxlan: VNI {} port {} GBP {} learning {} DirectRouting {} on {} ({local})",
             self.cfg.vni,
             self.cfg.effective_port(),
             self.cfg.gbp,
             self.cfg.learning,
             self.cfg.direct_routing,
             self.ext.name,
-            self.ext
-                .addr6
-                .filter(|_| self.v6.is_some())
-                .map(|a| format!(", {a}"))
-                .unwrap_or_default()
         );
-        let mac = self.register_side(Fam::V4).await?;
         let local4 = self.ext.addr.unwrap_or(Ipv4Addr::UNSPECIFIED);
         let mut attrs = LeaseAttrs::new(self.ext.public_ip.unwrap_or(local4));
         attrs.backend_type = TYPE.to_string();
-        attrs.backend_data = Some(
-            VxlanData {
-                vni: self.cfg.vni,
-                vtep_mac: mac,
-            }
-            .encode(),
-        );
+        if self.v4.is_some() {
+            let mac = self.register_side(Fam::V4).await?;
+            attrs.backend_data = Some(
+                VxlanData {
+                    vni: self.cfg.vni,
+                    vtep_mac: mac,
+                }
+                .encode(),
+            );
+        } else {
+            // IPv6-only: nothing IPv4 is published (the agent fills in 0.0.0.0).
+            attrs.public_ip = Ipv4Addr::UNSPECIFIED;
+        }
         if self.v6.is_some() {
             let mac6 = self.register_side(Fam::V6).await?;
             attrs.backend_v6_data = Some(
@@ -918,8 +952,10 @@ impl Backend for VxlanBackend {
     }
 
     async fn start(&mut self, config: &NetworkConfig, own: &Lease) -> Result<(), BackendError> {
-        self.v4.network = config.network.map(IpNet::V4);
-        self.v4.own = Some(IpNet::V4(own.subnet().trunc()));
+        if let Some(v4) = &mut self.v4 {
+            v4.network = config.network.map(IpNet::V4);
+            v4.own = Some(IpNet::V4(own.subnet().trunc()));
+        }
         if let Some(v6) = &mut self.v6 {
             v6.network = config.ipv6_network.map(IpNet::V6);
             v6.own = own.ipv6_subnet().map(|n| IpNet::V6(n.trunc()));
@@ -933,7 +969,11 @@ impl Backend for VxlanBackend {
     fn mtu(&self) -> u32 {
         // FLANNEL_MTU stays upstream's (the IPv4 device's) in dual stack too; larger
         // IPv6 pod packets get a Packet Too Big from flannel-v6 (docs/compatibility.md).
-        self.device_mtu(Fam::V4)
+        // IPv6-only: the v6 device's, the only one pods' packets cross.
+        match self.v4 {
+            Some(_) => self.device_mtu(Fam::V4),
+            None => self.device_mtu(Fam::V6),
+        }
     }
 
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), BackendError> {
@@ -943,7 +983,7 @@ impl Backend for VxlanBackend {
     }
 
     async fn apply(&mut self, events: &[LeaseEvent]) -> Result<(), BackendError> {
-        self.v4.device_index().ok_or_else(not_started)?;
+        self.registered()?;
         let mut batch = self.peers.apply_batch(events, &mut self.warnings, |_| {});
         for e in events {
             if let LeaseEvent::Removed(l) = e {
@@ -951,6 +991,9 @@ impl Backend for VxlanBackend {
             }
         }
         batch.current.dedup_by(|a, b| a.key == b.key);
+        let mut touched: Vec<LeaseKey> = events.iter().map(|e| e.key()).collect();
+        touched.sort();
+        touched.dedup();
         let (new4, new6) = self.plan_peers(&batch.current, |_| false).await;
         let mut result = Ok(());
         for (fam, new_peers) in [(Fam::V4, new4), (Fam::V6, new6)] {
@@ -958,7 +1001,7 @@ impl Backend for VxlanBackend {
                 continue;
             };
             let dev = side.device_index().ok_or_else(not_started)?;
-            let old = peers::swap_touched(&mut side.programmed, &batch.touched, &new_peers);
+            let old = peers::swap_touched(&mut side.programmed, &touched, &new_peers);
             // Another peer may still use an FDB entry a removed one shared.
             let still: HashSet<(MacAddr, IpAddr)> = side
                 .programmed

@@ -920,3 +920,109 @@ async fn vxlan_dual_stack_direct_routing_v6() {
     ba.resync().await.unwrap();
     assert_eq!(ba.peer_writes(), w);
 }
+
+const V6_ONLY: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd10:244::/56","IPv6SubnetLen":64,"Backend":{"Type":"vxlan"}}"#;
+
+/// An IPv6-only lease as the Kubernetes store builds it: the `0.0.0.0/0` IPv4
+/// placeholder and the v6 pod CIDR `fd10:244:0:<n>::/64`.
+fn v6_only_lease(attrs: &LeaseAttrs, public6: &str, n: u8) -> Lease {
+    let mut attrs = attrs.clone();
+    attrs.public_ipv6 = Some(public6.parse().unwrap());
+    Lease {
+        key: format!("0.0.0.0-0&fd10:244:0:{n}::-64").parse().unwrap(),
+        attrs: attrs.into(),
+        expiration: None,
+    }
+}
+
+/// An IPv6-only backend on `h` (host number `n`, without an IPv4 address, as the
+/// interface selection leaves it), registered and started.
+async fn started_v6_only(h: &mut Host, n: u8) -> (VxlanBackend, Lease) {
+    h.ext.addr = None;
+    h.ext.public_ip = None;
+    let cfg = flannel_core::NetworkConfig::parse(V6_ONLY).unwrap();
+    let vx = r#"{"Type":"vxlan"}"#;
+    let opts = BackendOptions::default();
+    let mut be = VxlanBackend::new(&raw(vx), h.ext.clone(), h.nl.clone(), opts).unwrap();
+    let attrs = be.register(&cfg).await.unwrap();
+    let lease = v6_only_lease(&attrs, &format!("fd18::{n}"), n);
+    be.start(&cfg, &lease).await.unwrap();
+    (be, lease)
+}
+
+#[tokio::test]
+async fn vxlan_ipv6_only_has_the_v6_device_alone() {
+    let Some((mut a, mut b)) = hosts("vxlan_ipv6_only_has_the_v6_device_alone").await else {
+        return;
+    };
+    dual_stack(&mut a, 1);
+    dual_stack(&mut b, 2);
+    let (mut ba, la) = started_v6_only(&mut a, 1).await;
+    let (mut bb, lb) = started_v6_only(&mut b, 2).await;
+    assert_eq!(
+        lb.attrs.encode(),
+        format!(
+            r#"{{"PublicIP":"0.0.0.0","PublicIPv6":"fd18::2","BackendType":"vxlan","BackendV6Data":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
+            mac6_of(&lb.attrs)
+        )
+    );
+    assert_eq!(ba.mtu(), 1430, "the v6 device is the only one pods cross");
+    assert!(a.sh(&["ip", "-br", "link"]).contains("flannel-v6.1"));
+    assert!(!a.sh(&["ip", "-br", "link"]).contains("flannel.1 "));
+    // Two peers share the IPv4 placeholder: both are programmed, our own lease is not.
+    let p3 = v6_only_lease(&lb.attrs, "fd18::2", 3);
+    let mut p3_attrs = (*p3.attrs).clone();
+    p3_attrs.backend_v6_data = Some(raw(r#"{"VNI":1,"VtepMAC":"0a:58:00:00:00:03"}"#));
+    let p3 = Lease {
+        attrs: p3_attrs.into(),
+        ..p3
+    };
+    ba.reconcile(&[la.clone(), lb.clone(), p3.clone()])
+        .await
+        .unwrap();
+    bb.reconcile(std::slice::from_ref(&la)).await.unwrap();
+    let r6 = a.sh(&["ip", "-6", "route", "show", "proto", "70"]);
+    assert_eq!(
+        r6.lines().collect::<Vec<_>>(),
+        vec![
+            "fd10:244:0:2::/64 via fd10:244:0:2:: dev flannel-v6.1 metric 1024 onlink pref medium",
+            "fd10:244:0:3::/64 via fd10:244:0:3:: dev flannel-v6.1 metric 1024 onlink pref medium",
+        ],
+        "{r6}"
+    );
+    assert!(a
+        .sh(&["ip", "-4", "route", "show", "proto", "70"])
+        .trim()
+        .is_empty());
+    assert!(
+        pod_ping(&a.pod, "fd10:244:0:2::2"),
+        "pod a -> pod b over v6"
+    );
+    assert!(
+        pod_ping(&b.pod, "fd10:244:0:1::2"),
+        "pod b -> pod a over v6"
+    );
+    let w = ba.peer_writes();
+    ba.resync().await.unwrap();
+    assert_eq!(ba.peer_writes(), w, "resync over a matching kernel");
+    // One peer leaves: only its entries go.
+    ba.apply(&[LeaseEvent::Removed(p3)]).await.unwrap();
+    assert_eq!(
+        a.sh(&["ip", "-6", "route", "show", "proto", "70"]).trim(),
+        "fd10:244:0:2::/64 via fd10:244:0:2:: dev flannel-v6.1 metric 1024 onlink pref medium"
+    );
+    let neigh = a.sh(&[
+        "ip",
+        "-6",
+        "neigh",
+        "show",
+        "dev",
+        "flannel-v6.1",
+        "nud",
+        "permanent",
+    ]);
+    assert_eq!(
+        neigh.trim(),
+        format!("fd10:244:0:2:: lladdr {} PERMANENT", mac6_of(&lb.attrs))
+    );
+}
