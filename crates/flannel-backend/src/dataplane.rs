@@ -206,14 +206,15 @@ pub(crate) async fn owned_routes(
     Ok(routes.into_iter().filter(|r| own.owns(r)).collect())
 }
 
-/// Reads neighbour and FDB entries of `dev` (IPv4 neighbours; permanent `self` FDB
-/// entries with a remote).
+/// Reads neighbour entries of `family` and FDB entries of `dev` (permanent `self`
+/// FDB entries with a remote).
 pub(crate) async fn read_device(
     nl: &Netlink,
     dev: u32,
+    family: IpFamily,
     state: &mut State,
 ) -> Result<(), NetlinkError> {
-    let (neigh, fdb) = futures::join!(nl.neighbours(IpFamily::V4, Some(dev)), nl.fdb_entries(dev));
+    let (neigh, fdb) = futures::join!(nl.neighbours(family, Some(dev)), nl.fdb_entries(dev));
     for n in neigh? {
         state.neigh.insert(n.dst, (n.lladdr, n.is_permanent()));
     }

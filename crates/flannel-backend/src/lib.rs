@@ -171,6 +171,8 @@ pub struct BackendOptions {
     /// annotation). Used if the vxlan device has to be created, so peers' entries
     /// stay valid.
     pub vtep_mac: Option<MacAddr>,
+    /// The same for the IPv6 device (`backend-v6-data`).
+    pub vtep_mac_v6: Option<MacAddr>,
 }
 
 /// Backend types this build knows, in the order error messages list them.

@@ -4,16 +4,24 @@
 //! (docs/compatibility.md, "vxlan device, wire format and routes"). With
 //! `DirectRouting`, peers on a directly connected network get a
 //! plain route via their public IP instead.
+//!
+//! Dual stack adds a second device `flannel-v6.<VNI>` over the interface's IPv6
+//! address with the same entries for each peer's IPv6 subnet (neighbour on the v6
+//! subnet IP, FDB to the peer's `PublicIPv6`, route onlink via the v6 subnet IP), its
+//! MAC published in `BackendV6Data`. Each family has its own device, so the two are
+//! read, diffed and written as two independent data planes. IPv6-only
+//! (`EnableIPv4:false`, Kubernetes mode) has the IPv6 device alone; the leases' IPv4
+//! part is the `0.0.0.0/0` placeholder and is never looked at.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use flannel_core::gojson::FoldedObject;
-use flannel_core::{Lease, LeaseAttrs, LeaseEvent, MacAddr, NetworkConfig, VxlanData};
+use flannel_core::{Lease, LeaseAttrs, LeaseEvent, LeaseKey, MacAddr, NetworkConfig, VxlanData};
 use flannel_net::netlink::{IpFamily, LinkInfo, Netlink, Route, VxlanSpec, RTN_UNICAST};
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv6Net};
 use serde_json::value::RawValue;
 
 use crate::dataplane::{self, Desired, Ownership, Plan, State};
@@ -25,6 +33,11 @@ use crate::{Backend, BackendError, BackendOptions, ExternalInterface};
 pub const KERNEL_DEFAULT_PORT: u16 = 8472;
 /// Encapsulation overhead subtracted from the underlay MTU (IPv4 outer header).
 pub const OVERHEAD: u32 = 50;
+/// The same for the IPv6 device: its outer IPv6 header is 20 bytes longer.
+pub const OVERHEAD_V6: u32 = 70;
+/// The metric the kernel gives an IPv6 route added without one (IP6_RT_PRIO_USER);
+/// set explicitly so our routes compare equal to what a dump returns.
+const V6_METRIC: u32 = 1024;
 const TYPE: &str = "vxlan";
 const RESYNC: Duration = Duration::from_secs(10);
 
@@ -103,6 +116,18 @@ impl VxlanConfig {
         format!("flannel.{}", self.vni)
     }
 
+    /// The IPv6 device's name (upstream's `flannel-v6.<VNI>`).
+    pub fn device_name_v6(&self) -> String {
+        format!("flannel-v6.{}", self.vni)
+    }
+
+    fn name(&self, fam: Fam) -> String {
+        match fam {
+            Fam::V4 => self.device_name(),
+            Fam::V6 => self.device_name_v6(),
+        }
+    }
+
     fn effective_port(&self) -> u16 {
         if self.port > 0 {
             self.port
@@ -112,17 +137,79 @@ impl VxlanConfig {
     }
 }
 
-/// How one peer is reached.
+/// Which of the two data planes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fam {
+    V4,
+    V6,
+}
+
+impl Fam {
+    fn ip_family(self) -> IpFamily {
+        match self {
+            Fam::V4 => IpFamily::V4,
+            Fam::V6 => IpFamily::V6,
+        }
+    }
+
+    fn overhead(self) -> u32 {
+        match self {
+            Fam::V4 => OVERHEAD,
+            Fam::V6 => OVERHEAD_V6,
+        }
+    }
+
+    fn host_len(self) -> u8 {
+        match self {
+            Fam::V4 => 32,
+            Fam::V6 => 128,
+        }
+    }
+}
+
+/// How one peer's subnet of one family is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Peer {
     /// Through the tunnel.
     Tunnel {
-        gw: Ipv4Addr,
+        dst: IpNet,
+        gw: IpAddr,
         mac: MacAddr,
-        vtep: Ipv4Addr,
+        vtep: IpAddr,
     },
     /// DirectRouting: straight over the underlay.
-    Direct { gw: Ipv4Addr, oif: u32 },
+    Direct { dst: IpNet, gw: IpAddr, oif: u32 },
+}
+
+/// One family's device and what is programmed on it.
+#[derive(Debug)]
+struct Side {
+    fam: Fam,
+    dev: Option<LinkInfo>,
+    mac: Option<MacAddr>,
+    network: Option<IpNet>,
+    own: Option<IpNet>,
+    /// What is programmed (or being programmed), by lease key (the lease's
+    /// identity, so an event's key names both families' entries; the IPv4 subnet
+    /// alone is not unique in an IPv6-only network).
+    programmed: BTreeMap<LeaseKey, Peer>,
+}
+
+impl Side {
+    fn new(fam: Fam) -> Self {
+        Side {
+            fam,
+            dev: None,
+            mac: None,
+            network: None,
+            own: None,
+            programmed: BTreeMap::new(),
+        }
+    }
+
+    fn device_index(&self) -> Option<u32> {
+        self.dev.as_ref().map(|d| d.index)
+    }
 }
 
 pub struct VxlanBackend {
@@ -130,14 +217,15 @@ pub struct VxlanBackend {
     ext: ExternalInterface,
     nl: Netlink,
     opts: BackendOptions,
-    dev: Option<LinkInfo>,
-    mac: Option<MacAddr>,
-    network: Option<Ipv4Net>,
-    own: Option<Ipv4Net>,
+    /// The IPv4 data plane, unless the network is IPv6-only.
+    v4: Option<Side>,
+    /// The IPv6 data plane, when the network has IPv6 enabled.
+    v6: Option<Side>,
     peers: PeerSet,
-    /// What is programmed (or being programmed) per peer subnet.
-    programmed: BTreeMap<Ipv4Net, Peer>,
     warnings: Warnings,
+    /// IPv6 problems of a peer whose IPv4 side is fine, kept apart so that the
+    /// IPv4 success does not clear them (each is said once).
+    warnings6: Warnings,
     /// Neighbour/FDB/route writes issued for peers so far.
     peer_writes: u64,
     lookups: RouteLookups,
@@ -155,13 +243,11 @@ impl VxlanBackend {
             ext,
             nl,
             opts,
-            dev: None,
-            mac: None,
-            network: None,
-            own: None,
+            v4: Some(Side::new(Fam::V4)),
+            v6: None,
             peers: PeerSet::default(),
-            programmed: BTreeMap::new(),
             warnings: Warnings::default(),
+            warnings6: Warnings::default(),
             peer_writes: 0,
             lookups: RouteLookups::default(),
         })
@@ -179,22 +265,65 @@ impl VxlanBackend {
 
     /// The device's interface index, once registered.
     pub fn device_index(&self) -> Option<u32> {
-        self.dev.as_ref().map(|d| d.index)
+        self.v4.as_ref().and_then(Side::device_index)
     }
 
-    fn device_mtu(&self) -> u32 {
+    /// The IPv6 device's interface index, once registered with IPv6 enabled.
+    pub fn device_index_v6(&self) -> Option<u32> {
+        self.v6.as_ref().and_then(Side::device_index)
+    }
+
+    fn side(&self, fam: Fam) -> Option<&Side> {
+        match fam {
+            Fam::V4 => self.v4.as_ref(),
+            Fam::V6 => self.v6.as_ref(),
+        }
+    }
+
+    fn side_mut(&mut self, fam: Fam) -> Option<&mut Side> {
+        match fam {
+            Fam::V4 => self.v4.as_mut(),
+            Fam::V6 => self.v6.as_mut(),
+        }
+    }
+
+    fn families(&self) -> Vec<Fam> {
+        [Fam::V4, Fam::V6]
+            .into_iter()
+            .filter(|f| self.side(*f).is_some())
+            .collect()
+    }
+
+    /// Whether every enabled family's device exists (register ran).
+    fn registered(&self) -> Result<(), BackendError> {
+        let fams = self.families();
+        if fams.is_empty()
+            || fams
+                .iter()
+                .any(|f| self.side(*f).and_then(Side::device_index).is_none())
+        {
+            return Err(not_started());
+        }
+        Ok(())
+    }
+
+    fn device_mtu(&self, fam: Fam) -> u32 {
         let under = if self.cfg.mtu > 0 {
             self.cfg.mtu
         } else {
             self.ext.mtu
         };
-        under.saturating_sub(OVERHEAD)
+        under.saturating_sub(fam.overhead())
     }
 
-    fn local_addr(&self) -> Result<Ipv4Addr, BackendError> {
-        self.ext.addr.ok_or_else(|| {
+    fn local_addr(&self, fam: Fam) -> Result<IpAddr, BackendError> {
+        let (addr, what) = match fam {
+            Fam::V4 => (self.ext.addr.map(IpAddr::V4), "IPv4"),
+            Fam::V6 => (self.ext.addr6.map(IpAddr::V6), "IPv6"),
+        };
+        addr.ok_or_else(|| {
             cfg_err(format!(
-                "interface {} has no IPv4 address to use as the VXLAN source",
+                "interface {} has no {what} address to use as the VXLAN source",
                 self.ext.name
             ))
         })
@@ -204,7 +333,7 @@ impl VxlanBackend {
     /// and local address (when both are set), no group, no l2miss, port (the
     /// effective one: a device on another port could not talk to the cluster),
     /// GBP and learning.
-    fn compatible(&self, l: &LinkInfo, local: Ipv4Addr) -> Result<(), String> {
+    fn compatible(&self, l: &LinkInfo, local: IpAddr) -> Result<(), String> {
         if l.kind.as_deref() != Some("vxlan") {
             return Err(format!("it is a {:?} device, not vxlan", l.kind));
         }
@@ -218,8 +347,9 @@ impl VxlanBackend {
         if v.link.is_some_and(|i| i != self.ext.index) {
             diffs.push(format!("underlay #{:?} (want #{})", v.link, self.ext.index));
         }
-        if v.local.is_some_and(|a| a != local) {
-            diffs.push(format!("local {:?} (want {local})", v.local));
+        let have = v.local.map(IpAddr::V4).or(v.local6.map(IpAddr::V6));
+        if have.is_some_and(|a| a != local) {
+            diffs.push(format!("local {have:?} (want {local})"));
         }
         if v.group.is_some() {
             diffs.push(format!("group {:?}", v.group));
@@ -253,11 +383,11 @@ impl VxlanBackend {
         }
     }
 
-    /// Finds or creates the device; returns it.
-    async fn ensure_device(&mut self) -> Result<LinkInfo, BackendError> {
-        let name = self.cfg.device_name();
-        let local = self.local_addr()?;
-        let mtu = self.device_mtu();
+    /// Finds or creates the family's device; returns it.
+    async fn ensure_device(&self, fam: Fam) -> Result<LinkInfo, BackendError> {
+        let name = self.cfg.name(fam);
+        let local = self.local_addr(fam)?;
+        let mtu = self.device_mtu(fam);
         let existing = self
             .nl
             .link_by_name(&name)
@@ -290,16 +420,18 @@ impl VxlanBackend {
         }
         // A device we must create keeps a MAC published before (kube annotation,
         // or our own previous device) so peers' entries stay valid.
-        let mac = self
-            .opts
-            .vtep_mac
-            .or(self.mac)
+        let published = match fam {
+            Fam::V4 => self.opts.vtep_mac,
+            Fam::V6 => self.opts.vtep_mac_v6,
+        };
+        let mac = published
+            .or(self.side(fam).and_then(|s| s.mac))
             .unwrap_or_else(|| MacAddr::random_local(&mut rand::rng()));
         let spec = VxlanSpec {
             name: name.clone(),
             vni: self.cfg.vni,
             link: self.ext.index,
-            local: Some(IpAddr::V4(local)),
+            local: Some(local),
             port: (self.cfg.port > 0).then_some(self.cfg.port),
             learning: self.cfg.learning,
             gbp: self.cfg.gbp,
@@ -328,25 +460,34 @@ impl VxlanBackend {
         Ok(())
     }
 
-    /// Sets `<subnet IP>/32` as the only address from the network on the device, and
-    /// sets it up.
-    async fn configure_address(&self, dev: &LinkInfo) -> Result<(), BackendError> {
-        let (Some(network), Some(own)) = (self.network, self.own) else {
+    /// Sets `<subnet IP>/32` (IPv6: `<v6 subnet IP>/128`) as the only address from
+    /// the network on the device, and sets it up. IPv6 link-local addresses are the
+    /// kernel's and stay.
+    async fn configure_address(&self, fam: Fam, dev: &LinkInfo) -> Result<(), BackendError> {
+        let Some(side) = self.side(fam) else {
+            return Ok(());
+        };
+        let (Some(network), Some(own)) = (side.network, side.own) else {
             return Ok(());
         };
         let ctx = || format!("vxlan device {} address", dev.name);
-        let want = IpAddr::V4(own.network());
+        let want = own.network();
+        let host = fam.host_len();
         let addrs = self
             .nl
-            .addresses(IpFamily::V4, Some(dev.index))
+            .addresses(fam.ip_family(), Some(dev.index))
             .await
             .map_err(BackendError::kernel(ctx()))?;
         let mut present = false;
         for a in addrs {
-            let IpAddr::V4(v4) = a.addr else { continue };
-            if a.addr == want && a.prefix_len == 32 && a.scope == 0 {
+            if let IpAddr::V6(v6) = a.addr {
+                if v6.is_unicast_link_local() {
+                    continue;
+                }
+            }
+            if a.addr == want && a.prefix_len == host && a.scope == 0 {
                 present = true;
-            } else if network.contains(&v4) || a.addr == want {
+            } else if network.contains(&a.addr) || a.addr == want || fam == Fam::V6 {
                 self.nl
                     .addr_del(dev.index, a.addr, a.prefix_len)
                     .await
@@ -355,7 +496,7 @@ impl VxlanBackend {
         }
         if !present {
             self.nl
-                .addr_add(dev.index, want, 32)
+                .addr_add(dev.index, want, host)
                 .await
                 .map_err(BackendError::kernel(ctx()))?;
         }
@@ -368,27 +509,113 @@ impl VxlanBackend {
             )))
     }
 
-    fn ownership(&self) -> Result<Ownership, BackendError> {
-        let network = self.network.ok_or_else(not_started)?;
+    fn ownership(&self, side: &Side) -> Result<Ownership, BackendError> {
+        let network = side.network.ok_or_else(not_started)?;
         let mut devices = vec![self.ext.index];
-        devices.extend(self.device_index());
+        devices.extend(side.device_index());
         Ok(Ownership {
-            network: IpNet::V4(network),
-            own: self.own.map(IpNet::V4),
+            network,
+            own: side.own,
             devices,
         })
     }
 
-    /// Decides how to reach each usable lease. `refresh` picks cached route lookups
-    /// (DirectRouting) to redo.
+    /// The IPv6 subnet, VTEP MAC and public IPv6 of a usable lease, when this node
+    /// runs dual stack and the lease can be reached over IPv6; a lease that cannot
+    /// gets its warning (once) and keeps its IPv4 entries.
+    fn v6_part(&mut self, l: &Lease) -> Option<(Ipv6Net, MacAddr, Ipv6Addr)> {
+        let (network6, own6) = match &self.v6 {
+            Some(Side {
+                network: Some(IpNet::V6(n)),
+                own,
+                ..
+            }) => (*n, *own),
+            _ => {
+                if let Some(n) = l.ipv6_subnet() {
+                    self.warnings6.warn(
+                        l.key,
+                        format!(
+                            "its IPv6 subnet {n} is ignored: IPv6 is not enabled in the network config"
+                        ),
+                    );
+                }
+                return None;
+            }
+        };
+        let ipv4 = self.v4.is_some();
+        let v4_still = if ipv4 { " (IPv4 still is)" } else { "" };
+        let Some(net6) = l.ipv6_subnet().map(|n| n.trunc()) else {
+            let msg = if ipv4 {
+                "it has no IPv6 subnet in a dual-stack network: only its IPv4 subnet is reached"
+            } else {
+                "it has no IPv6 subnet in an IPv6-only network: not reached"
+            };
+            self.warnings6.warn(l.key, msg.into());
+            return None;
+        };
+        if own6 == Some(IpNet::V6(net6)) {
+            return None;
+        }
+        if net6.prefix_len() <= network6.prefix_len() || !network6.contains(&net6) {
+            self.warnings6.warn(
+                l.key,
+                format!("its IPv6 subnet {net6} is not inside IPv6Network {network6}: not routed"),
+            );
+            return None;
+        }
+        let Some(public6) = l.attrs.public_ipv6 else {
+            self.warnings6.warn(
+                l.key,
+                format!("it has no PublicIPv6: its IPv6 subnet {net6} is not routed{v4_still}"),
+            );
+            return None;
+        };
+        let data = match &l.attrs.backend_v6_data {
+            None => Err("it has no BackendV6Data".to_string()),
+            Some(raw) => VxlanData::decode(raw).map_err(|e| format!("its BackendV6Data: {e}")),
+        };
+        match data {
+            Ok(d) => {
+                self.warnings6.clear(&l.key);
+                Some((net6, d.vtep_mac, public6))
+            }
+            Err(e) => {
+                self.warnings6.warn(
+                    l.key,
+                    format!("{e}: its IPv6 subnet {net6} is not routed{v4_still}"),
+                );
+                None
+            }
+        }
+    }
+
+    /// Decides how to reach each usable lease, per family. `refresh` picks cached
+    /// route lookups (DirectRouting) to redo.
     async fn plan_peers(
         &mut self,
         leases: &[Lease],
         refresh: impl Fn(&Result<Route, String>) -> bool,
-    ) -> BTreeMap<Ipv4Net, Peer> {
+    ) -> (BTreeMap<LeaseKey, Peer>, BTreeMap<LeaseKey, Peer>) {
+        let ipv4 = self.v4.is_some();
+        let own = match self.v4.as_ref().and_then(|s| s.own) {
+            Some(IpNet::V4(o)) => Some(o),
+            _ => None,
+        };
+        let own6 = self.v6.as_ref().and_then(|s| s.own);
+        // IPv6-only: peers are told apart by their v6 subnet, and there is no IPv4
+        // public IP or BackendData to require.
+        let mut peers6 = Vec::new();
+        if !ipv4 {
+            for l in leases {
+                let mine = own6.is_some() && own6 == l.ipv6_subnet().map(|n| IpNet::V6(n.trunc()));
+                if peers::type_matches(l, TYPE, &mut self.warnings) && !mine {
+                    peers6.push(l);
+                }
+            }
+        }
         let mut usable = Vec::new();
-        for l in leases {
-            if !peers::usable(l, TYPE, self.own, &mut self.warnings) {
+        for l in leases.iter().filter(|_| ipv4) {
+            if !peers::usable(l, TYPE, own, &mut self.warnings) {
                 continue;
             }
             let data = match &l.attrs.backend_data {
@@ -403,77 +630,108 @@ impl VxlanBackend {
                 Err(e) => self.warnings.warn(l.key, format!("ignored: {e}")),
             }
         }
+        peers6.extend(usable.iter().map(|(l, _)| *l));
+        let v6: Vec<(&Lease, Ipv6Net, MacAddr, Ipv6Addr)> = peers6
+            .into_iter()
+            .filter_map(|l| self.v6_part(l).map(|(n, m, ip)| (l, n, m, ip)))
+            .collect();
         if self.cfg.direct_routing {
             self.lookups
                 .update(
                     &self.nl,
-                    usable.iter().map(|(l, _)| l.attrs.public_ip),
+                    usable
+                        .iter()
+                        .map(|(l, _)| IpAddr::V4(l.attrs.public_ip))
+                        .chain(v6.iter().map(|(_, _, _, ip)| IpAddr::V6(*ip))),
                     refresh,
                 )
                 .await;
         }
-        let dev = self.device_index();
-        let mut macs: HashMap<MacAddr, Ipv4Addr> = HashMap::new();
-        let mut out = BTreeMap::new();
+        let mut out4 = BTreeMap::new();
+        let dev4 = self.device_index();
+        let mut macs: HashMap<MacAddr, IpAddr> = HashMap::new();
         for (l, d) in usable {
             let subnet = l.subnet().trunc();
-            let ip = l.attrs.public_ip;
-            // DirectRouting: a peer whose address the kernel reaches without a
-            // gateway gets a plain route over the underlay (docs/compatibility.md,
-            // "vxlan device, wire format and routes").
-            let direct = match self.lookups.get(IpAddr::V4(ip)) {
-                Some(Ok(r)) if self.cfg.direct_routing => r
-                    .oif
-                    .filter(|o| r.gateway.is_none() && r.kind == RTN_UNICAST && Some(*o) != dev),
-                _ => None,
-            };
-            let peer = match direct {
-                Some(oif) => Peer::Direct { gw: ip, oif },
-                None => {
-                    if let Some(other) = macs.insert(d.vtep_mac, ip).filter(|o| *o != ip) {
-                        self.warnings.warn(
-                            l.key,
-                            format!(
-                                "its VTEP MAC {} is also published by {other}; traffic for one \
-                                 of them goes to the other",
-                                d.vtep_mac
-                            ),
-                        );
-                    }
-                    Peer::Tunnel {
-                        gw: subnet.network(),
-                        mac: d.vtep_mac,
-                        vtep: ip,
-                    }
-                }
-            };
-            out.insert(subnet, peer);
+            let peer = self.peer(
+                l,
+                IpNet::V4(subnet),
+                d.vtep_mac,
+                IpAddr::V4(l.attrs.public_ip),
+                dev4,
+                &mut macs,
+            );
+            out4.insert(l.key, peer);
         }
-        out
+        let mut out6 = BTreeMap::new();
+        let dev6 = self.device_index_v6();
+        let mut macs: HashMap<MacAddr, IpAddr> = HashMap::new();
+        for (l, net6, mac, ip) in v6 {
+            let peer = self.peer(l, IpNet::V6(net6), mac, IpAddr::V6(ip), dev6, &mut macs);
+            out6.insert(l.key, peer);
+        }
+        (out4, out6)
     }
 
-    fn desired<'a>(
-        &self,
-        dev: u32,
-        peers: impl IntoIterator<Item = (&'a Ipv4Net, &'a Peer)>,
-    ) -> Desired {
+    /// How to reach subnet `dst` of lease `l` whose VTEP is `mac` at `ip`.
+    fn peer(
+        &mut self,
+        l: &Lease,
+        dst: IpNet,
+        mac: MacAddr,
+        ip: IpAddr,
+        dev: Option<u32>,
+        macs: &mut HashMap<MacAddr, IpAddr>,
+    ) -> Peer {
+        // DirectRouting: a peer whose address the kernel reaches without a
+        // gateway gets a plain route over the underlay (docs/compatibility.md,
+        // "vxlan device, wire format and routes").
+        let direct = match self.lookups.get(ip) {
+            Some(Ok(r)) if self.cfg.direct_routing => r
+                .oif
+                .filter(|o| r.gateway.is_none() && r.kind == RTN_UNICAST && Some(*o) != dev),
+            _ => None,
+        };
+        if let Some(oif) = direct {
+            return Peer::Direct { dst, gw: ip, oif };
+        }
+        if let Some(other) = macs.insert(mac, ip).filter(|o| *o != ip) {
+            let w = if ip.is_ipv6() {
+                &mut self.warnings6
+            } else {
+                &mut self.warnings
+            };
+            w.warn(
+                l.key,
+                format!(
+                    "its VTEP MAC {mac} is also published by {other}; traffic for one \
+                     of them goes to the other"
+                ),
+            );
+        }
+        Peer::Tunnel {
+            dst,
+            gw: dst.network(),
+            mac,
+            vtep: ip,
+        }
+    }
+
+    fn desired<'a>(&self, dev: u32, peers: impl IntoIterator<Item = &'a Peer>) -> Desired {
         let mut d = Desired::default();
-        for (subnet, peer) in peers {
-            let dst = IpNet::V4(*subnet);
-            match *peer {
-                Peer::Tunnel { gw, mac, vtep } => {
-                    let gw = IpAddr::V4(gw);
-                    d.fdb.insert(mac, IpAddr::V4(vtep));
+        for peer in peers {
+            let mut r = match *peer {
+                Peer::Tunnel { dst, gw, mac, vtep } => {
+                    d.fdb.insert(mac, vtep);
                     d.neigh.insert(gw, mac);
                     d.deps.insert(dst, (gw, mac));
-                    d.routes
-                        .insert(dst, Route::new(dst).via(gw).dev(dev).onlink());
+                    Route::new(dst).via(gw).dev(dev).onlink()
                 }
-                Peer::Direct { gw, oif } => {
-                    d.routes
-                        .insert(dst, Route::new(dst).via(IpAddr::V4(gw)).dev(oif));
-                }
+                Peer::Direct { dst, gw, oif } => Route::new(dst).via(gw).dev(oif),
+            };
+            if r.dst.addr().is_ipv6() {
+                r.priority = Some(V6_METRIC);
             }
+            d.routes.insert(r.dst, r);
         }
         d
     }
@@ -490,14 +748,14 @@ impl VxlanBackend {
         dataplane::run(&self.nl, Some(dev), desired, plan, writes, context).await
     }
 
-    /// Reads what we own from the kernel.
-    async fn kernel_state(&self, dev: u32) -> Result<State, BackendError> {
-        let own = self.ownership()?;
+    /// Reads what we own of one family from the kernel.
+    async fn kernel_state(&self, side: &Side, dev: u32) -> Result<State, BackendError> {
+        let own = self.ownership(side)?;
         let ctx = || "vxlan: read kernel state".to_string();
         let mut s = State::default();
         let (routes, device) = futures::join!(dataplane::owned_routes(&self.nl, &own), async {
             let mut s = State::default();
-            dataplane::read_device(&self.nl, dev, &mut s)
+            dataplane::read_device(&self.nl, dev, side.fam.ip_family(), &mut s)
                 .await
                 .map(|()| s)
         });
@@ -506,7 +764,13 @@ impl VxlanBackend {
         }
         let device = device.map_err(BackendError::kernel(ctx()))?;
         s.neigh = device.neigh;
-        s.fdb = device.fdb;
+        // The FDB dump has both families' remotes only if both devices were one;
+        // keep this family's.
+        s.fdb = device
+            .fdb
+            .into_iter()
+            .filter(|(_, ip)| ip.is_ipv6() == (side.fam == Fam::V6))
+            .collect();
         Ok(s)
     }
 
@@ -514,43 +778,56 @@ impl VxlanBackend {
         &mut self,
         refresh: impl Fn(&Result<Route, String>) -> bool,
     ) -> Result<(), BackendError> {
-        let dev = self.device_index().ok_or_else(not_started)?;
+        self.registered()?;
         let t = std::time::Instant::now();
         let leases = self.peers.all();
-        let peers = self.plan_peers(&leases, refresh).await;
+        let (peers4, peers6) = self.plan_peers(&leases, refresh).await;
         self.peers
             .prune(&leases, &mut self.lookups, &mut self.warnings);
-        let desired = self.desired(dev, &peers);
+        self.warnings6
+            .retain(|k| leases.iter().any(|l| l.key == *k));
         let planned_us = t.elapsed().as_micros() as u64;
-        let current = self.kernel_state(dev).await?;
-        let read_us = t.elapsed().as_micros() as u64;
-        let plan = dataplane::diff(&desired, &current);
-        tracing::debug!(
-            planned_us,
-            read_us,
-            diffed_us = t.elapsed().as_micros() as u64,
-            "vxlan reconcile planned"
-        );
-        self.programmed = peers;
-        if plan.is_empty() {
-            return Ok(());
+        let mut result = Ok(());
+        for (fam, peers) in [(Fam::V4, peers4), (Fam::V6, peers6)] {
+            let Some(side) = self.side(fam) else { continue };
+            let dev = side.device_index().ok_or_else(not_started)?;
+            let desired = self.desired(dev, peers.values());
+            let current = self.kernel_state(side, dev).await?;
+            let plan = dataplane::diff(&desired, &current);
+            tracing::debug!(
+                ?fam,
+                planned_us,
+                diffed_us = t.elapsed().as_micros() as u64,
+                "vxlan reconcile planned"
+            );
+            if let Some(side) = self.side_mut(fam) {
+                side.programmed = peers;
+            }
+            if plan.is_empty() {
+                continue;
+            }
+            tracing::debug!(
+                "vxlan reconcile ({fam:?}): {} neighbours, {} fdb, {} routes to set; {} routes, {} neighbours, {} fdb to delete",
+                plan.neigh_set.len(),
+                plan.fdb_set.len(),
+                plan.route_set.len(),
+                plan.route_del.len(),
+                plan.neigh_del.len(),
+                plan.fdb_del.len()
+            );
+            // One family's failure must not keep the other from being programmed.
+            let r = self.run_plan(dev, &desired, &plan, "vxlan reconcile").await;
+            if result.is_ok() {
+                result = r;
+            }
         }
-        tracing::debug!(
-            "vxlan reconcile: {} neighbours, {} fdb, {} routes to set; {} routes, {} neighbours, {} fdb to delete",
-            plan.neigh_set.len(),
-            plan.fdb_set.len(),
-            plan.route_set.len(),
-            plan.route_del.len(),
-            plan.neigh_del.len(),
-            plan.fdb_del.len()
-        );
-        self.run_plan(dev, &desired, &plan, "vxlan reconcile").await
+        result
     }
 
-    /// Makes sure the device still exists (someone may have deleted it); recreates
-    /// it with the same MAC and address. Returns whether it had to.
-    async fn ensure_device_alive(&mut self) -> Result<bool, BackendError> {
-        let Some(dev) = self.dev.clone() else {
+    /// Makes sure the family's device still exists (someone may have deleted it);
+    /// recreates it with the same MAC and address. Returns whether it had to.
+    async fn ensure_device_alive(&mut self, fam: Fam) -> Result<bool, BackendError> {
+        let Some(dev) = self.side(fam).and_then(|s| s.dev.clone()) else {
             return Ok(false);
         };
         let now = self
@@ -562,11 +839,51 @@ impl VxlanBackend {
             return Ok(false);
         }
         tracing::warn!("vxlan device {} disappeared; recreating it", dev.name);
-        let l = self.ensure_device().await?;
+        let l = self.ensure_device(fam).await?;
         self.configure_device(&l).await?;
-        self.configure_address(&l).await?;
-        self.dev = Some(l);
+        self.configure_address(fam, &l).await?;
+        if let Some(side) = self.side_mut(fam) {
+            side.dev = Some(l);
+        }
         Ok(true)
+    }
+
+    /// Creates (or reuses) the family's device and returns its MAC.
+    async fn register_side(&mut self, fam: Fam) -> Result<MacAddr, BackendError> {
+        let dev = self.ensure_device(fam).await?;
+        self.configure_device(&dev).await?;
+        let mac = dev.mac.ok_or_else(|| BackendError::Kernel {
+            context: format!("vxlan device {}", dev.name),
+            source: KernelError::State("the device has no MAC address".into()),
+        })?;
+        let side = self.side_mut(fam).ok_or_else(not_started)?;
+        side.mac = Some(mac);
+        side.dev = Some(dev);
+        Ok(mac)
+    }
+
+    /// Sets the device's address once our lease is known and checks that its MAC is
+    /// still the published one.
+    async fn start_side(&self, fam: Fam) -> Result<(), BackendError> {
+        let side = self.side(fam).ok_or_else(not_started)?;
+        let dev = side.dev.clone().ok_or_else(not_started)?;
+        self.configure_address(fam, &dev).await?;
+        let now = self
+            .nl
+            .link_by_index(dev.index)
+            .await
+            .map_err(BackendError::kernel(format!("vxlan device {}", dev.name)))?;
+        if now.as_ref().and_then(|l| l.mac) != side.mac {
+            return Err(BackendError::Kernel {
+                context: format!("vxlan device {}", dev.name),
+                source: KernelError::State(format!(
+                    "its MAC changed from the published {:?} to {:?}",
+                    side.mac.map(|m| m.to_string()),
+                    now.and_then(|l| l.mac).map(|m| m.to_string())
+                )),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -577,9 +894,25 @@ fn not_started() -> BackendError {
 #[async_trait]
 impl Backend for VxlanBackend {
     async fn register(&mut self, config: &NetworkConfig) -> Result<LeaseAttrs, BackendError> {
-        crate::ipv4_only(config, TYPE)?;
-        self.network = config.network;
-        let local = self.local_addr()?;
+        let side = |on: bool, fam: Fam, network: Option<IpNet>| {
+            on.then(|| {
+                let mut s = Side::new(fam);
+                s.network = network;
+                s
+            })
+        };
+        self.v4 = side(config.enable_ipv4, Fam::V4, config.network.map(IpNet::V4));
+        self.v6 = side(
+            config.enable_ipv6,
+            Fam::V6,
+            config.ipv6_network.map(IpNet::V6),
+        );
+        // Checked before any device is created, so a bad config changes nothing.
+        let mut locals = Vec::new();
+        for fam in self.families() {
+            locals.push(self.local_addr(fam)?.to_string());
+        }
+        let local = locals.join(", ");
         tracing::info!(
             "vxlan: VNI {} port {} GBP {} learning {} DirectRouting {} on {} ({local})",
             self.cfg.vni,
@@ -587,53 +920,60 @@ impl Backend for VxlanBackend {
             self.cfg.gbp,
             self.cfg.learning,
             self.cfg.direct_routing,
-            self.ext.name
+            self.ext.name,
         );
-        let dev = self.ensure_device().await?;
-        self.configure_device(&dev).await?;
-        let mac = dev.mac.ok_or_else(|| BackendError::Kernel {
-            context: format!("vxlan device {}", dev.name),
-            source: KernelError::State("the device has no MAC address".into()),
-        })?;
-        self.mac = Some(mac);
-        self.dev = Some(dev);
-        let mut attrs = LeaseAttrs::new(self.ext.public_ip.unwrap_or(local));
+        let local4 = self.ext.addr.unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let mut attrs = LeaseAttrs::new(self.ext.public_ip.unwrap_or(local4));
         attrs.backend_type = TYPE.to_string();
-        attrs.backend_data = Some(
-            VxlanData {
-                vni: self.cfg.vni,
-                vtep_mac: mac,
-            }
-            .encode(),
-        );
+        if self.v4.is_some() {
+            let mac = self.register_side(Fam::V4).await?;
+            attrs.backend_data = Some(
+                VxlanData {
+                    vni: self.cfg.vni,
+                    vtep_mac: mac,
+                }
+                .encode(),
+            );
+        } else {
+            // IPv6-only: nothing IPv4 is published (the agent fills in 0.0.0.0).
+            attrs.public_ip = Ipv4Addr::UNSPECIFIED;
+        }
+        if self.v6.is_some() {
+            let mac6 = self.register_side(Fam::V6).await?;
+            attrs.backend_v6_data = Some(
+                VxlanData {
+                    vni: self.cfg.vni,
+                    vtep_mac: mac6,
+                }
+                .encode(),
+            );
+        }
         Ok(attrs)
     }
 
     async fn start(&mut self, config: &NetworkConfig, own: &Lease) -> Result<(), BackendError> {
-        self.network = config.network;
-        self.own = Some(own.subnet().trunc());
-        let dev = self.dev.clone().ok_or_else(not_started)?;
-        self.configure_address(&dev).await?;
-        let now = self
-            .nl
-            .link_by_index(dev.index)
-            .await
-            .map_err(BackendError::kernel(format!("vxlan device {}", dev.name)))?;
-        if now.as_ref().and_then(|l| l.mac) != self.mac {
-            return Err(BackendError::Kernel {
-                context: format!("vxlan device {}", dev.name),
-                source: KernelError::State(format!(
-                    "its MAC changed from the published {:?} to {:?}",
-                    self.mac.map(|m| m.to_string()),
-                    now.and_then(|l| l.mac).map(|m| m.to_string())
-                )),
-            });
+        if let Some(v4) = &mut self.v4 {
+            v4.network = config.network.map(IpNet::V4);
+            v4.own = Some(IpNet::V4(own.subnet().trunc()));
+        }
+        if let Some(v6) = &mut self.v6 {
+            v6.network = config.ipv6_network.map(IpNet::V6);
+            v6.own = own.ipv6_subnet().map(|n| IpNet::V6(n.trunc()));
+        }
+        for fam in self.families() {
+            self.start_side(fam).await?;
         }
         Ok(())
     }
 
     fn mtu(&self) -> u32 {
-        self.device_mtu()
+        // FLANNEL_MTU stays upstream's (the IPv4 device's) in dual stack too; larger
+        // IPv6 pod packets get a Packet Too Big from flannel-v6 (docs/compatibility.md).
+        // IPv6-only: the v6 device's, the only one pods' packets cross.
+        match self.v4 {
+            Some(_) => self.device_mtu(Fam::V4),
+            None => self.device_mtu(Fam::V6),
+        }
     }
 
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), BackendError> {
@@ -643,28 +983,45 @@ impl Backend for VxlanBackend {
     }
 
     async fn apply(&mut self, events: &[LeaseEvent]) -> Result<(), BackendError> {
-        let dev = self.device_index().ok_or_else(not_started)?;
+        self.registered()?;
         let mut batch = self.peers.apply_batch(events, &mut self.warnings, |_| {});
+        for e in events {
+            if let LeaseEvent::Removed(l) = e {
+                self.warnings6.clear(&l.key);
+            }
+        }
         batch.current.dedup_by(|a, b| a.key == b.key);
-        let new_peers = self.plan_peers(&batch.current, |_| false).await;
-        let old = peers::swap_touched(&mut self.programmed, &batch.touched, &new_peers);
-        let desired = self.desired(dev, &new_peers);
-        let mut plan = dataplane::diff(&desired, &self.desired(dev, &old).as_state());
-        // Another peer may still use an FDB entry a removed one shared.
-        let still: HashSet<(MacAddr, Ipv4Addr)> = self
-            .programmed
-            .values()
-            .filter_map(|p| match p {
-                Peer::Tunnel { mac, vtep, .. } => Some((*mac, *vtep)),
-                Peer::Direct { .. } => None,
-            })
-            .collect();
-        plan.fdb_del.retain(|(mac, ip)| match ip {
-            IpAddr::V4(v4) => !still.contains(&(*mac, *v4)),
-            IpAddr::V6(_) => true,
-        });
-        self.run_plan(dev, &desired, &plan, "vxlan lease events")
-            .await
+        let mut touched: Vec<LeaseKey> = events.iter().map(|e| e.key()).collect();
+        touched.sort();
+        touched.dedup();
+        let (new4, new6) = self.plan_peers(&batch.current, |_| false).await;
+        let mut result = Ok(());
+        for (fam, new_peers) in [(Fam::V4, new4), (Fam::V6, new6)] {
+            let Some(side) = self.side_mut(fam) else {
+                continue;
+            };
+            let dev = side.device_index().ok_or_else(not_started)?;
+            let old = peers::swap_touched(&mut side.programmed, &touched, &new_peers);
+            // Another peer may still use an FDB entry a removed one shared.
+            let still: HashSet<(MacAddr, IpAddr)> = side
+                .programmed
+                .values()
+                .filter_map(|p| match p {
+                    Peer::Tunnel { mac, vtep, .. } => Some((*mac, *vtep)),
+                    Peer::Direct { .. } => None,
+                })
+                .collect();
+            let desired = self.desired(dev, new_peers.values());
+            let mut plan = dataplane::diff(&desired, &self.desired(dev, old.values()).as_state());
+            plan.fdb_del.retain(|e| !still.contains(e));
+            let r = self
+                .run_plan(dev, &desired, &plan, "vxlan lease events")
+                .await;
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
     }
 
     fn resync_interval(&self) -> Option<Duration> {
@@ -672,7 +1029,9 @@ impl Backend for VxlanBackend {
     }
 
     async fn resync(&mut self) -> Result<(), BackendError> {
-        self.ensure_device_alive().await?;
+        for fam in self.families() {
+            self.ensure_device_alive(fam).await?;
+        }
         self.full_reconcile(|_| false).await
     }
 }

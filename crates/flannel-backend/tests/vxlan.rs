@@ -555,6 +555,7 @@ async fn incompatible_device_is_recreated_with_the_published_mac() {
     let published = "0a:58:22:22:22:22".parse().unwrap();
     let opts = BackendOptions {
         vtep_mac: Some(published),
+        ..Default::default()
     };
     let (_be, attrs) = backend_with(&a, cfg, opts).await;
     assert_eq!(mac_of(&attrs), "0a:58:22:22:22:22");
@@ -572,4 +573,456 @@ async fn incompatible_device_is_recreated_with_the_published_mac() {
     assert!(a
         .sh(&["ip", "-d", "link", "show", "flannel.1"])
         .contains("vxlan id 1"));
+}
+
+const DUAL: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd10:244::/56","IPv6SubnetLen":64,"Backend":{"Type":"vxlan"}}"#;
+
+/// Gives host `h` of [`two_hosts`] the underlay address `fd18::<n>`, and its pod the
+/// address `fd10:244:0:<n>::2` behind `fd10:244:0:<n>::1`.
+fn dual_stack(h: &mut Host, n: u8) {
+    let ifname = h.ext.name.clone();
+    let addr = format!("fd18::{n}");
+    let gw = format!("fd10:244:0:{n}::1");
+    h.sh(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{addr}/64"),
+        "dev",
+        &ifname,
+        "nodad",
+    ]);
+    h.sh(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+    h.sh(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{gw}/64"),
+        "dev",
+        "pod0",
+        "nodad",
+    ]);
+    let pod = format!("fd10:244:0:{n}::2/64");
+    h.pod
+        .run(&["ip", "addr", "add", &pod, "dev", "eth0", "nodad"])
+        .unwrap();
+    h.pod
+        .run(&["ip", "-6", "route", "add", "default", "via", &gw])
+        .unwrap();
+    h.ext.addr6 = Some(addr.parse().unwrap());
+    h.ext.public_ipv6 = h.ext.addr6;
+}
+
+/// `h`'s lease for `attrs` with the v6 subnet `fd10:244:0:<n>::/64`, published as the
+/// agent does (with the interface's PublicIPv6).
+fn dual_lease(h: &Host, attrs: &LeaseAttrs, n: u8) -> Lease {
+    let mut attrs = attrs.clone();
+    attrs.public_ipv6 = h.ext.public_ipv6;
+    let mut l = h.lease(&attrs);
+    let key = format!(
+        "{}-24&fd10:244:0:{n}::-64",
+        h.subnet.trim_end_matches("/24")
+    );
+    l.key = key.parse().unwrap();
+    l
+}
+
+fn mac6_of(attrs: &LeaseAttrs) -> String {
+    VxlanData::decode(attrs.backend_v6_data.as_ref().unwrap())
+        .unwrap()
+        .vtep_mac
+        .to_string()
+}
+
+/// A dual-stack backend on `h` (host number `n`), registered and started.
+async fn started_dual(h: &Host, n: u8, vxlan: &str, opts: BackendOptions) -> (VxlanBackend, Lease) {
+    let cfg =
+        flannel_core::NetworkConfig::parse(&DUAL.replace(r#"{"Type":"vxlan"}"#, vxlan)).unwrap();
+    let mut be = VxlanBackend::new(&raw(vxlan), h.ext.clone(), h.nl.clone(), opts).unwrap();
+    let attrs = be.register(&cfg).await.unwrap();
+    let lease = dual_lease(h, &attrs, n);
+    be.start(&cfg, &lease).await.unwrap();
+    (be, lease)
+}
+
+/// The lines of `text` that mention `needle`.
+fn lines_with<'a>(text: &'a str, needle: &str) -> Vec<&'a str> {
+    text.lines().filter(|l| l.contains(needle)).collect()
+}
+
+#[tokio::test]
+async fn vxlan_dual_stack_v6_device_entries_and_zero_write_restart() {
+    let test = "vxlan_dual_stack_v6_device_entries_and_zero_write_restart";
+    let Some((mut a, mut b)) = hosts(test).await else {
+        return;
+    };
+    dual_stack(&mut a, 1);
+    dual_stack(&mut b, 2);
+    let vx = r#"{"Type":"vxlan"}"#;
+    let (mut ba, la) = started_dual(&a, 1, vx, BackendOptions::default()).await;
+    let (mut bb, lb) = started_dual(&b, 2, vx, BackendOptions::default()).await;
+    // The lease value is byte-for-byte Go's, BackendV6Data last.
+    assert_eq!(
+        lb.attrs.encode(),
+        format!(
+            r#"{{"PublicIP":"198.18.0.2","PublicIPv6":"fd18::2","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
+            mac_of(&lb.attrs),
+            mac6_of(&lb.attrs)
+        )
+    );
+    assert_ne!(mac_of(&lb.attrs), mac6_of(&lb.attrs));
+    assert_eq!(ba.mtu(), 1450, "FLANNEL_MTU stays the IPv4 device's");
+
+    // Bad peers: no PublicIPv6, no BackendV6Data, a v6 subnet outside IPv6Network.
+    // Each keeps its IPv4 entries and gets no IPv6 entry.
+    let mut no_public6 = moved(
+        &lb,
+        Some("10.244.3.0-24&fd10:244:0:3::-64"),
+        "198.18.0.2",
+        "0a:58:00:00:00:03",
+    );
+    std::sync::Arc::make_mut(&mut no_public6.attrs).public_ipv6 = None;
+    let mut no_data6 = moved(
+        &lb,
+        Some("10.244.4.0-24&fd10:244:0:4::-64"),
+        "198.18.0.2",
+        "0a:58:00:00:00:04",
+    );
+    std::sync::Arc::make_mut(&mut no_data6.attrs).backend_v6_data = None;
+    let outside = moved(
+        &lb,
+        Some("10.244.5.0-24&fd10:9::-64"),
+        "198.18.0.2",
+        "0a:58:00:00:00:05",
+    );
+    let bad = [no_public6.clone(), no_data6.clone(), outside.clone()];
+    let mut peers = vec![lb.clone()];
+    peers.extend(bad.iter().cloned());
+    ba.reconcile(&peers).await.unwrap();
+    bb.reconcile(std::slice::from_ref(&la)).await.unwrap();
+
+    // Appendix A.1's lines, for the IPv6 device.
+    let link = a.sh(&["ip", "-d", "link", "show", "flannel-v6.1"]);
+    let mac6a = mac6_of(&la.attrs);
+    assert!(link.contains("mtu 1430 "), "{link}");
+    assert!(link.contains(&format!("link/ether {mac6a} ")), "{link}");
+    assert!(
+        link.contains("vxlan id 1 local fd18::1 dev ua srcport 0 0 dstport 8472 nolearning ttl auto ageing 300"),
+        "{link}"
+    );
+    // Exact once DAD is over (the kernel marks a new address tentative first).
+    let addrs = || {
+        a.sh(&[
+            "ip",
+            "-6",
+            "addr",
+            "show",
+            "dev",
+            "flannel-v6.1",
+            "scope",
+            "global",
+        ])
+    };
+    eventually(|| !addrs().contains("tentative"));
+    let addrs = addrs();
+    assert_eq!(
+        lines_with(&addrs, "inet6"),
+        vec!["    inet6 fd10:244:0:1::/128 scope global "],
+        "{addrs}"
+    );
+    let mac6b = mac6_of(&lb.attrs);
+    let neigh = a.sh(&[
+        "ip",
+        "-6",
+        "neigh",
+        "show",
+        "dev",
+        "flannel-v6.1",
+        "nud",
+        "permanent",
+    ]);
+    assert_eq!(
+        neigh.lines().collect::<Vec<_>>(),
+        vec![format!("fd10:244:0:2:: lladdr {mac6b} PERMANENT ")],
+        "{neigh}"
+    );
+    let fdb = a.sh(&["bridge", "fdb", "show", "dev", "flannel-v6.1"]);
+    assert_eq!(
+        lines_with(&fdb, " dst "),
+        vec![format!("{mac6b} dst fd18::2 self permanent")],
+        "{fdb}"
+    );
+    let routes = a.sh(&["ip", "-d", "-6", "route", "show", "table", "all"]);
+    assert_eq!(
+        lines_with(&routes, "fd10:244:0:2"),
+        vec!["unicast fd10:244:0:2::/64 via fd10:244:0:2:: dev flannel-v6.1 table main proto 70 scope global metric 1024 onlink pref medium"],
+        "{routes}"
+    );
+    assert!(!routes.contains("fd10:9::"), "{routes}");
+    // The IPv4 device is as before, and every bad peer still has its IPv4 route.
+    let r4 = a.sh(&["ip", "route"]);
+    for s in ["10.244.2.0", "10.244.3.0", "10.244.4.0", "10.244.5.0"] {
+        assert!(
+            r4.contains(&format!("{s}/24 via {s} dev flannel.1 proto 70 onlink")),
+            "{s}: {r4}"
+        );
+    }
+
+    assert!(
+        pod_ping(&a.pod, "fd10:244:0:2::2"),
+        "pod a -> pod b over v6"
+    );
+    assert!(
+        pod_ping(&b.pod, "fd10:244:0:1::2"),
+        "pod b -> pod a over v6"
+    );
+    assert!(pod_ping(&a.pod, &b.pod_ip), "and over v4");
+
+    // Over a matching kernel: no writes, by the same backend or a restarted one,
+    // which keeps both devices and so both published MACs.
+    let w = ba.peer_writes();
+    ba.reconcile(&peers).await.unwrap();
+    ba.resync().await.unwrap();
+    assert_eq!(ba.peer_writes(), w);
+    drop(ba);
+    let mut mon = monitor(&a.ns);
+    mon.barrier();
+    let (mut ba, la2) = started_dual(&a, 1, vx, BackendOptions::default()).await;
+    assert_eq!(
+        la2.attrs.encode(),
+        la.attrs.encode(),
+        "same MACs after a restart"
+    );
+    ba.reconcile(&peers).await.unwrap();
+    ba.resync().await.unwrap();
+    assert_eq!(ba.peer_writes(), 0, "restart over a matching kernel");
+    let seen = mon.barrier();
+    assert!(
+        !seen
+            .iter()
+            .any(|l| l.contains("fd10:244:") || l.contains("flannel-v6")),
+        "{seen:?}"
+    );
+
+    // Deleted behind our back: the periodic check puts each entry back.
+    a.sh(&["ip", "-6", "route", "del", "fd10:244:0:2::/64"]);
+    a.sh(&[
+        "ip",
+        "-6",
+        "neigh",
+        "del",
+        "fd10:244:0:2::",
+        "dev",
+        "flannel-v6.1",
+    ]);
+    a.sh(&[
+        "bridge",
+        "fdb",
+        "del",
+        &mac6b,
+        "dev",
+        "flannel-v6.1",
+        "dst",
+        "fd18::2",
+    ]);
+    ba.resync().await.unwrap();
+    assert_eq!(
+        lines_with(&a.sh(&["ip", "-d", "-6", "route", "show", "table", "all"]), "fd10:244:0:2"),
+        vec!["unicast fd10:244:0:2::/64 via fd10:244:0:2:: dev flannel-v6.1 table main proto 70 scope global metric 1024 onlink pref medium"]
+    );
+    assert!(a
+        .sh(&["ip", "-6", "neigh", "show", "dev", "flannel-v6.1"])
+        .contains(&format!("fd10:244:0:2:: lladdr {mac6b} PERMANENT")));
+    assert!(a
+        .sh(&["bridge", "fdb", "show", "dev", "flannel-v6.1"])
+        .contains(&format!("{mac6b} dst fd18::2 self permanent")));
+    assert!(pod_ping(&a.pod, "fd10:244:0:2::2"));
+
+    // The device deleted: recreated with the same MAC by the resync.
+    a.sh(&["ip", "link", "del", "flannel-v6.1"]);
+    ba.resync().await.unwrap();
+    assert!(a
+        .sh(&["ip", "-d", "link", "show", "flannel-v6.1"])
+        .contains(&format!("link/ether {mac6a} ")));
+    assert!(
+        pod_ping(&a.pod, "fd10:244:0:2::2"),
+        "after the device came back"
+    );
+
+    // Lease deleted: the v6 neighbour, FDB entry and route go with the v4 ones.
+    ba.apply(&[LeaseEvent::Removed(lb.clone())]).await.unwrap();
+    assert!(!a.sh(&["ip", "-6", "route"]).contains("fd10:244:0:2::"));
+    assert_eq!(
+        a.sh(&[
+            "ip",
+            "-6",
+            "neigh",
+            "show",
+            "dev",
+            "flannel-v6.1",
+            "nud",
+            "permanent"
+        ]),
+        ""
+    );
+    assert!(lines_with(
+        &a.sh(&["bridge", "fdb", "show", "dev", "flannel-v6.1"]),
+        " dst "
+    )
+    .is_empty());
+    assert!(!a.sh(&["ip", "route"]).contains("10.244.2.0"));
+    // And a device made anew uses the MAC published before (kube annotation).
+    drop(ba);
+    a.sh(&["ip", "link", "del", "flannel-v6.1"]);
+    let opts = BackendOptions {
+        vtep_mac_v6: Some("0a:58:66:66:66:66".parse().unwrap()),
+        ..Default::default()
+    };
+    let (_ba, la3) = started_dual(&a, 1, vx, opts).await;
+    assert_eq!(mac6_of(&la3.attrs), "0a:58:66:66:66:66");
+    assert_eq!(mac_of(&la3.attrs), mac_of(&la.attrs));
+}
+
+#[tokio::test]
+async fn vxlan_dual_stack_direct_routing_v6() {
+    let Some((mut a, mut b)) = hosts("vxlan_dual_stack_direct_routing_v6").await else {
+        return;
+    };
+    dual_stack(&mut a, 1);
+    dual_stack(&mut b, 2);
+    let vx = r#"{"Type":"vxlan","DirectRouting":true}"#;
+    let (mut ba, la) = started_dual(&a, 1, vx, BackendOptions::default()).await;
+    let (mut bb, lb) = started_dual(&b, 2, vx, BackendOptions::default()).await;
+    ba.reconcile(std::slice::from_ref(&lb)).await.unwrap();
+    bb.reconcile(std::slice::from_ref(&la)).await.unwrap();
+    let routes = a.sh(&["ip", "-d", "-6", "route", "show", "table", "all"]);
+    assert_eq!(
+        lines_with(&routes, "fd10:244:0:2"),
+        vec!["unicast fd10:244:0:2::/64 via fd18::2 dev ua table main proto 70 scope global metric 1024 pref medium"],
+        "{routes}"
+    );
+    assert_eq!(
+        a.sh(&[
+            "ip",
+            "-6",
+            "neigh",
+            "show",
+            "dev",
+            "flannel-v6.1",
+            "nud",
+            "permanent"
+        ]),
+        ""
+    );
+    assert!(pod_ping(&a.pod, "fd10:244:0:2::2"));
+    assert!(pod_ping(&b.pod, "fd10:244:0:1::2"));
+    let w = ba.peer_writes();
+    ba.resync().await.unwrap();
+    assert_eq!(ba.peer_writes(), w);
+}
+
+const V6_ONLY: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd10:244::/56","IPv6SubnetLen":64,"Backend":{"Type":"vxlan"}}"#;
+
+/// An IPv6-only lease as the Kubernetes store builds it: the `0.0.0.0/0` IPv4
+/// placeholder and the v6 pod CIDR `fd10:244:0:<n>::/64`.
+fn v6_only_lease(attrs: &LeaseAttrs, public6: &str, n: u8) -> Lease {
+    let mut attrs = attrs.clone();
+    attrs.public_ipv6 = Some(public6.parse().unwrap());
+    Lease {
+        key: format!("0.0.0.0-0&fd10:244:0:{n}::-64").parse().unwrap(),
+        attrs: attrs.into(),
+        expiration: None,
+    }
+}
+
+/// An IPv6-only backend on `h` (host number `n`, without an IPv4 address, as the
+/// interface selection leaves it), registered and started.
+async fn started_v6_only(h: &mut Host, n: u8) -> (VxlanBackend, Lease) {
+    h.ext.addr = None;
+    h.ext.public_ip = None;
+    let cfg = flannel_core::NetworkConfig::parse(V6_ONLY).unwrap();
+    let vx = r#"{"Type":"vxlan"}"#;
+    let opts = BackendOptions::default();
+    let mut be = VxlanBackend::new(&raw(vx), h.ext.clone(), h.nl.clone(), opts).unwrap();
+    let attrs = be.register(&cfg).await.unwrap();
+    let lease = v6_only_lease(&attrs, &format!("fd18::{n}"), n);
+    be.start(&cfg, &lease).await.unwrap();
+    (be, lease)
+}
+
+#[tokio::test]
+async fn vxlan_ipv6_only_has_the_v6_device_alone() {
+    let Some((mut a, mut b)) = hosts("vxlan_ipv6_only_has_the_v6_device_alone").await else {
+        return;
+    };
+    dual_stack(&mut a, 1);
+    dual_stack(&mut b, 2);
+    let (mut ba, la) = started_v6_only(&mut a, 1).await;
+    let (mut bb, lb) = started_v6_only(&mut b, 2).await;
+    assert_eq!(
+        lb.attrs.encode(),
+        format!(
+            r#"{{"PublicIP":"0.0.0.0","PublicIPv6":"fd18::2","BackendType":"vxlan","BackendV6Data":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
+            mac6_of(&lb.attrs)
+        )
+    );
+    assert_eq!(ba.mtu(), 1430, "the v6 device is the only one pods cross");
+    assert!(a.sh(&["ip", "-br", "link"]).contains("flannel-v6.1"));
+    assert!(!a.sh(&["ip", "-br", "link"]).contains("flannel.1 "));
+    // Two peers share the IPv4 placeholder: both are programmed, our own lease is not.
+    let p3 = v6_only_lease(&lb.attrs, "fd18::2", 3);
+    let mut p3_attrs = (*p3.attrs).clone();
+    p3_attrs.backend_v6_data = Some(raw(r#"{"VNI":1,"VtepMAC":"0a:58:00:00:00:03"}"#));
+    let p3 = Lease {
+        attrs: p3_attrs.into(),
+        ..p3
+    };
+    ba.reconcile(&[la.clone(), lb.clone(), p3.clone()])
+        .await
+        .unwrap();
+    bb.reconcile(std::slice::from_ref(&la)).await.unwrap();
+    let r6 = a.sh(&["ip", "-6", "route", "show", "proto", "70"]);
+    assert_eq!(
+        r6.lines().collect::<Vec<_>>(),
+        vec![
+            "fd10:244:0:2::/64 via fd10:244:0:2:: dev flannel-v6.1 metric 1024 onlink pref medium",
+            "fd10:244:0:3::/64 via fd10:244:0:3:: dev flannel-v6.1 metric 1024 onlink pref medium",
+        ],
+        "{r6}"
+    );
+    assert!(a
+        .sh(&["ip", "-4", "route", "show", "proto", "70"])
+        .trim()
+        .is_empty());
+    assert!(
+        pod_ping(&a.pod, "fd10:244:0:2::2"),
+        "pod a -> pod b over v6"
+    );
+    assert!(
+        pod_ping(&b.pod, "fd10:244:0:1::2"),
+        "pod b -> pod a over v6"
+    );
+    let w = ba.peer_writes();
+    ba.resync().await.unwrap();
+    assert_eq!(ba.peer_writes(), w, "resync over a matching kernel");
+    // One peer leaves: only its entries go.
+    ba.apply(&[LeaseEvent::Removed(p3)]).await.unwrap();
+    assert_eq!(
+        a.sh(&["ip", "-6", "route", "show", "proto", "70"]).trim(),
+        "fd10:244:0:2::/64 via fd10:244:0:2:: dev flannel-v6.1 metric 1024 onlink pref medium"
+    );
+    let neigh = a.sh(&[
+        "ip",
+        "-6",
+        "neigh",
+        "show",
+        "dev",
+        "flannel-v6.1",
+        "nud",
+        "permanent",
+    ]);
+    assert_eq!(
+        neigh.trim(),
+        format!("fd10:244:0:2:: lladdr {} PERMANENT", mac6_of(&lb.attrs))
+    );
 }

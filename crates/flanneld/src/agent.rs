@@ -81,6 +81,7 @@ impl Agent {
 
         let backend_opts = BackendOptions {
             vtep_mac: overrides.vtep_mac,
+            vtep_mac_v6: overrides.vtep_mac_v6,
         };
         let mut backend =
             crate::backends::new(&config, ext.clone(), netlink.clone(), backend_opts)?;

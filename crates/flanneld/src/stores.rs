@@ -28,6 +28,8 @@ pub struct NodeOverrides {
     pub public_ipv6: Option<std::net::Ipv6Addr>,
     /// The VTEP MAC published before, reused when the vxlan device is recreated.
     pub vtep_mac: Option<MacAddr>,
+    /// The same for the IPv6 vxlan device (`backend-v6-data`).
+    pub vtep_mac_v6: Option<MacAddr>,
 }
 
 pub async fn open(o: &Options) -> Result<OpenedStore> {
@@ -89,6 +91,7 @@ async fn open_kube(o: &Options) -> Result<OpenedStore> {
             public_ip: info.public_ip,
             public_ipv6: info.public_ipv6,
             vtep_mac: info.vtep_mac,
+            vtep_mac_v6: info.vtep_mac_v6,
         },
     })
 }
