@@ -408,9 +408,6 @@ impl Backend for HostGwBackend {
         let batch = self.peers.apply_batch(events, &mut self.warnings, |l| {
             tracing::info!("host-gw: subnet {} removed", l.key);
         });
-        let mut touched: Vec<LeaseKey> = events.iter().map(|e| e.key()).collect();
-        touched.sort();
-        touched.dedup();
         for e in events {
             if let LeaseEvent::Removed(l) = e {
                 self.warnings6.clear(&l.key);
@@ -418,8 +415,8 @@ impl Backend for HostGwBackend {
         }
         let new_peers = self.plan_peers(&batch.current, |_| false).await;
         let old = Planned {
-            v4: peers::swap_touched(&mut self.programmed.v4, &touched, &new_peers.v4),
-            v6: peers::swap_touched(&mut self.programmed.v6, &touched, &new_peers.v6),
+            v4: peers::swap_touched(&mut self.programmed.v4, &batch.touched, &new_peers.v4),
+            v6: peers::swap_touched(&mut self.programmed.v6, &batch.touched, &new_peers.v6),
         };
         let desired = self.desired(&new_peers);
         let plan = dataplane::diff(&desired, &self.desired(&old).as_state());

@@ -81,8 +81,9 @@ pub(crate) fn usable(
 /// What one batch of lease events touched.
 #[derive(Debug, Default)]
 pub(crate) struct Batch {
-    /// The subnets the events name, sorted, each once.
-    pub touched: Vec<Ipv4Net>,
+    /// The lease keys the events name, sorted, each once (keys, not IPv4 subnets:
+    /// IPv6-only leases all share the 0.0.0.0/0 placeholder).
+    pub touched: Vec<LeaseKey>,
     /// The added or changed leases that are still current after the whole batch
     /// (the latest state of a subnet wins within one batch), in event order.
     pub current: Vec<Lease>,
@@ -125,7 +126,7 @@ impl PeerSet {
         mut on_removed: impl FnMut(&Lease),
     ) -> Batch {
         self.apply(events);
-        let mut touched: Vec<Ipv4Net> = events.iter().map(|e| e.key().v4.trunc()).collect();
+        let mut touched: Vec<LeaseKey> = events.iter().map(|e| e.key()).collect();
         touched.sort();
         touched.dedup();
         let mut current = Vec::new();

@@ -991,9 +991,6 @@ impl Backend for VxlanBackend {
             }
         }
         batch.current.dedup_by(|a, b| a.key == b.key);
-        let mut touched: Vec<LeaseKey> = events.iter().map(|e| e.key()).collect();
-        touched.sort();
-        touched.dedup();
         let (new4, new6) = self.plan_peers(&batch.current, |_| false).await;
         let mut result = Ok(());
         for (fam, new_peers) in [(Fam::V4, new4), (Fam::V6, new6)] {
@@ -1001,7 +998,7 @@ impl Backend for VxlanBackend {
                 continue;
             };
             let dev = side.device_index().ok_or_else(not_started)?;
-            let old = peers::swap_touched(&mut side.programmed, &touched, &new_peers);
+            let old = peers::swap_touched(&mut side.programmed, &batch.touched, &new_peers);
             // Another peer may still use an FDB entry a removed one shared.
             let still: HashSet<(MacAddr, IpAddr)> = side
                 .programmed
