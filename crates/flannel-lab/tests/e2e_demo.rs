@@ -44,10 +44,19 @@ fn ratio(out: &str, family: &str) -> Option<f64> {
 
 #[test]
 fn demo_dual_stack_host_gw_reaches_every_pod_over_both_families() {
+    dual_stack_demo("host-gw");
+}
+
+#[test]
+fn demo_dual_stack_vxlan_reaches_every_pod_over_both_families() {
+    dual_stack_demo("vxlan");
+}
+
+fn dual_stack_demo(backend: &str) {
     if !ready_with("demo --ipv6", Needs::Agents, &["iperf3"]) {
         return;
     }
-    let out = demo(&["--backend", "host-gw", "--ipv6", "--iperf-secs", "1"]);
+    let out = demo(&["--backend", backend, "--ipv6", "--iperf-secs", "1"]);
     assert_eq!(reachable(&out, "IPv4"), Some((6, 6)), "{out}");
     assert_eq!(reachable(&out, "IPv6"), Some((6, 6)), "{out}");
     // Both families carried iperf3 traffic pod to pod (a ratio, not a speed).
