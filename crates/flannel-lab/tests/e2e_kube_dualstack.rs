@@ -1,6 +1,6 @@
 //! End to end: the Kubernetes subnet manager with IPv6. Three hosts on a dual-stack
 //! underlay, the fake API server (`flannel-kube-fake`) holding their Node objects,
-//! host-gw as the backend.
+//! host-gw as the backend (and vxlan for IPv6-only).
 //!
 //! 1. Dual stack: nodes with an IPv4 and an IPv6 `podCIDRs` entry. subnet.env and
 //!    the node annotations are exactly what upstream writes (`public-ipv6-overwrite`
@@ -9,6 +9,7 @@
 //! 2. IPv6-only (`EnableIPv4:false`, which upstream allows in Kubernetes mode):
 //!    nodes with only an IPv6 pod CIDR, no IPv4 route or pod address anywhere,
 //!    IPv6 between all pods, a deleted node's route goes.
+//! 3. IPv6-only with vxlan: the v6 device alone, its MAC in `backend-v6-data`.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -381,4 +382,101 @@ fn etcd_ipv6_only_is_refused_with_a_clear_error() {
         .unwrap();
     assert!(leases.is_empty(), "{leases:?}");
     assert!(!lab.hosts()[0].subnet_file().exists());
+}
+
+/// 3. IPv6-only with vxlan: only `flannel-v6.1` (MTU link − 70), the v6 VTEP MAC
+///    published in `backend-v6-data` and nothing of IPv4, IPv6 between all pods, a
+///    deleted node's entries go.
+#[test]
+fn kube_vxlan_ipv6_only_end_to_end() {
+    const NET_CONF: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd10:244::/56","Backend":{"Type":"vxlan"}}"#;
+    let Some((mut lab, fake)) = kube_lab("kube vxlan IPv6-only", NET_CONF) else {
+        return;
+    };
+    for (h, c) in V6_CIDRS.iter().enumerate() {
+        fake.create_node(&node_name(h), &[c]).expect("create node");
+    }
+    for h in 0..3 {
+        lab.spawn_agent(h).expect("flanneld");
+    }
+    for (h, c) in V6_CIDRS.iter().enumerate() {
+        let text = wait_v6_only_subnet_file(&mut lab, h);
+        let gw6 = c.replace("::/64", "::1/64");
+        assert_eq!(
+            text,
+            format!(
+                "FLANNEL_IPV6_NETWORK=fd10:244::/56\nFLANNEL_IPV6_SUBNET={gw6}\n\
+                 FLANNEL_MTU=1430\nFLANNEL_IPMASQ=true\n"
+            ),
+            "subnet.env of host {h}"
+        );
+    }
+    for h in 0..3 {
+        let ns = lab.hosts()[h].ns.clone();
+        let dev = lab
+            .ip_in(&ns, &["-d", "link", "show", "flannel-v6.1"])
+            .expect("flannel-v6.1 exists");
+        let mac = dev
+            .split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .expect("a MAC")
+            .to_string();
+        assert!(dev.contains("mtu 1430"), "{dev}");
+        assert!(
+            lab.ip_in(&ns, &["link", "show", "flannel.1"]).is_err(),
+            "host {h}: an IPv4 vxlan device in an IPv6-only cluster"
+        );
+        let want = want_annotations(&[
+            ("backend-type", "vxlan".into()),
+            (
+                "backend-v6-data",
+                format!(r#"{{"VNI":1,"VtepMAC":"{mac}"}}"#),
+            ),
+            ("public-ipv6", lab.hosts()[h].ip6.unwrap().to_string()),
+            ("kube-subnet-manager", "true".into()),
+        ]);
+        assert_eq!(
+            fake.annotations(&node_name(h)).unwrap(),
+            want,
+            "annotations of {}",
+            node_name(h)
+        );
+    }
+    let pods: Vec<PodId> = (0..3)
+        .map(|h| lab.add_pod_ipv6_only(h).expect("IPv6-only pod"))
+        .collect();
+    for &a in &pods {
+        for &b in &pods {
+            if a != b {
+                lab.wait_reachable_ip(a, pod_ip6(&lab, b))
+                    .expect("v6 reachable");
+                assert!(lab.ping_ip(a, pod_ip6(&lab, b), 2).unwrap().all_replied());
+            }
+        }
+    }
+    for h in 0..3 {
+        let v4 = lab
+            .ip_in(&lab.hosts()[h].ns, &["-4", "route", "show", "proto", "70"])
+            .unwrap();
+        assert!(v4.trim().is_empty(), "host {h}: IPv4 routes {v4}");
+    }
+    let gw2 = V6_CIDRS[2].replace("::/64", "::");
+    assert_eq!(
+        route(&lab, 0, "-6", V6_CIDRS[2]),
+        format!(
+            "{} via {gw2} dev flannel-v6.1 proto 70 metric 1024 onlink pref medium",
+            V6_CIDRS[2]
+        )
+    );
+
+    fake.delete_node(&node_name(2)).unwrap();
+    for h in 0..2 {
+        wait_route_gone(&lab, h, "-6", V6_CIDRS[2]);
+    }
+    assert!(lab
+        .ping_ip(pods[0], pod_ip6(&lab, pods[1]), 2)
+        .unwrap()
+        .all_replied());
+    lab.check_agents().unwrap();
 }
