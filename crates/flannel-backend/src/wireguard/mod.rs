@@ -8,6 +8,6 @@ pub mod backend;
 pub mod config;
 pub mod key;
 
-pub use backend::{cleanup, WireguardBackend, DEVICE};
+pub use backend::{auto_uses_ipv6, cleanup, WireguardBackend, DEVICE, DEVICE_V6};
 pub use config::{Mode, WireguardConfig};
 pub use key::{key_file_path, PresharedKey, PrivateKey};
