@@ -86,6 +86,10 @@ struct Dev {
     carries_v6: bool,
     sessions: Arc<Mutex<Sessions>>,
     device: Option<Device>,
+    /// The opened handles until the first peers are known: the data path starts
+    /// only then, so that what waited in the TUN queue across a restart is not
+    /// read while there is no peer to send it to.
+    pending: Option<(Handles, Arc<DeviceCounters>)>,
     uapi: Option<tokio::task::JoinHandle<()>>,
     /// A copy of the device's socket, to greet new peers the moment they are added.
     greeter: Option<std::net::UdpSocket>,
@@ -96,7 +100,18 @@ struct Dev {
 impl Dev {
     /// Makes the sessions hold exactly `self.peers` (a changed key replaces the
     /// old peer).
-    fn push_peers(&mut self) {
+    fn push_peers(&mut self) -> Result<(), BackendError> {
+        self.set_sessions();
+        if let Some((handles, counters)) = self.pending.take() {
+            self.device = Some(
+                Device::start_with(handles, self.sessions.clone(), counters)
+                    .map_err(BackendError::kernel(format!("start {}", self.name)))?,
+            );
+        }
+        Ok(())
+    }
+
+    fn set_sessions(&mut self) {
         let Ok(mut s) = self.sessions.lock() else {
             return;
         };
@@ -170,10 +185,7 @@ impl Dev {
                 None
             }
         };
-        self.device = Some(
-            Device::start_with(handles, self.sessions.clone(), counters)
-                .map_err(BackendError::kernel(format!("start {name}")))?,
-        );
+        self.pending = Some((handles, counters));
         Ok(inherited)
     }
 
@@ -443,10 +455,11 @@ impl WireguardBackend {
         }
     }
 
-    fn push_peers(&mut self) {
+    fn push_peers(&mut self) -> Result<(), BackendError> {
         for d in [&mut self.dev, &mut self.dev6].into_iter().flatten() {
-            d.push_peers();
+            d.push_peers()?;
         }
+        Ok(())
     }
 
     fn public_ip(&self) -> Result<Ipv4Addr, BackendError> {
@@ -510,6 +523,7 @@ impl Backend for WireguardBackend {
             carries_v6,
             sessions: Arc::new(Mutex::new(Sessions::new(key.secret().clone()))),
             device: None,
+            pending: None,
             uapi: None,
             greeter: None,
             peers: BTreeMap::new(),
@@ -656,8 +670,7 @@ impl Backend for WireguardBackend {
             self.set_lease(l);
         }
         self.warnings6.retain(|k| peers.iter().any(|l| &l.key == k));
-        self.push_peers();
-        Ok(())
+        self.push_peers()
     }
 
     fn packet_stats(&self) -> Option<PacketStatsSource> {
@@ -688,8 +701,7 @@ impl Backend for WireguardBackend {
                 }
             }
         }
-        self.push_peers();
-        Ok(())
+        self.push_peers()
     }
 }
 
