@@ -299,6 +299,45 @@ fn separate_mode_runs_flannel_wg_v6() {
     assert!(v6_line.contains("inherited=true"), "{v6_line}");
     let (_, peers6) = uapi(&lab.wireguard_uapi_get_of(1, "flannel-wg-v6").unwrap());
     assert_eq!(peers6.len(), 2, "{peers6:?}");
+
+    // SIGTERM leaves both devices to their keepers; --cleanup removes both, with
+    // their keepers and UAPI sockets.
+    let st = lab.stop_agent(1).unwrap();
+    assert!(st.success(), "flanneld exit on SIGTERM: {st}");
+    let ns = lab.hosts()[1].ns.clone();
+    let link_exists = |dev: &str| {
+        lab.exec_in(&ns, &["ip", "link", "show", dev])
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(link_exists("flannel-wg") && link_exists("flannel-wg-v6"));
+    let host = &lab.hosts()[1];
+    let flanneld = lab.agent_command(1).unwrap()[0].clone();
+    let socket_dir = format!(
+        "FLANNEL_WG_SOCKET_DIR={}",
+        host.dir.join("wireguard").display()
+    );
+    let subnet_file = format!("--subnet-file={}", host.subnet_file().display());
+    let out = lab
+        .exec_in(
+            &ns,
+            &["env", &socket_dir, &flanneld, "--cleanup", &subnet_file],
+        )
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "flanneld --cleanup: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for dev in ["flannel-wg", "flannel-wg-v6"] {
+        assert!(!link_exists(dev), "{dev} survived --cleanup");
+        assert!(
+            !host.wireguard_socket_of(dev).exists(),
+            "{dev}'s UAPI socket survived --cleanup"
+        );
+    }
 }
 
 /// One device for both families: allowed IPs of both, the endpoint by mode.
