@@ -159,16 +159,14 @@ pub fn decap_loop(c: &WorkerConfig) {
                 tally.rx_drop_malformed += 1;
                 continue;
             }
+            // The socket is AF_INET: an IPv6 sender cannot occur.
+            let std::net::IpAddr::V4(from) = r.from else {
+                tally.rx_drop_malformed += 1;
+                continue;
+            };
             let buf = &mut rx.bufs[i][..r.len];
             plan.clear();
-            decap.datagram(
-                table,
-                u32::from(r.from),
-                buf,
-                r.stride,
-                &mut plan,
-                &mut tally,
-            );
+            decap.datagram(table, u32::from(from), buf, r.stride, &mut plan, &mut tally);
             for w in &plan.writes {
                 plan.iovecs(w, &buf[..], c.vnet, &mut iov);
                 match tun::writev(c.tun, &iov) {

@@ -3,7 +3,7 @@
 
 use std::io;
 use std::mem;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use tracing::warn;
@@ -53,13 +53,76 @@ pub fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
     s
 }
 
-/// A non-blocking UDP socket bound to `addr`; `reuseport` lets one socket per
-/// worker share the address.
-pub fn bind(addr: SocketAddrV4, reuseport: bool) -> io::Result<OwnedFd> {
+pub fn sockaddr6(a: SocketAddrV6) -> libc::sockaddr_in6 {
+    // SAFETY: sockaddr_in6 is plain old data.
+    let mut s: libc::sockaddr_in6 = unsafe { mem::zeroed() };
+    s.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+    s.sin6_port = a.port().to_be();
+    s.sin6_addr.s6_addr = a.ip().octets();
+    s.sin6_flowinfo = a.flowinfo();
+    s.sin6_scope_id = a.scope_id();
+    s
+}
+
+/// A socket address in storage that fits either family, as `to` is written for a
+/// socket of family AF_INET6 (`v6_socket`, where an IPv4 peer is IPv4-mapped) or
+/// AF_INET. Returns the name length to pass with it.
+pub fn name_of(to: SocketAddr, v6_socket: bool, out: &mut libc::sockaddr_in6) -> libc::socklen_t {
+    match (to, v6_socket) {
+        (SocketAddr::V4(a), false) => {
+            let sa = sockaddr(a);
+            // SAFETY: sockaddr_in (16 bytes) fits in sockaddr_in6 (28), whose
+            // alignment is at least as strict.
+            unsafe { std::ptr::write((out as *mut libc::sockaddr_in6).cast(), sa) };
+            mem::size_of::<libc::sockaddr_in>() as libc::socklen_t
+        }
+        (SocketAddr::V4(a), true) => {
+            *out = sockaddr6(SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0));
+            mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t
+        }
+        // On an AF_INET socket the kernel refuses this, and the send is counted
+        // as failed.
+        (SocketAddr::V6(a), _) => {
+            *out = sockaddr6(a);
+            mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t
+        }
+    }
+}
+
+/// The sender a kernel name describes (IPv4-mapped IPv6 as IPv4, so a dual-stack
+/// socket's IPv4 peers compare equal to their configured endpoints).
+fn addr_of(sa: &libc::sockaddr_in6) -> Option<SocketAddr> {
+    match libc::c_int::from(sa.sin6_family) {
+        libc::AF_INET => {
+            // SAFETY: an AF_INET name is a sockaddr_in at the start of the storage.
+            let v4 = unsafe { &*(sa as *const libc::sockaddr_in6).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr)),
+                u16::from_be(v4.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            let ip = Ipv6Addr::from(sa.sin6_addr.s6_addr);
+            let port = u16::from_be(sa.sin6_port);
+            Some(match ip.to_ipv4_mapped() {
+                Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, port)),
+                None => SocketAddr::V6(SocketAddrV6::new(
+                    ip,
+                    port,
+                    sa.sin6_flowinfo,
+                    sa.sin6_scope_id,
+                )),
+            })
+        }
+        _ => None,
+    }
+}
+
+fn udp_socket(family: libc::c_int, reuseport: bool) -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the result is checked and owned below.
     let fd = cvt(unsafe {
         libc::socket(
-            libc::AF_INET,
+            family,
             libc::SOCK_DGRAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
             0,
         )
@@ -79,6 +142,13 @@ pub fn bind(addr: SocketAddrV4, reuseport: bool) -> io::Result<OwnedFd> {
             let _ = setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, plain, size);
         }
     }
+    Ok(fd)
+}
+
+/// A non-blocking UDP socket bound to `addr`; `reuseport` lets one socket per
+/// worker share the address.
+pub fn bind(addr: SocketAddrV4, reuseport: bool) -> io::Result<OwnedFd> {
+    let fd = udp_socket(libc::AF_INET, reuseport)?;
     let sa = sockaddr(addr);
     // SAFETY: sa is a valid sockaddr_in of the stated size.
     cvt(unsafe {
@@ -86,6 +156,29 @@ pub fn bind(addr: SocketAddrV4, reuseport: bool) -> io::Result<OwnedFd> {
             fd.as_raw_fd(),
             (&sa as *const libc::sockaddr_in).cast(),
             mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    })?;
+    Ok(fd)
+}
+
+/// A non-blocking AF_INET6 UDP socket bound to `addr`. With `v6_only` false it
+/// also carries IPv4 (as IPv4-mapped addresses): one port for peers of both
+/// families, as a kernel WireGuard device has.
+pub fn bind6(addr: SocketAddrV6, v6_only: bool) -> io::Result<OwnedFd> {
+    let fd = udp_socket(libc::AF_INET6, false)?;
+    setsockopt_int(
+        fd.as_raw_fd(),
+        libc::IPPROTO_IPV6,
+        libc::IPV6_V6ONLY,
+        i32::from(v6_only),
+    )?;
+    let sa = sockaddr6(addr);
+    // SAFETY: sa is a valid sockaddr_in6 of the stated size.
+    cvt(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sa as *const libc::sockaddr_in6).cast(),
+            mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
         )
     })?;
     Ok(fd)
@@ -134,9 +227,11 @@ const CMSG_RX_SPACE: usize = 64;
 /// equal-sized datagrams to the same peer (a GSO send) or per datagram.
 pub struct Sender {
     pub gso: bool,
+    /// The socket is AF_INET6 (IPv4 destinations go IPv4-mapped).
+    v6_socket: bool,
     iov: Vec<libc::iovec>,
     groups: Vec<Group>,
-    names: Vec<libc::sockaddr_in>,
+    names: Vec<(libc::sockaddr_in6, libc::socklen_t)>,
     cmsgs: Vec<[u8; CMSG_GSO_SPACE]>,
     msgs: Vec<libc::mmsghdr>,
     warned: bool,
@@ -144,7 +239,7 @@ pub struct Sender {
 
 #[derive(Clone, Copy)]
 struct Group {
-    dst: SocketAddrV4,
+    dst: SocketAddr,
     iov_start: usize,
     iov_len: usize,
     seg: usize,
@@ -156,12 +251,21 @@ impl Sender {
     pub fn new(gso: bool) -> Self {
         Sender {
             gso,
+            v6_socket: false,
             iov: Vec::with_capacity(1024),
             groups: Vec::with_capacity(256),
             names: Vec::with_capacity(256),
             cmsgs: Vec::with_capacity(256),
             msgs: Vec::with_capacity(256),
             warned: false,
+        }
+    }
+
+    /// A sender for an AF_INET6 socket.
+    pub fn new_v6(gso: bool) -> Self {
+        Sender {
+            v6_socket: true,
+            ..Sender::new(gso)
         }
     }
 
@@ -231,15 +335,18 @@ impl Sender {
         self.cmsgs.clear();
         self.msgs.clear();
         for g in &self.groups {
-            self.names.push(sockaddr(g.dst));
+            // SAFETY: sockaddr_in6 is plain old data; name_of fills it.
+            let mut name: libc::sockaddr_in6 = unsafe { mem::zeroed() };
+            let len = name_of(g.dst, self.v6_socket, &mut name);
+            self.names.push((name, len));
             self.cmsgs.push([0u8; CMSG_GSO_SPACE]);
         }
         for i in 0..n {
             let g = self.groups[i];
             // SAFETY: mmsghdr is plain old data; zero is a valid starting point.
             let mut m: libc::mmsghdr = unsafe { mem::zeroed() };
-            m.msg_hdr.msg_name = (&mut self.names[i] as *mut libc::sockaddr_in).cast();
-            m.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            m.msg_hdr.msg_name = (&mut self.names[i].0 as *mut libc::sockaddr_in6).cast();
+            m.msg_hdr.msg_namelen = self.names[i].1;
             m.msg_hdr.msg_iov = self.iov[g.iov_start..].as_mut_ptr();
             m.msg_hdr.msg_iovlen = g.iov_len as _;
             if g.count > 1 {
@@ -297,7 +404,9 @@ impl Sender {
 
     /// Sends a group's datagrams one per sendmsg (GSO fallback).
     fn send_each(&mut self, fd: RawFd, g: Group, tally: &mut CounterValues) {
-        let name = sockaddr(g.dst);
+        // SAFETY: sockaddr_in6 is plain old data; name_of fills it.
+        let mut name: libc::sockaddr_in6 = unsafe { mem::zeroed() };
+        let namelen = name_of(g.dst, self.v6_socket, &mut name);
         let mut at = g.iov_start;
         let end = g.iov_start + g.iov_len;
         while at < end {
@@ -310,8 +419,8 @@ impl Sender {
             }
             // SAFETY: zeroed msghdr, then pointers to live iovecs and the name.
             let mut m: libc::msghdr = unsafe { mem::zeroed() };
-            m.msg_name = (&name as *const libc::sockaddr_in as *mut libc::sockaddr_in).cast();
-            m.msg_namelen = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            m.msg_name = (&mut name as *mut libc::sockaddr_in6).cast();
+            m.msg_namelen = namelen;
             m.msg_iov = self.iov[at..].as_mut_ptr();
             m.msg_iovlen = (k - at) as _;
             loop {
@@ -341,7 +450,9 @@ impl Sender {
 /// One received datagram (or GRO batch) in a [`Receiver`].
 #[derive(Debug, Clone, Copy)]
 pub struct Received {
-    pub from: Ipv4Addr,
+    /// The sender's address (IPv4 also when it came IPv4-mapped on an AF_INET6
+    /// socket); unspecified when the kernel named none.
+    pub from: IpAddr,
     /// The sender's UDP port.
     pub port: u16,
     pub len: usize,
@@ -353,7 +464,7 @@ pub struct Received {
 /// Batched receiver over recvmmsg, with preallocated buffers.
 pub struct Receiver {
     pub bufs: Vec<Box<[u8]>>,
-    names: Vec<libc::sockaddr_in>,
+    names: Vec<libc::sockaddr_in6>,
     cmsgs: Vec<[u8; CMSG_RX_SPACE]>,
     iov: Vec<libc::iovec>,
     msgs: Vec<libc::mmsghdr>,
@@ -366,7 +477,7 @@ impl Receiver {
             bufs: (0..batch)
                 .map(|_| vec![0u8; buf_size].into_boxed_slice())
                 .collect(),
-            // SAFETY: sockaddr_in is plain old data.
+            // SAFETY: sockaddr_in6 is plain old data.
             names: vec![unsafe { mem::zeroed() }; batch],
             cmsgs: vec![[0u8; CMSG_RX_SPACE]; batch],
             iov: Vec::with_capacity(batch),
@@ -384,7 +495,7 @@ impl Receiver {
             let mut m: libc::mmsghdr = unsafe { mem::zeroed() };
             m.msg_hdr.msg_iov = &mut r.iov[i];
             m.msg_hdr.msg_iovlen = 1;
-            m.msg_hdr.msg_name = (&mut r.names[i] as *mut libc::sockaddr_in).cast();
+            m.msg_hdr.msg_name = (&mut r.names[i] as *mut libc::sockaddr_in6).cast();
             m.msg_hdr.msg_control = r.cmsgs[i].as_mut_ptr().cast();
             r.msgs.push(m);
         }
@@ -394,7 +505,7 @@ impl Receiver {
     /// Receives what is queued (up to the batch size). Ok(0) when nothing is.
     pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
         for m in self.msgs.iter_mut() {
-            m.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            m.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
             m.msg_hdr.msg_controllen = CMSG_RX_SPACE as _;
             m.msg_hdr.msg_flags = 0;
             m.msg_len = 0;
@@ -423,17 +534,11 @@ impl Receiver {
                 _ => return Err(e),
             }
         };
-        for m in &self.msgs[..n] {
+        for (m, name) in self.msgs[..n].iter().zip(&self.names) {
             let h = &m.msg_hdr;
-            // SAFETY: msg_name points at our sockaddr_in.
-            let sa = unsafe { &*(h.msg_name as *const libc::sockaddr_in) };
-            let (from, port) = if libc::c_int::from(sa.sin_family) == libc::AF_INET {
-                (
-                    Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
-                    u16::from_be(sa.sin_port),
-                )
-            } else {
-                (Ipv4Addr::UNSPECIFIED, 0)
+            let (from, port) = match addr_of(name) {
+                Some(a) => (a.ip(), a.port()),
+                None => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
             };
             let mut stride = 0usize;
             // SAFETY: the kernel filled msg_control/msg_controllen; CMSG_* walk it
@@ -466,3 +571,99 @@ impl Receiver {
 unsafe impl Send for Receiver {}
 // SAFETY: as above; Sender's mmsghdrs are rebuilt on every send.
 unsafe impl Send for Sender {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent_to(fd: RawFd, dgram: &[u8], to: SocketAddr, v6_socket: bool) -> io::Result<()> {
+        // SAFETY: sockaddr_in6 is plain old data; name_of fills it.
+        let mut sa: libc::sockaddr_in6 = unsafe { mem::zeroed() };
+        let len = name_of(to, v6_socket, &mut sa);
+        // SAFETY: dgram and sa are live for the call.
+        cvt(unsafe {
+            libc::sendto(
+                fd,
+                dgram.as_ptr().cast(),
+                dgram.len(),
+                0,
+                (&sa as *const libc::sockaddr_in6).cast(),
+                len,
+            ) as libc::c_int
+        })
+        .map(drop)
+    }
+
+    fn recv_one(fd: RawFd) -> Received {
+        let mut rx = Receiver::new(2, 256);
+        for _ in 0..200 {
+            if rx.recv(fd).unwrap() > 0 {
+                return rx.got[0];
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        panic!("nothing received");
+    }
+
+    /// A dual-stack socket (bound IPv4-mapped to stay on 127.0.0.1) talks to a
+    /// plain IPv4 one both ways, and names its IPv4 peer as IPv4, so the peer's
+    /// endpoint compares equal to what a lease configured.
+    #[test]
+    fn dual_stack_socket_names_ipv4_peers_as_ipv4() {
+        let v4 = bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), false).unwrap();
+        let v4_addr = local_addr(v4.as_raw_fd()).unwrap();
+        let lo_mapped = Ipv4Addr::LOCALHOST.to_ipv6_mapped();
+        let v6 = bind6(SocketAddrV6::new(lo_mapped, 0, 0, 0), false).unwrap();
+        let v6_port = std::net::UdpSocket::from(v6.try_clone().unwrap())
+            .local_addr()
+            .unwrap()
+            .port();
+
+        sent_to(
+            v4.as_raw_fd(),
+            b"to the dual-stack socket",
+            SocketAddr::from((Ipv4Addr::LOCALHOST, v6_port)),
+            false,
+        )
+        .unwrap();
+        let got = recv_one(v6.as_raw_fd());
+        assert_eq!(
+            (got.from, got.port, got.len),
+            (IpAddr::V4(Ipv4Addr::LOCALHOST), v4_addr.port(), 24)
+        );
+
+        sent_to(v6.as_raw_fd(), b"back", SocketAddr::V4(v4_addr), true).unwrap();
+        let got = recv_one(v4.as_raw_fd());
+        assert_eq!(
+            (got.from, got.port, got.len),
+            (IpAddr::V4(Ipv4Addr::LOCALHOST), v6_port, 4)
+        );
+
+        // An IPv6 destination on an AF_INET socket is the kernel's error, not ours.
+        let e = sent_to(v4.as_raw_fd(), b"x", "[fd00::1]:9".parse().unwrap(), false);
+        assert!(e.is_err());
+    }
+
+    #[test]
+    fn name_of_writes_each_family_as_the_socket_needs() {
+        // SAFETY: plain old data.
+        let mut sa: libc::sockaddr_in6 = unsafe { mem::zeroed() };
+        let a: SocketAddr = "10.1.2.3:51820".parse().unwrap();
+        assert_eq!(
+            name_of(a, false, &mut sa) as usize,
+            mem::size_of::<libc::sockaddr_in>()
+        );
+        assert_eq!(addr_of(&sa), Some(a));
+        assert_eq!(
+            name_of(a, true, &mut sa) as usize,
+            mem::size_of::<libc::sockaddr_in6>()
+        );
+        assert_eq!(libc::c_int::from(sa.sin6_family), libc::AF_INET6);
+        assert_eq!(addr_of(&sa), Some(a), "IPv4-mapped reads back as IPv4");
+        let b: SocketAddr = "[fd18:198:18::2]:51821".parse().unwrap();
+        name_of(b, true, &mut sa);
+        assert_eq!(addr_of(&sa), Some(b));
+        sa.sin6_family = 0;
+        assert_eq!(addr_of(&sa), None);
+    }
+}

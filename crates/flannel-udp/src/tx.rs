@@ -6,7 +6,7 @@
 //! scratch arena and the payloads stay where the TUN read put them, so the send
 //! path gathers both with iovecs and copies nothing.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use crate::counters::CounterValues;
 use crate::csum;
@@ -25,7 +25,7 @@ const TYPICAL_SEGMENTS_PER_READ: usize = 64;
 /// followed by body bytes from read buffer `buf`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dgram {
-    pub dst: SocketAddrV4,
+    pub dst: SocketAddr,
     pub buf: u32,
     pub hdr_start: u32,
     pub hdr_len: u32,
@@ -175,7 +175,7 @@ impl Encap<'_> {
         tally.tx_packets += 1;
         tally.tx_bytes += tot as u64;
         out.dgrams.push(Dgram {
-            dst,
+            dst: SocketAddr::V4(dst),
             buf,
             hdr_start: out.scratch.len() as u32,
             hdr_len: 0,
@@ -225,7 +225,7 @@ impl Encap<'_> {
             h[8] -= 1;
             split.write_header(h, body, i);
             out.dgrams.push(Dgram {
-                dst,
+                dst: SocketAddr::V4(dst),
                 buf,
                 hdr_start: h0 as u32,
                 hdr_len: hlen as u32,

@@ -37,9 +37,9 @@ impl Mode {
         })
     }
 
-    /// Whether the mode needs an IPv6 underlay or IPv6 pod network.
-    pub fn needs_ipv6(self) -> bool {
-        matches!(self, Mode::Auto | Mode::Ipv6)
+    /// One device for both families (`auto`, `ipv4`, `ipv6`).
+    pub fn single_device(self) -> bool {
+        self != Mode::Separate
     }
 }
 
@@ -77,10 +77,8 @@ fn port(o: &FoldedObject, field: &str, default: u16) -> Result<u16, BackendError
 }
 
 impl WireguardConfig {
-    /// Reads the backend object. `ipv6` says whether the network config enables
-    /// IPv6; IPv6 in this backend comes with dual-stack support, so until then a mode
-    /// or config needing it is a clear error.
-    pub fn parse(raw: &RawValue, ipv6: bool) -> Result<Self, BackendError> {
+    /// Reads the backend object.
+    pub fn parse(raw: &RawValue) -> Result<Self, BackendError> {
         let o = FoldedObject::from_raw(raw, FIELDS).map_err(cfg_err)?;
         let mode_text: String = o.get("Mode").map_err(cfg_err)?.unwrap_or_default();
         let mode = if mode_text.is_empty() {
@@ -92,13 +90,6 @@ impl WireguardConfig {
                 ))
             })?
         };
-        if mode.needs_ipv6() || ipv6 {
-            return Err(cfg_err(format!(
-                "Mode {mode_text:?}{} needs IPv6, which the wireguard backend does not \
-                 support yet: use \"separate\" or \"ipv4\" with an IPv4-only network",
-                if ipv6 { " with EnableIPv6" } else { "" }
-            )));
-        }
         let mtu: i64 = o.get("MTU").map_err(cfg_err)?.unwrap_or(0);
         if mtu != 0 && !((68 + i64::from(OVERHEAD))..=65535).contains(&mtu) {
             return Err(cfg_err(format!(
@@ -144,7 +135,7 @@ mod tests {
     use super::*;
 
     fn parse(json: &str) -> Result<WireguardConfig, BackendError> {
-        WireguardConfig::parse(&RawValue::from_string(json.into()).unwrap(), false)
+        WireguardConfig::parse(&RawValue::from_string(json.into()).unwrap())
     }
 
     #[test]
@@ -173,8 +164,7 @@ mod tests {
     fn bad_values_are_clear_errors() {
         for (json, want) in [
             (r#"{"Mode":"Separate"}"#, "is not one of"),
-            (r#"{"Mode":"ipv6"}"#, "needs IPv6"),
-            (r#"{"Mode":"auto"}"#, "needs IPv6"),
+            (r#"{"Mode":"IPv6"}"#, "is not one of"),
             (r#"{"ListenPort":0}"#, "not a UDP port"),
             (r#"{"ListenPort":70000}"#, "not a UDP port"),
             (r#"{"MTU":100}"#, "MTU 100"),
@@ -189,9 +179,19 @@ mod tests {
             assert!(e.contains(want), "{json}: {e}");
             assert!(!e.contains("secret-but"), "the PSK leaked into {e}");
         }
-        let e = WireguardConfig::parse(&RawValue::from_string("{}".into()).unwrap(), true)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("EnableIPv6"), "{e}");
+    }
+
+    #[test]
+    fn every_mode_parses() {
+        for (m, want) in [
+            ("separate", Mode::Separate),
+            ("auto", Mode::Auto),
+            ("ipv4", Mode::Ipv4),
+            ("ipv6", Mode::Ipv6),
+        ] {
+            let c = parse(&format!(r#"{{"Mode":"{m}"}}"#)).unwrap();
+            assert_eq!(c.mode, want);
+            assert_eq!(c.mode.single_device(), want != Mode::Separate);
+        }
     }
 }

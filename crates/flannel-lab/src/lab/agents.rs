@@ -72,8 +72,14 @@ impl Lab {
     /// Host `h`'s wireguard agent's answer to `get=1` on its UAPI socket (what
     /// `wg show` asks); empty while no agent serves it.
     pub fn wireguard_uapi_get(&self, h: usize) -> Result<String> {
+        self.wireguard_uapi_get_of(h, "flannel-wg")
+    }
+
+    /// [`wireguard_uapi_get`](Self::wireguard_uapi_get) for device `device`
+    /// (`flannel-wg-v6` in separate mode with IPv6).
+    pub fn wireguard_uapi_get_of(&self, h: usize, device: &str) -> Result<String> {
         use std::io::{Read, Write};
-        let path = self.host(h)?.wireguard_socket();
+        let path = self.host(h)?.wireguard_socket_of(device);
         let Ok(mut s) = std::os::unix::net::UnixStream::connect(&path) else {
             return Ok(String::new());
         };

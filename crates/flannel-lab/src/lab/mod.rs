@@ -200,7 +200,11 @@ impl Host {
     /// The wireguard agent's UAPI socket (`wg show` finds it only under
     /// /var/run/wireguard, so the lab talks to it directly).
     pub fn wireguard_socket(&self) -> PathBuf {
-        self.dir.join("wireguard/flannel-wg.sock")
+        self.wireguard_socket_of("flannel-wg")
+    }
+    /// The UAPI socket of wireguard device `device` (e.g. `flannel-wg-v6`).
+    pub fn wireguard_socket_of(&self, device: &str) -> PathBuf {
+        self.dir.join(format!("wireguard/{device}.sock"))
     }
     pub fn log_file(&self) -> PathBuf {
         self.dir.join("flanneld.log")

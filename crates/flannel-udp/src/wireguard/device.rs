@@ -10,7 +10,7 @@
 //! lock is taken per packet, so that neither direction waits for the other's batch.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -116,6 +116,8 @@ struct Offloads {
     vnet_le: bool,
     udp_gso: bool,
     udp_gro: bool,
+    /// The socket is AF_INET6 (dual-stack).
+    v6_socket: bool,
 }
 
 /// A running device: stops (threads joined) when dropped; the TUN device goes with
@@ -150,13 +152,24 @@ impl Device {
         counters: Arc<DeviceCounters>,
     ) -> Result<Device, UdpError> {
         let Handles {
-            tun, sock, device, ..
+            tun,
+            sock,
+            device,
+            carries_v6,
+            ..
         } = handles;
+        let v6_socket = sock
+            .local_addr()
+            .map_err(|e| UdpError::io("getsockname", e))?
+            .is_ipv6();
         // The loops poll; an inherited socket may come from an agent that read
         // with a timeout instead.
         sock.set_nonblocking(true)
             .map_err(|e| UdpError::io("UDP socket non-blocking", e))?;
-        let off = offloads(&device, tun.as_raw_fd(), sock.as_raw_fd())?;
+        let off = Offloads {
+            v6_socket,
+            ..offloads(&device, tun.as_raw_fd(), sock.as_raw_fd(), carries_v6)?
+        };
         info!(
             device = %device,
             vnet_hdr = off.vnet,
@@ -199,7 +212,9 @@ impl Device {
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(TICK);
                     if let Ok(mut s) = sessions.lock() {
-                        s.tick(&mut out, |d, to| send_one(sock.as_raw_fd(), d, to));
+                        s.tick(&mut out, |d, to| {
+                            send_one(sock.as_raw_fd(), v6_socket, d, to)
+                        });
                     }
                 }
             }));
@@ -235,28 +250,29 @@ pub struct Handles {
     pub device: String,
     /// They came from a keeper: the device with its address and route survived.
     pub inherited: bool,
+    /// IPv6 is routed into the device (set by the owner before starting it): the
+    /// TUN then gets no UDP segmentation offload, which the kernel turns on for
+    /// both families at once, and the splitter cuts IPv4 super-packets only.
+    pub carries_v6: bool,
 }
 
 impl Handles {
     /// Creates TUN `name` (or attaches to it) and binds a UDP socket to `listen`.
+    /// An IPv6 `listen` gives a dual-stack socket: peers of both families on one
+    /// port, as a kernel WireGuard device listens.
     pub fn open(name: &str, listen: SocketAddr) -> Result<Handles, UdpError> {
-        let SocketAddr::V4(listen4) = listen else {
-            return Err(UdpError::io(
-                format!("bind UDP {listen}"),
-                std::io::Error::new(
-                    std::io::ErrorKind::Unsupported,
-                    "the wireguard device listens on IPv4 only",
-                ),
-            ));
-        };
         let tun = open_tun(name)?;
-        let sock = sock::bind(listen4, false)
-            .map_err(|e| UdpError::io(format!("bind UDP {listen}"), e))?;
+        let sock = match listen {
+            SocketAddr::V4(a) => sock::bind(a, false),
+            SocketAddr::V6(a) => sock::bind6(a, false),
+        }
+        .map_err(|e| UdpError::io(format!("bind UDP {listen}"), e))?;
         Ok(Handles {
             tun,
             sock: UdpSocket::from(sock),
             device: name.to_string(),
             inherited: false,
+            carries_v6: false,
         })
     }
 
@@ -291,7 +307,7 @@ impl Handles {
         }
         let sock = UdpSocket::from(sock);
         match sock.local_addr() {
-            Ok(a) if a.port() == listen.port() => {}
+            Ok(a) if a.port() == listen.port() && a.is_ipv6() == listen.is_ipv6() => {}
             Ok(a) => return refuse(format!("the keeper's socket is bound to {a}, not {listen}")),
             Err(e) => return Err(UdpError::io("getsockname", e)),
         }
@@ -300,6 +316,7 @@ impl Handles {
             sock,
             device: name.to_string(),
             inherited: true,
+            carries_v6: false,
         }))
     }
 
@@ -342,7 +359,7 @@ fn open_tun(name: &str) -> Result<OwnedFd, UdpError> {
 /// The offloads a device's queue and socket give, switched on where they are
 /// missing (again, for inherited handles: the calls are idempotent), with one
 /// warning per missing piece.
-fn offloads(name: &str, tun: RawFd, sock: RawFd) -> Result<Offloads, UdpError> {
+fn offloads(name: &str, tun: RawFd, sock: RawFd, carries_v6: bool) -> Result<Offloads, UdpError> {
     let (_, flags) = tun::queue_info(tun).map_err(|e| UdpError::io("TUNGETIFF", e))?;
     let vnet = flags.vnet_hdr;
     let mut vnet_le = cfg!(target_endian = "little");
@@ -350,7 +367,11 @@ fn offloads(name: &str, tun: RawFd, sock: RawFd) -> Result<Offloads, UdpError> {
         vnet_le = tun::set_vnet_le(tun);
         let mut last_err = None;
         let mut got = None;
-        for (bits, what) in tun::OFFLOAD_CHOICES {
+        let choices = tun::OFFLOAD_CHOICES
+            .into_iter()
+            .filter(|(bits, _)| !carries_v6 || bits & libc::TUN_F_USO6 == 0);
+        let best = choices.clone().next().map(|c| c.1);
+        for (bits, what) in choices {
             match tun::set_offload(tun, bits) {
                 Ok(()) => {
                     got = Some(what);
@@ -360,7 +381,7 @@ fn offloads(name: &str, tun: RawFd, sock: RawFd) -> Result<Offloads, UdpError> {
             }
         }
         match got {
-            Some(w) if w != tun::OFFLOAD_CHOICES[0].1 => {
+            Some(w) if Some(w) != best => {
                 warn!(device = name, using = w, error = ?last_err, "TUN offloads partly unavailable")
             }
             Some(_) => {}
@@ -369,6 +390,7 @@ fn offloads(name: &str, tun: RawFd, sock: RawFd) -> Result<Offloads, UdpError> {
             }
         }
     }
+    // UDP_SEGMENT is a UDP-level option: the probe's family does not matter.
     let udp_gso = match sock::probe_gso() {
         Ok(()) => true,
         Err(e) => {
@@ -388,6 +410,7 @@ fn offloads(name: &str, tun: RawFd, sock: RawFd) -> Result<Offloads, UdpError> {
         vnet_le,
         udp_gso,
         udp_gro,
+        v6_socket: false,
     })
 }
 
@@ -400,9 +423,13 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
 
 /// One datagram by sendto (handshakes, cookies, timers); failures are not retried:
 /// WireGuard's timers resend.
-fn send_one(fd: RawFd, d: &[u8], to: SocketAddr) {
-    let SocketAddr::V4(to) = to else { return };
-    let sa = sock::sockaddr(to);
+fn send_one(fd: RawFd, v6_socket: bool, d: &[u8], to: SocketAddr) {
+    if to.is_ipv6() && !v6_socket {
+        return;
+    }
+    // SAFETY: sockaddr_in6 is plain old data; name_of fills it.
+    let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    let len = sock::name_of(to, v6_socket, &mut sa);
     // SAFETY: d and sa are live for the call; sendto reads them only.
     unsafe {
         libc::sendto(
@@ -410,8 +437,8 @@ fn send_one(fd: RawFd, d: &[u8], to: SocketAddr) {
             d.as_ptr().cast(),
             d.len(),
             libc::MSG_DONTWAIT,
-            (&sa as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            (&sa as *const libc::sockaddr_in6).cast(),
+            len,
         );
     }
 }
@@ -429,7 +456,11 @@ fn outbound(
     let mut seg: Vec<u8> = Vec::with_capacity(READ_BUF);
     let mut arena = [vec![0u8; TX_ARENA].into_boxed_slice()];
     let mut batch = TxBatch::with_capacity(TX_READS);
-    let mut sender = Sender::new(off.udp_gso);
+    let mut sender = if off.v6_socket {
+        Sender::new_v6(off.udp_gso)
+    } else {
+        Sender::new(off.udp_gso)
+    };
     let mut drops = DropTally::default();
     let mut tally = CounterValues::default();
     while !stop.load(Ordering::Relaxed) {
@@ -462,15 +493,13 @@ fn outbound(
                 // super-packet's encryption. Uncontended, the lock costs ~20 ns.
                 let Ok(mut s) = sessions.lock() else { return };
                 match s.encapsulate(inner, &mut out[used..]) {
-                    Action::Send { len, to } => match to {
-                        SocketAddr::V4(dst) => {
-                            batch.dgrams.push(datagram(dst, used, len));
-                            used += len;
-                            packets += 1;
-                            inner_bytes += inner.len() as u64;
-                        }
-                        SocketAddr::V6(_) => drops.add(DropReason::Other),
-                    },
+                    Action::Send { len, to } if to.is_ipv4() || off.v6_socket => {
+                        batch.dgrams.push(datagram(to, used, len));
+                        used += len;
+                        packets += 1;
+                        inner_bytes += inner.len() as u64;
+                    }
+                    Action::Send { .. } => drops.add(DropReason::Other),
                     Action::Dropped(r) => drops.add(r),
                     Action::Deliver { .. } | Action::Nothing => {}
                 }
@@ -494,7 +523,7 @@ fn outbound(
     }
 }
 
-fn datagram(dst: SocketAddrV4, at: usize, len: usize) -> Dgram {
+fn datagram(dst: SocketAddr, at: usize, len: usize) -> Dgram {
     Dgram {
         dst,
         buf: 0,
@@ -549,7 +578,7 @@ fn inbound(
                     drops.add(DropReason::Malformed);
                     continue;
                 }
-                let from = SocketAddr::V4(SocketAddrV4::new(r.from, r.port));
+                let from = SocketAddr::new(r.from, r.port);
                 let buf = &rx.bufs[i][..r.len];
                 let stride = if r.stride == 0 || r.stride > r.len {
                     r.len.max(1)
@@ -565,12 +594,14 @@ fn inbound(
                             used += len;
                         }
                         Action::Send { len, to } => {
-                            send_one(sock, &plain[used..used + len], to);
+                            send_one(sock, off.v6_socket, &plain[used..used + len], to);
                             // A completed handshake releases what was queued meanwhile.
-                            s.flush(from, &mut aux, |d, to| send_one(sock, d, to));
+                            s.flush(from, &mut aux, |d, to| send_one(sock, off.v6_socket, d, to));
                         }
                         Action::Dropped(r) => drops.add(r),
-                        Action::Nothing => s.flush(from, &mut aux, |d, to| send_one(sock, d, to)),
+                        Action::Nothing => {
+                            s.flush(from, &mut aux, |d, to| send_one(sock, off.v6_socket, d, to))
+                        }
                     }
                 }
             }
