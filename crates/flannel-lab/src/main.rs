@@ -650,8 +650,9 @@ fn run_bench(opts: &BenchOptions, json_out: Option<PathBuf>) -> Result<()> {
                  and Debian's wireguard-go between the same hosts in the same run"
             );
             println!(
-                "  {:<28} {:>7} {:>9} {:>11} {:>10} {:>9} {:>12}",
+                "  {:<28} {:>6} {:>7} {:>9} {:>11} {:>10} {:>9} {:>12}",
                 "BACKEND",
+                "FAMILY",
                 "STREAMS",
                 "CPU s/Gb",
                 "WG-GO Gb/s",
@@ -662,8 +663,9 @@ fn run_bench(opts: &BenchOptions, json_out: Option<PathBuf>) -> Result<()> {
             let f = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |v| format!("{v:.p$}"));
             for t in userspace {
                 println!(
-                    "  {:<28} {:>7} {:>9} {:>11} {:>10} {:>9} {:>12}",
+                    "  {:<28} {:>6} {:>7} {:>9} {:>11} {:>10} {:>9} {:>12}",
                     t.backend,
+                    t.family,
                     t.streams,
                     f(t.agent_cpu_s_per_gbit, 3),
                     f(t.wggo_gbps, 2),
