@@ -47,26 +47,60 @@ pub fn by_spec<'a>(ifaces: &'a [Interface], spec: &str) -> Option<(&'a Interface
     }
 }
 
-/// `--iface-regex`: the first interface with an address whose text matches, else the
-/// first whose name matches.
+/// An interface `--iface-regex` chose, with the addresses of it that matched.
+#[derive(Debug)]
+pub struct RegexMatch<'a> {
+    pub iface: &'a Interface,
+    pub v4: Option<std::net::Ipv4Addr>,
+    pub v6: Option<std::net::Ipv6Addr>,
+}
+
+/// `--iface-regex`: the first interface with an address of a wanted family whose
+/// text matches, else the first whose name matches. Upstream matches only the
+/// IPv4 addresses (IPv6 ones when IPv6-only); here, in dual stack, an interface
+/// whose IPv6 address matches is chosen too, and the matching address of each
+/// family is the one used (so `^10\.1\.|^fd00:1:` picks both), the interface's
+/// preferred address standing in for a family that did not match.
 pub fn by_regex<'a>(
     ifaces: &'a [Interface],
     re: &Regex,
-    v6: bool,
-) -> Option<(&'a Interface, Option<IpAddr>)> {
-    for i in ifaces {
-        if let Some(a) = i
-            .addrs
+    want_v4: bool,
+    want_v6: bool,
+) -> Option<RegexMatch<'a>> {
+    let matching = |i: &Interface, v6: bool| {
+        i.addrs
             .iter()
-            .find(|a| a.addr.is_ipv6() == v6 && re.is_match(&a.addr.to_string()))
-        {
-            return Some((i, Some(a.addr)));
+            .map(|a| a.addr)
+            .find(|a| a.is_ipv6() == v6 && re.is_match(&a.to_string()))
+    };
+    let of = |i: &'a Interface| RegexMatch {
+        iface: i,
+        v4: matching(i, false).and_then(|a| match a {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        }),
+        v6: matching(i, true).and_then(|a| match a {
+            IpAddr::V6(a) => Some(a),
+            IpAddr::V4(_) => None,
+        }),
+    };
+    let families = [(want_v4, false), (want_v6, true)];
+    for (wanted, v6) in families {
+        if !wanted {
+            continue;
+        }
+        if let Some(i) = ifaces.iter().find(|i| matching(i, v6).is_some()) {
+            return Some(of(i));
         }
     }
     ifaces
         .iter()
         .find(|i| re.is_match(&i.name))
-        .map(|i| (i, None))
+        .map(|i| RegexMatch {
+            iface: i,
+            v4: None,
+            v6: None,
+        })
 }
 
 /// Why no external interface could be chosen.
@@ -97,6 +131,8 @@ pub async fn select(nl: &Netlink, req: &IfaceRequest) -> Result<ExternalInterfac
     let ifaces = nl.interfaces().await?;
     let v6_only = req.ipv6 && !req.ipv4;
     let mut chosen: Option<(&Interface, Option<IpAddr>)> = None;
+    // A v6 address `--iface-regex` matched in dual stack (the v4 one goes in `chosen`).
+    let mut regex_v6 = None;
 
     if req.iface.is_empty() && req.iface_regex.is_empty() && req.can_reach.is_none() {
         let owner = req
@@ -136,8 +172,14 @@ pub async fn select(nl: &Netlink, req: &IfaceRequest) -> Result<ExternalInterfac
         if chosen.is_none() {
             for pat in &req.iface_regex {
                 let re = Regex::new(pat).map_err(|e| format!("--iface-regex {pat:?}: {e}"))?;
-                if let Some(c) = by_regex(&ifaces, &re, v6_only) {
-                    chosen = Some(c);
+                if let Some(m) = by_regex(&ifaces, &re, req.ipv4, req.ipv6) {
+                    let given = match (m.v4, m.v6) {
+                        (Some(a), _) if req.ipv4 => Some(IpAddr::V4(a)),
+                        (_, Some(a)) if v6_only => Some(IpAddr::V6(a)),
+                        _ => None,
+                    };
+                    regex_v6 = m.v6.filter(|_| req.ipv6);
+                    chosen = Some((m.iface, given));
                     break;
                 }
                 tracing::warn!(regex = %pat, "no interface matches --iface-regex");
@@ -165,7 +207,7 @@ pub async fn select(nl: &Netlink, req: &IfaceRequest) -> Result<ExternalInterfac
     };
     let addr6 = match given_addr {
         Some(IpAddr::V6(a)) => Some(a),
-        _ => i.preferred_v6(),
+        _ => regex_v6.or_else(|| i.preferred_v6()),
     };
     if req.ipv4 && addr.is_none() {
         return Err(format!("interface {} has no IPv4 address", i.name).into());
@@ -230,9 +272,52 @@ mod tests {
             iface(2, "ens5", &["192.168.5.5"]),
         ];
         let re = Regex::new(r"^192\.168\.").unwrap();
-        assert_eq!(by_regex(&l, &re, false).unwrap().0.name, "ens5");
+        let m = by_regex(&l, &re, true, false).unwrap();
+        assert_eq!(
+            (m.iface.name.as_str(), m.v4),
+            ("ens5", Some("192.168.5.5".parse().unwrap()))
+        );
         let re = Regex::new("^eth").unwrap();
-        let (i, ip) = by_regex(&l, &re, false).unwrap();
-        assert_eq!((i.name.as_str(), ip), ("eth0", None));
+        let m = by_regex(&l, &re, true, false).unwrap();
+        assert_eq!((m.iface.name.as_str(), m.v4, m.v6), ("eth0", None, None));
+    }
+
+    #[test]
+    fn regex_finds_the_ipv6_address_too() {
+        let l = vec![
+            iface(1, "eth0", &["10.0.0.1", "fd00:0:0:1::1"]),
+            iface(
+                2,
+                "ens5",
+                &["192.168.5.5", "fd00:0:0:5::5", "fd00:0:0:5::6"],
+            ),
+        ];
+        // Dual stack, a v6-only pattern: upstream would find nothing (it matches the
+        // IPv4 addresses); here the interface holding the matching v6 address.
+        let re = Regex::new("^fd00:0:0:5::6$").unwrap();
+        let m = by_regex(&l, &re, true, true).unwrap();
+        assert_eq!(m.iface.name, "ens5");
+        assert_eq!((m.v4, m.v6), (None, Some("fd00:0:0:5::6".parse().unwrap())));
+        // A pattern for both families picks the matching address of each.
+        let re = Regex::new(r"^192\.168\.|^fd00:0:0:5::6$").unwrap();
+        let m = by_regex(&l, &re, true, true).unwrap();
+        assert_eq!(
+            (m.iface.name.as_str(), m.v4, m.v6),
+            (
+                "ens5",
+                Some("192.168.5.5".parse().unwrap()),
+                Some("fd00:0:0:5::6".parse().unwrap())
+            )
+        );
+        // IPv4 only: a v6 match does not choose the interface (upstream's behaviour).
+        let re = Regex::new("^fd00:0:0:5::").unwrap();
+        assert!(by_regex(&l, &re, true, false).is_none());
+        // IPv6 only: the v6 addresses.
+        let re = Regex::new("^fd00:0:0:1::").unwrap();
+        let m = by_regex(&l, &re, false, true).unwrap();
+        assert_eq!(
+            (m.iface.name.as_str(), m.v6),
+            ("eth0", Some("fd00:0:0:1::1".parse().unwrap()))
+        );
     }
 }
