@@ -257,6 +257,54 @@ async fn twenty_hosts_racing_get_twenty_distinct_subnets() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test]
+async fn dual_stack_hosts_racing_never_share_a_subnet_of_either_family() -> Result<()> {
+    // 24 IPv4 subnets and 256 IPv6 ones for 20 hosts starting with the same previous
+    // IPv4 subnet: create-if-absent on `<v4>&<v6>` keys cannot see two hosts that pick
+    // the same IPv4 subnet with different IPv6 ones, so the later one must back off.
+    let config = r#"{"Network":"10.7.0.0/16","SubnetMin":"10.7.1.0","SubnetMax":"10.7.24.0","EnableIPv6":true,"IPv6Network":"fd00:7::/56","Backend":{"Type":"vxlan"}}"#;
+    let Some((etcd, cfg)) = setup(config).await? else {
+        return Ok(());
+    };
+    let (logs, _guard) = LogCapture::install();
+    let mut stores = Vec::new();
+    for _ in 0..20 {
+        stores.push(EtcdStore::connect(etcd.options()).await?);
+    }
+    let previous = PreviousSubnets::parse("FLANNEL_SUBNET=10.7.5.1/24\n");
+    let attempts = stores.iter().enumerate().map(|(i, s)| {
+        let mut attrs = vxlan_attrs(
+            &format!("10.20.0.{}", i + 1),
+            1,
+            &format!("02:00:00:00:00:{:02x}", i + 1),
+        );
+        attrs.public_ipv6 = Some(format!("fd01::{}", i + 1).parse().expect("v6"));
+        let req = AcquireRequest {
+            attrs,
+            previous: previous.clone(),
+        };
+        let cfg = cfg.clone();
+        async move { s.acquire(&cfg, &req).await }
+    });
+    let leases: Vec<Lease> = futures_join_all(attempts).await?;
+    let v4: BTreeSet<_> = leases.iter().map(|l| l.key.v4).collect();
+    let v6: BTreeSet<_> = leases.iter().filter_map(|l| l.key.v6).collect();
+    assert_eq!((v4.len(), v6.len()), (20, 20), "distinct: {v4:?} {v6:?}");
+    // What etcd holds is exactly the winners' keys: the losers removed theirs.
+    let keys: BTreeSet<String> = stored(&etcd).await?.into_iter().map(|r| r.0).collect();
+    let want: BTreeSet<String> = leases
+        .iter()
+        .map(|l| format!("{SUBNETS}{}", l.key))
+        .collect();
+    assert_eq!(keys, want);
+    eprintln!(
+        "dual-stack races: {} lost on create, {} given up after an overlapping create",
+        logs.count(&["was taken by another host meanwhile"]),
+        logs.count(&["created just before it by another host"])
+    );
+    Ok(())
+}
+
 /// Polls all futures on this task (the current-thread runtime interleaves them).
 async fn futures_join_all<F, T>(futs: impl IntoIterator<Item = F>) -> Result<Vec<T>>
 where

@@ -276,7 +276,22 @@ pub(crate) async fn acquire(
                         return Err(e);
                     }
                 };
-                if created {
+                // A dual-stack key names both subnets, so create-if-absent cannot
+                // see another host that took the same IPv4 (or IPv6) subnet with a
+                // different partner at the same time; upstream has this race. Both
+                // hosts read after their create, and the later-created key backs off.
+                let rival = match (created, windows.v6) {
+                    (true, Some(_)) => earlier_rival(ops, keys, &key, &etcd_key).await?,
+                    _ => None,
+                };
+                if let Some(other) = &rival {
+                    tracing::warn!(
+                        "lease {etcd_key} overlaps {other}, created just before it by another \
+                         host; giving it up (attempt {attempt} of {MAX_CREATE_ATTEMPTS})"
+                    );
+                    ops.delete(&etcd_key).await?;
+                }
+                if created && rival.is_none() {
                     tracing::info!("acquired lease {etcd_key}");
                     let lease = Lease {
                         key,
@@ -304,6 +319,55 @@ pub(crate) async fn acquire(
             "another host created the chosen subnet first {MAX_CREATE_ATTEMPTS} times in a row"
         ),
     })
+}
+
+/// The etcd key of a lease created before ours (`own_etcd_key`, holding `own`)
+/// whose IPv4 or IPv6 subnet overlaps ours, if any.
+async fn earlier_rival(
+    ops: &Ops,
+    keys: &KeyLayout,
+    own: &LeaseKey,
+    own_etcd_key: &str,
+) -> Result<Option<String>, StoreError> {
+    let resp = ops.get(&keys.subnets_prefix, true, REQUEST_TIMEOUT).await?;
+    let entries: Vec<(String, i64, Option<LeaseKey>)> = resp
+        .kvs()
+        .iter()
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                kv.create_revision(),
+                keys.parse_lease_key(kv.key()).ok(),
+            )
+        })
+        .collect();
+    Ok(rival_of(&entries, own, own_etcd_key))
+}
+
+/// [`earlier_rival`] over a listing of (etcd key, create revision, lease key). Our
+/// own key missing from the listing (deleted or expired already) counts as losing
+/// to any overlapping key.
+fn rival_of(
+    entries: &[(String, i64, Option<LeaseKey>)],
+    own: &LeaseKey,
+    own_etcd_key: &str,
+) -> Option<String> {
+    let ours = entries
+        .iter()
+        .find(|(k, ..)| k == own_etcd_key)
+        .map_or(i64::MAX, |e| e.1);
+    entries
+        .iter()
+        .filter(|(k, rev, key)| {
+            k != own_etcd_key
+                && *rev < ours
+                && key.is_some_and(|key| {
+                    overlaps4(&key.v4, &own.v4)
+                        || matches!((key.v6, own.v6), (Some(a), Some(b)) if overlaps6(&a, &b))
+                })
+        })
+        .map(|(k, ..)| k.clone())
+        .next()
 }
 
 /// Writes this host's lease again with our current attributes: with a fresh 24 h
@@ -466,6 +530,43 @@ mod tests {
         let e = Windows::of(&c).unwrap_err();
         assert!(matches!(e, StoreError::Unsupported(_)));
         assert!(e.to_string().contains("Kubernetes subnet manager"));
+    }
+
+    #[test]
+    fn dual_stack_race_the_later_created_key_backs_off() {
+        let k = |v4: &str, v6: &str| LeaseKey {
+            v4: v4.parse().unwrap(),
+            v6: Some(v6.parse().unwrap()),
+        };
+        let ours = k("10.244.40.0/24", "fd10:244:0:d::/64");
+        let e = |name: &str, rev: i64, key: Option<LeaseKey>| (name.to_string(), rev, key);
+        // Same IPv4 subnet, another IPv6 one, created first: we give up.
+        let entries = vec![
+            e("a", 5, Some(k("10.244.40.0/24", "fd10:244:0:14::/64"))),
+            e("ours", 6, Some(ours)),
+            e("b", 4, Some(k("10.244.41.0/24", "fd10:244:0:15::/64"))),
+        ];
+        assert_eq!(rival_of(&entries, &ours, "ours").as_deref(), Some("a"));
+        // Created after ours: the other host backs off, we keep ours.
+        let entries = vec![
+            e("ours", 6, Some(ours)),
+            e("a", 7, Some(k("10.244.40.0/24", "fd10:244:0:14::/64"))),
+        ];
+        assert_eq!(rival_of(&entries, &ours, "ours"), None);
+        // The IPv6 subnet alone overlapping counts too.
+        let entries = vec![
+            e("c", 2, Some(k("10.244.9.0/24", "fd10:244:0:d::/64"))),
+            e("ours", 6, Some(ours)),
+        ];
+        assert_eq!(rival_of(&entries, &ours, "ours").as_deref(), Some("c"));
+        // Unparsable keys and disjoint leases are no rivals; our key gone loses.
+        let entries = vec![
+            e("junk", 1, None),
+            e("b", 3, Some(k("10.244.41.0/24", "fd10:244:0:15::/64"))),
+        ];
+        assert_eq!(rival_of(&entries, &ours, "ours"), None);
+        let entries = vec![e("a", 9, Some(k("10.244.40.0/24", "fd10:244:0:14::/64")))];
+        assert_eq!(rival_of(&entries, &ours, "ours").as_deref(), Some("a"));
     }
 
     #[test]
