@@ -81,6 +81,13 @@ pub enum ConfigError {
         addr: IpAddr,
         len: u8,
     },
+    #[error("network config: {min_field} {min} is above {max_field} {max}: the window holds no subnet")]
+    EmptyWindow {
+        min_field: &'static str,
+        min: IpAddr,
+        max_field: &'static str,
+        max: IpAddr,
+    },
 }
 
 /// The backend section: its lower-cased type and the whole object, for the backend
@@ -344,6 +351,14 @@ fn derive_window<A: crate::subnet::Family + Into<IpAddr>>(
     let min = check(names[1], min, base + step)?;
     // `last - (step - 1)` is the network address of the last subnet.
     let max = check(names[2], max, last - (step - 1))?;
+    if min.to_u128() > max.to_u128() {
+        return Err(ConfigError::EmptyWindow {
+            min_field: names[1],
+            min: min.into(),
+            max_field: names[2],
+            max: max.into(),
+        });
+    }
     Ok(crate::subnet::Window { len, min, max })
 }
 
@@ -474,6 +489,14 @@ mod tests {
             (
                 r#"{"Network":"10.5.0.0/16","SubnetMax":"10.5.3.4"}"#,
                 "boundary",
+            ),
+            (
+                r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.99.0","SubnetMax":"10.5.10.0"}"#,
+                "SubnetMin 10.5.99.0 is above SubnetMax 10.5.10.0",
+            ),
+            (
+                r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/48","IPv6SubnetMin":"fd00:0:0:9::","IPv6SubnetMax":"fd00:0:0:8::"}"#,
+                "IPv6SubnetMin fd00:0:0:9:: is above IPv6SubnetMax fd00:0:0:8::",
             ),
             (r#"{"Network":"10.5.0.0/16","SubnetLen":"24"}"#, "SubnetLen"),
             (r#"{"EnableIPv4":false}"#, "none defined stack"),
