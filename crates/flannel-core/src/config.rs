@@ -81,7 +81,9 @@ pub enum ConfigError {
         addr: IpAddr,
         len: u8,
     },
-    #[error("network config: {min_field} {min} is above {max_field} {max}: the window holds no subnet")]
+    #[error(
+        "network config: {min_field} {min} is above {max_field} {max}: the window holds no subnet"
+    )]
     EmptyWindow {
         min_field: &'static str,
         min: IpAddr,
