@@ -242,11 +242,9 @@ fn wait_v6_only_subnet_file(lab: &mut Lab, h: usize) -> String {
     text
 }
 
-#[test]
-fn kube_host_gw_ipv6_only_end_to_end() {
-    let Some((mut lab, fake)) = kube_lab("kube IPv6-only", V6_ONLY_NET_CONF) else {
-        return;
-    };
+/// Creates the IPv6-only nodes, starts their agents and checks each subnet.env is
+/// upstream's IPv6-only one with `mtu`.
+fn start_v6_only_cluster(lab: &mut Lab, fake: &KubeFake, mtu: u32) {
     for (h, c) in V6_CIDRS.iter().enumerate() {
         fake.create_node(&node_name(h), &[c]).expect("create node");
     }
@@ -254,17 +252,38 @@ fn kube_host_gw_ipv6_only_end_to_end() {
         lab.spawn_agent(h).expect("flanneld");
     }
     for (h, c) in V6_CIDRS.iter().enumerate() {
-        let text = wait_v6_only_subnet_file(&mut lab, h);
+        let text = wait_v6_only_subnet_file(lab, h);
         let gw6 = c.replace("::/64", "::1/64");
         assert_eq!(
             text,
             format!(
                 "FLANNEL_IPV6_NETWORK=fd10:244::/56\nFLANNEL_IPV6_SUBNET={gw6}\n\
-                 FLANNEL_MTU=1500\nFLANNEL_IPMASQ=true\n"
+                 FLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=true\n"
             ),
             "subnet.env of host {h}"
         );
     }
+}
+
+/// Every pod reaches every other over IPv6.
+fn ping_all_pairs_v6(lab: &Lab, pods: &[PodId]) {
+    for &a in pods {
+        for &b in pods {
+            if a != b {
+                lab.wait_reachable_ip(a, pod_ip6(lab, b))
+                    .expect("v6 reachable");
+                assert!(lab.ping_ip(a, pod_ip6(lab, b), 2).unwrap().all_replied());
+            }
+        }
+    }
+}
+
+#[test]
+fn kube_host_gw_ipv6_only_end_to_end() {
+    let Some((mut lab, fake)) = kube_lab("kube IPv6-only", V6_ONLY_NET_CONF) else {
+        return;
+    };
+    start_v6_only_cluster(&mut lab, &fake, 1500);
     for h in 0..3 {
         // As upstream's AcquireLease: host-gw publishes its (here unset) IPv4 part
         // too, `0.0.0.0` being Go's String() of the zero IP4.
@@ -299,15 +318,7 @@ fn kube_host_gw_ipv6_only_end_to_end() {
             .unwrap();
         assert!(v4.trim().is_empty(), "IPv4 on an IPv6-only pod: {v4}");
     }
-    for &a in &pods {
-        for &b in &pods {
-            if a != b {
-                lab.wait_reachable_ip(a, pod_ip6(&lab, b))
-                    .expect("v6 reachable");
-                assert!(lab.ping_ip(a, pod_ip6(&lab, b), 2).unwrap().all_replied());
-            }
-        }
-    }
+    ping_all_pairs_v6(&lab, &pods);
     let link = lab.hosts()[0].link.clone();
     for h in 0..3 {
         // No IPv4 route of ours at all (not even for the 0.0.0.0/0 placeholder).
@@ -393,24 +404,7 @@ fn kube_vxlan_ipv6_only_end_to_end() {
     let Some((mut lab, fake)) = kube_lab("kube vxlan IPv6-only", NET_CONF) else {
         return;
     };
-    for (h, c) in V6_CIDRS.iter().enumerate() {
-        fake.create_node(&node_name(h), &[c]).expect("create node");
-    }
-    for h in 0..3 {
-        lab.spawn_agent(h).expect("flanneld");
-    }
-    for (h, c) in V6_CIDRS.iter().enumerate() {
-        let text = wait_v6_only_subnet_file(&mut lab, h);
-        let gw6 = c.replace("::/64", "::1/64");
-        assert_eq!(
-            text,
-            format!(
-                "FLANNEL_IPV6_NETWORK=fd10:244::/56\nFLANNEL_IPV6_SUBNET={gw6}\n\
-                 FLANNEL_MTU=1430\nFLANNEL_IPMASQ=true\n"
-            ),
-            "subnet.env of host {h}"
-        );
-    }
+    start_v6_only_cluster(&mut lab, &fake, 1430);
     for h in 0..3 {
         let ns = lab.hosts()[h].ns.clone();
         let dev = lab
@@ -446,15 +440,7 @@ fn kube_vxlan_ipv6_only_end_to_end() {
     let pods: Vec<PodId> = (0..3)
         .map(|h| lab.add_pod_ipv6_only(h).expect("IPv6-only pod"))
         .collect();
-    for &a in &pods {
-        for &b in &pods {
-            if a != b {
-                lab.wait_reachable_ip(a, pod_ip6(&lab, b))
-                    .expect("v6 reachable");
-                assert!(lab.ping_ip(a, pod_ip6(&lab, b), 2).unwrap().all_replied());
-            }
-        }
-    }
+    ping_all_pairs_v6(&lab, &pods);
     for h in 0..3 {
         let v4 = lab
             .ip_in(&lab.hosts()[h].ns, &["-4", "route", "show", "proto", "70"])
