@@ -178,49 +178,12 @@ impl HostGwBackend {
     /// stack and the lease can be routed over IPv6; a lease that cannot gets its
     /// warning (once) and keeps its IPv4 route.
     fn v6_part(&mut self, l: &Lease) -> Option<(Ipv6Net, Ipv6Addr)> {
-        let Some(network6) = self.network6 else {
-            if let Some(n) = l.ipv6_subnet() {
-                self.warnings6.warn(
-                    l.key,
-                    format!(
-                        "its IPv6 subnet {n} is ignored: IPv6 is not enabled in the network config"
-                    ),
-                );
-            }
-            return None;
+        let side = peers::V6Side {
+            network: self.network6,
+            own: self.own6,
+            dual_stack: self.network.is_some(),
         };
-        let Some(net6) = l.ipv6_subnet().map(|n| n.trunc()) else {
-            let msg = if self.network.is_some() {
-                "it has no IPv6 subnet in a dual-stack network: only its IPv4 subnet is routed"
-            } else {
-                "it has no IPv6 subnet in an IPv6-only network: not routed"
-            };
-            self.warnings6.warn(l.key, msg.into());
-            return None;
-        };
-        if self.own6 == Some(net6) {
-            return None;
-        }
-        if net6.prefix_len() <= network6.prefix_len() || !network6.contains(&net6) {
-            self.warnings6.warn(
-                l.key,
-                format!("its IPv6 subnet {net6} is not inside IPv6Network {network6}: not routed"),
-            );
-            return None;
-        }
-        let Some(gw) = l.attrs.public_ipv6 else {
-            let v4 = if self.network.is_some() {
-                " (IPv4 still is)"
-            } else {
-                ""
-            };
-            self.warnings6.warn(
-                l.key,
-                format!("it has no PublicIPv6: its IPv6 subnet {net6} is not routed{v4}"),
-            );
-            return None;
-        };
-        Some((net6, gw))
+        peers::v6_route_part(l, side, &mut self.warnings6)
     }
 
     /// Runs `plan`, counting its writes.

@@ -524,52 +524,27 @@ impl VxlanBackend {
     /// runs dual stack and the lease can be reached over IPv6; a lease that cannot
     /// gets its warning (once) and keeps its IPv4 entries.
     fn v6_part(&mut self, l: &Lease) -> Option<(Ipv6Net, MacAddr, Ipv6Addr)> {
-        let (network6, own6) = match &self.v6 {
+        let side = match &self.v6 {
             Some(Side {
                 network: Some(IpNet::V6(n)),
                 own,
                 ..
-            }) => (*n, *own),
-            _ => {
-                if let Some(n) = l.ipv6_subnet() {
-                    self.warnings6.warn(
-                        l.key,
-                        format!(
-                            "its IPv6 subnet {n} is ignored: IPv6 is not enabled in the network config"
-                        ),
-                    );
-                }
-                return None;
-            }
+            }) => peers::V6Side {
+                network: Some(*n),
+                own: match own {
+                    Some(IpNet::V6(o)) => Some(*o),
+                    _ => None,
+                },
+                dual_stack: self.v4.is_some(),
+            },
+            _ => peers::V6Side {
+                network: None,
+                own: None,
+                dual_stack: self.v4.is_some(),
+            },
         };
-        let ipv4 = self.v4.is_some();
-        let v4_still = if ipv4 { " (IPv4 still is)" } else { "" };
-        let Some(net6) = l.ipv6_subnet().map(|n| n.trunc()) else {
-            let msg = if ipv4 {
-                "it has no IPv6 subnet in a dual-stack network: only its IPv4 subnet is reached"
-            } else {
-                "it has no IPv6 subnet in an IPv6-only network: not reached"
-            };
-            self.warnings6.warn(l.key, msg.into());
-            return None;
-        };
-        if own6 == Some(IpNet::V6(net6)) {
-            return None;
-        }
-        if net6.prefix_len() <= network6.prefix_len() || !network6.contains(&net6) {
-            self.warnings6.warn(
-                l.key,
-                format!("its IPv6 subnet {net6} is not inside IPv6Network {network6}: not routed"),
-            );
-            return None;
-        }
-        let Some(public6) = l.attrs.public_ipv6 else {
-            self.warnings6.warn(
-                l.key,
-                format!("it has no PublicIPv6: its IPv6 subnet {net6} is not routed{v4_still}"),
-            );
-            return None;
-        };
+        let (net6, public6) = peers::v6_route_part(l, side, &mut self.warnings6)?;
+        let v4_still = peers::v4_still(side.dual_stack);
         let data = match &l.attrs.backend_v6_data {
             None => Err("it has no BackendV6Data".to_string()),
             Some(raw) => VxlanData::decode(raw).map_err(|e| format!("its BackendV6Data: {e}")),
