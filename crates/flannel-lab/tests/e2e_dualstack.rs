@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use flannel_lab::checks::{kill_9_restart_pinging, paths_around};
 use flannel_lab::e2e::{ready, Needs};
 use flannel_lab::Lab;
 
@@ -188,38 +189,19 @@ fn host_gw_dual_stack_agent_kill_9_restart_loses_no_v6_ping() {
         .build()
         .expect("lab");
     let pods: Vec<_> = (0..2).map(|h| lab.add_pod(h).expect("pod")).collect();
-    let ip6: Vec<_> = pods
-        .iter()
-        .map(|p| lab.pod(*p).unwrap().ip6.expect("pod v6 address"))
-        .collect();
-    lab.wait_reachable_ip(pods[0], ip6[1].into())
-        .expect("v6 reachable");
-    lab.wait_reachable_ip(pods[1], ip6[0].into())
-        .expect("v6 reachable");
-    let mut monitors: Vec<_> = lab
-        .hosts()
-        .iter()
-        .map(|h| lab.monitor(&h.ns, &["route"]).expect("monitor"))
-        .collect();
+    let paths = paths_around(&lab, &pods, 1).unwrap();
+    for p in &paths {
+        lab.wait_reachable_ip(p.from, p.to).expect("reachable");
+    }
     // 40 pings 0.2 s apart span the kill, the restart and its first reconcile.
-    let into = lab.start_ping_ip(pods[0], ip6[1].into(), 40).unwrap();
-    let out_of = lab.start_ping_ip(pods[1], ip6[0].into(), 40).unwrap();
-    lab.kill_agent(1).unwrap();
-    lab.start_agent(1).unwrap();
-    for (what, p) in [("into", into), ("out of", out_of)] {
-        let st = p.finish(DEADLINE).expect("ping");
-        assert!(
-            st.all_replied(),
-            "v6 pings {what} the restarted host: {st:?}"
-        );
-    }
-    lab.check_agents().unwrap();
-    for (h, m) in monitors.iter_mut().enumerate() {
-        let deleted: Vec<String> = m
-            .barrier()
-            .into_iter()
-            .filter(|l| l.starts_with("Deleted ") && l.contains("fd10:244:"))
-            .collect();
-        assert!(deleted.is_empty(), "host {h}: {deleted:#?}");
-    }
+    let outcome = kill_9_restart_pinging(&mut lab, 1, &paths, 40, &networks()).unwrap();
+    assert_eq!(outcome.failures(), Vec::<String>::new(), "{outcome:#?}");
+}
+
+/// The pod networks of the dual-stack configs, for the deletion check.
+fn networks() -> [ipnet::IpNet; 2] {
+    [
+        "10.244.0.0/16".parse().unwrap(),
+        "fd10:244::/56".parse().unwrap(),
+    ]
 }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use flannel_lab::checks::{kill_9_restart_pinging, paths_around};
 use flannel_lab::e2e::{ready, Needs};
 use flannel_lab::{poll_until, Lab, PodId};
 use ipnet::Ipv6Net;
@@ -223,47 +224,15 @@ fn vxlan_dual_stack_agent_kill_9_restart_loses_no_v6_ping() {
         .build()
         .expect("lab");
     let pods: Vec<_> = (0..2).map(|h| lab.add_pod(h).expect("pod")).collect();
-    let ip6: Vec<_> = pods
-        .iter()
-        .map(|p| lab.pod(*p).unwrap().ip6.expect("pod v6 address"))
-        .collect();
-    lab.wait_reachable_ip(pods[0], ip6[1].into())
-        .expect("v6 reachable");
-    lab.wait_reachable_ip(pods[1], ip6[0].into())
-        .expect("v6 reachable");
+    let paths = paths_around(&lab, &pods, 1).unwrap();
+    for p in &paths {
+        lab.wait_reachable_ip(p.from, p.to).expect("reachable");
+    }
     let mac_before = v6_mac(&lab, 1);
-    let mut monitors: Vec<_> = lab
-        .hosts()
-        .iter()
-        .map(|h| {
-            lab.monitor(&h.ns, &["route", "neigh", "link"])
-                .expect("monitor")
-        })
-        .collect();
     // 40 pings 0.2 s apart span the kill, the restart and its first reconcile.
-    let into = lab.start_ping_ip(pods[0], ip6[1].into(), 40).unwrap();
-    let out_of = lab.start_ping_ip(pods[1], ip6[0].into(), 40).unwrap();
-    lab.kill_agent(1).unwrap();
-    lab.start_agent(1).unwrap();
-    for (what, p) in [("into", into), ("out of", out_of)] {
-        let st = p.finish(DEADLINE).expect("ping");
-        assert!(
-            st.all_replied(),
-            "v6 pings {what} the restarted host: {st:?}"
-        );
-    }
-    lab.check_agents().unwrap();
+    let outcome = kill_9_restart_pinging(&mut lab, 1, &paths, 40, &networks()).unwrap();
+    assert_eq!(outcome.failures(), Vec::<String>::new(), "{outcome:#?}");
     assert_eq!(v6_mac(&lab, 1), mac_before, "the v6 VTEP MAC survives");
-    for (h, m) in monitors.iter_mut().enumerate() {
-        let deleted: Vec<String> = m
-            .barrier()
-            .into_iter()
-            .filter(|l| {
-                l.starts_with("Deleted ") && (l.contains("fd10:244:") || l.contains("flannel-v6"))
-            })
-            .collect();
-        assert!(deleted.is_empty(), "host {h}: {deleted:#?}");
-    }
 
     // SIGTERM leaves the kernel state (hitless restart); `--cleanup` then removes
     // the v6 device and routes along with the v4 ones.
@@ -297,4 +266,12 @@ fn vxlan_dual_stack_agent_kill_9_restart_loses_no_v6_ping() {
         .ip_in(&ns, &["-6", "route", "show", "proto", "70"])
         .unwrap();
     assert!(r6.trim().is_empty(), "{r6}");
+}
+
+/// The pod networks of the dual-stack configs, for the deletion check.
+fn networks() -> [ipnet::IpNet; 2] {
+    [
+        "10.244.0.0/16".parse().unwrap(),
+        "fd10:244::/56".parse().unwrap(),
+    ]
 }

@@ -10,11 +10,16 @@
 //!    nodes with only an IPv6 pod CIDR, no IPv4 route or pod address anywhere,
 //!    IPv6 between all pods, a deleted node's route goes.
 //! 3. IPv6-only with vxlan: the v6 device alone, its MAC in `backend-v6-data`.
+//! 4. kill -9 of one agent of a dual-stack cluster (host-gw and vxlan) while pods
+//!    ping into and out of its host over both families: no ping lost, no flannel
+//!    route, neighbour or FDB entry deleted on any host, the node's annotations
+//!    unchanged, and the new agent follows the cluster (a deleted node's routes go).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
+use flannel_lab::checks::{kill_9_restart_pinging, paths_around};
 use flannel_lab::e2e::{ready, Needs};
 use flannel_lab::kube_fake::{node_name, KubeFake};
 use flannel_lab::{poll_until, Lab, PodId};
@@ -25,6 +30,7 @@ const DEADLINE: Duration = Duration::from_secs(90);
 /// A second underlay address of host 3, published through `public-ipv6-overwrite`.
 const OVERWRITE6: &str = "fd18:198:18::33";
 const DUAL_NET_CONF: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd10:244::/56","Backend":{"Type":"host-gw"}}"#;
+const DUAL_VXLAN_NET_CONF: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd10:244::/56","Backend":{"Type":"vxlan"}}"#;
 const V6_ONLY_NET_CONF: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd10:244::/56","Backend":{"Type":"host-gw"}}"#;
 /// Per host its pod CIDRs as kube-controller-manager gives them with
 /// `--cluster-cidr=10.244.0.0/16,fd10:244::/56`; unlike anything an allocation
@@ -465,4 +471,127 @@ fn kube_vxlan_ipv6_only_end_to_end() {
         .unwrap()
         .all_replied());
     lab.check_agents().unwrap();
+}
+
+/// The MAC of `dev` on host `h`.
+fn link_mac(lab: &Lab, h: usize, dev: &str) -> String {
+    let out = lab
+        .ip_in(&lab.hosts()[h].ns, &["-br", "link", "show", dev])
+        .unwrap_or_else(|e| panic!("host {h}: {dev}: {e}"));
+    out.split_whitespace().nth(2).expect("a MAC").to_string()
+}
+
+#[test]
+fn kube_host_gw_dual_stack_agent_kill_9_restart_is_hitless() {
+    kill_9_restart_is_hitless("kube host-gw dual stack kill -9", DUAL_NET_CONF, "host-gw");
+}
+
+#[test]
+fn kube_vxlan_dual_stack_agent_kill_9_restart_is_hitless() {
+    kill_9_restart_is_hitless(
+        "kube vxlan dual stack kill -9",
+        DUAL_VXLAN_NET_CONF,
+        "vxlan",
+    );
+}
+
+/// 4. Three dual-stack nodes, a pod on each; host 1's flanneld is killed with
+///    SIGKILL and started again while its pod pings and is pinged over IPv4 and
+///    IPv6.
+fn kill_9_restart_is_hitless(test: &str, net_conf: &str, backend: &str) {
+    let Some((mut lab, fake)) = kube_lab(test, net_conf) else {
+        return;
+    };
+    for h in 0..3 {
+        fake.create_node(&node_name(h), &[V4_CIDRS[h], V6_CIDRS[h]])
+            .expect("create node");
+    }
+    for h in 0..3 {
+        lab.start_agent(h).expect("flanneld");
+    }
+    let pods: Vec<PodId> = (0..3).map(|h| lab.add_pod(h).expect("pod")).collect();
+    let r = 1;
+    let paths = paths_around(&lab, &pods, r).unwrap();
+    assert_eq!(paths.len(), 4, "both families both ways: {paths:#?}");
+    for p in &paths {
+        lab.wait_reachable_ip(p.from, p.to).expect("reachable");
+    }
+
+    // What the node publishes before the restart is the dual-stack set (so that
+    // "unchanged" below compares something real).
+    let ann_before = fake.annotations(&node_name(r)).unwrap();
+    let ip6 = lab.hosts()[r].ip6.unwrap().to_string();
+    assert_eq!(ann_before.get("public-ipv6"), Some(&ip6), "{ann_before:?}");
+    assert_eq!(
+        ann_before.get("backend-type").map(String::as_str),
+        Some(backend),
+        "{ann_before:?}"
+    );
+    let macs_before = (backend == "vxlan").then(|| {
+        let (m4, m6) = (
+            link_mac(&lab, r, "flannel.1"),
+            link_mac(&lab, r, "flannel-v6.1"),
+        );
+        assert_eq!(
+            ann_before.get("backend-v6-data"),
+            Some(&format!(r#"{{"VNI":1,"VtepMAC":"{m6}"}}"#)),
+            "{ann_before:?}"
+        );
+        assert_eq!(
+            ann_before.get("backend-data"),
+            Some(&format!(r#"{{"VNI":1,"VtepMAC":"{m4}"}}"#)),
+            "{ann_before:?}"
+        );
+        (m4, m6)
+    });
+
+    // 60 pings 0.2 s apart span the kill, the restart (informer sync included) and
+    // the new agent's first reconcile.
+    let outcome = kill_9_restart_pinging(&mut lab, r, &paths, 60, &networks()).unwrap();
+    println!(
+        "kube {backend} dual stack, kill -9 restart of {}: {:?}",
+        node_name(r),
+        outcome
+            .pings
+            .iter()
+            .map(|(p, st)| format!("{}: {}/{}", p.what, st.received, st.transmitted))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(outcome.failures(), Vec::<String>::new(), "{outcome:#?}");
+    assert_eq!(
+        fake.annotations(&node_name(r)).unwrap(),
+        ann_before,
+        "annotations of {} after the restart",
+        node_name(r)
+    );
+    if let Some((m4, m6)) = macs_before {
+        assert_eq!(
+            link_mac(&lab, r, "flannel.1"),
+            m4,
+            "the v4 VTEP MAC survives"
+        );
+        assert_eq!(
+            link_mac(&lab, r, "flannel-v6.1"),
+            m6,
+            "the v6 VTEP MAC survives"
+        );
+    }
+
+    // The new agent watches the cluster: node-3 deleted, its routes go on host 1.
+    fake.delete_node(&node_name(2)).unwrap();
+    wait_route_gone(&lab, r, "-6", V6_CIDRS[2]);
+    wait_route_gone(&lab, r, "-4", V4_CIDRS[2]);
+    assert!(lab
+        .ping_ip(pods[r], pod_ip6(&lab, pods[0]), 2)
+        .unwrap()
+        .all_replied());
+    lab.check_agents().unwrap();
+}
+
+/// The pod networks of the dual-stack configs, for the deletion check.
+fn networks() -> [ipnet::IpNet; 2] {
+    [
+        "10.244.0.0/16".parse().unwrap(),
+        "fd10:244::/56".parse().unwrap(),
+    ]
 }
