@@ -1,5 +1,7 @@
-//! End to end: `--ip-masq` for IPv6 in a dual-stack host-gw cluster (etcd mode), in
-//! iptables mode and in nftables mode.
+//! End to end: `--ip-masq` for IPv6 in a dual-stack host-gw cluster, in iptables
+//! mode and in nftables mode, with the etcd subnet manager and with the Kubernetes
+//! one (`--kube-subnet-mgr` against the fake API server, nodes with an IPv4 and an
+//! IPv6 `podCIDRs` entry).
 //!
 //! An "outside" namespace of the lab joins the underlay bridge with an IPv6 address
 //! and no route to the pod network: a pod's connection there only works if it
@@ -17,6 +19,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use flannel_lab::e2e::{ready_with, Needs};
+use flannel_lab::kube_fake::{node_name, KubeFake};
 use flannel_lab::lab::UNDERLAY_V6_PREFIX_LEN;
 use flannel_lab::Lab;
 use flannel_net::netns::{netns_path, run_in_netns, spawn_in_netns, NetnsError};
@@ -33,14 +36,39 @@ fn config(nft: bool) -> String {
     )
 }
 
+/// Where the leases come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Store {
+    Etcd,
+    /// `--kube-subnet-mgr`: the nodes' pod CIDRs are [`KUBE_POD_CIDRS`].
+    Kube,
+}
+
+/// Per host its `podCIDRs`, as kube-controller-manager gives them with
+/// `--cluster-cidr=10.244.0.0/16,fd10:244::/56`.
+const KUBE_POD_CIDRS: [[&str; 2]; 2] = [
+    ["10.244.11.0/24", "fd10:244:0:11::/64"],
+    ["10.244.22.0/24", "fd10:244:0:22::/64"],
+];
+
 #[test]
 fn iptables_mode_v6_masquerade_outward_pod_addresses_inside_cleanup() {
-    scenario("v6 masquerade (iptables)", false);
+    scenario("v6 masquerade (iptables)", false, Store::Etcd);
 }
 
 #[test]
 fn nftables_mode_v6_masquerade_outward_pod_addresses_inside_cleanup() {
-    scenario("v6 masquerade (nftables)", true);
+    scenario("v6 masquerade (nftables)", true, Store::Etcd);
+}
+
+#[test]
+fn kube_iptables_mode_v6_masquerade_outward_pod_addresses_inside_cleanup() {
+    scenario("kube v6 masquerade (iptables)", false, Store::Kube);
+}
+
+#[test]
+fn kube_nftables_mode_v6_masquerade_outward_pod_addresses_inside_cleanup() {
+    scenario("kube v6 masquerade (nftables)", true, Store::Kube);
 }
 
 // ----- sockets inside namespaces (dedicated std threads, never the test's own) -----
@@ -223,19 +251,42 @@ fn rule_lines(lab: &Lab, h: usize, nft: bool, v6: bool) -> Vec<String> {
     }
 }
 
-fn scenario(what: &str, nft: bool) {
-    let tools = ["nft", "iptables-save", "ip6tables-save"];
-    if !ready_with(what, Needs::Agents, &tools) {
-        return;
-    }
+/// A two-host dual-stack lab with both agents running (`--ip-masq`), its leases
+/// from `store`; the fake API server with it in Kubernetes mode (keep it alive).
+fn start_lab(nft: bool, store: Store) -> (Lab, Option<KubeFake>) {
     let mut lab = Lab::builder()
         .hosts(2)
         .ipv6(true)
         .config_json(&config(nft))
         .ip_masq(true)
+        .start_agents(store == Store::Etcd)
         .timeout(DEADLINE)
         .build()
         .expect("lab");
+    if store == Store::Etcd {
+        return (lab, None);
+    }
+    let fake = KubeFake::start(&mut lab, &config(nft)).expect("fake API server");
+    for (h, cidrs) in KUBE_POD_CIDRS.iter().enumerate() {
+        fake.create_node(&node_name(h), cidrs).expect("create node");
+    }
+    for h in 0..2 {
+        lab.start_agent(h).expect("flanneld");
+    }
+    for (h, [c4, c6]) in KUBE_POD_CIDRS.iter().enumerate() {
+        // The subnets are the nodes' pod CIDRs, not an allocation from etcd.
+        let (s4, s6) = subnets(&lab, h);
+        assert_eq!((s4.as_str(), s6.as_str()), (*c4, *c6), "host {h}");
+    }
+    (lab, Some(fake))
+}
+
+fn scenario(what: &str, nft: bool, store: Store) {
+    let tools = ["nft", "iptables-save", "ip6tables-save"];
+    if !ready_with(what, Needs::Agents, &tools) {
+        return;
+    }
+    let (mut lab, _fake) = start_lab(nft, store);
     let outside = add_outside(&lab);
     let pods: Vec<_> = (0..2).map(|h| lab.add_pod(h).expect("pod")).collect();
     let pod = |i: usize| lab.pod(pods[i]).unwrap().clone();
