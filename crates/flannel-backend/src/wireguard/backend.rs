@@ -1,7 +1,8 @@
 //! The backend: lease data out, peers in, the userspace devices in between.
 //!
 //! Device layout by `Mode`, as upstream: `separate` runs `flannel-wg` for IPv4
-//! and, with `EnableIPv6`, `flannel-wg-v6` for IPv6 on `ListenPortV6`; `auto`,
+//! and, with `EnableIPv6`, `flannel-wg-v6` for IPv6 on `ListenPortV6` (alone in an
+//! IPv6-only network, the one case where the other modes are refused); `auto`,
 //! `ipv4` and `ipv6` run `flannel-wg` alone, each peer on it with both its
 //! subnets, reached over the family the mode picks. One key for every device.
 
