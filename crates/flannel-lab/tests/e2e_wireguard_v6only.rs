@@ -5,7 +5,8 @@
 //! `separate` mode (the default) runs `flannel-wg-v6` alone on ListenPortV6: no
 //! `flannel-wg`, no IPv4 route or address of ours, `backend-v6-data` in Go's
 //! bytes and no IPv4 annotations; every pod pings every other over IPv6 through
-//! WireGuard, and a deleted node's peer goes. The one-device modes are refused
+//! WireGuard, a kill -9 restart takes the device over without losing a ping, and
+//! a deleted node's peer goes. The one-device modes are refused
 //! with an error naming `separate`.
 
 use std::collections::BTreeMap;
@@ -248,6 +249,61 @@ fn kube_wireguard_ipv6_only_end_to_end() {
         assert_eq!(handshakes, 2, "host {h}: {text}");
     }
     println!("IPv6-only kube cluster on wireguard: flannel-wg-v6 alone, every pair of pods pings");
+
+    // kill -9 and restart host 1: the keeper held flannel-wg-v6 and the new agent
+    // takes it over; v6 pings out of the restarted host lose nothing.
+    let out_of = lab
+        .start_ping_ip(pods[1], pod_ip6(&lab, pods[2]), 40)
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    lab.kill_agent(1).unwrap();
+    lab.spawn_agent(1).unwrap();
+    let mut v6_line = String::new();
+    poll_until(
+        "the restarted agent's flannel-wg-v6",
+        DEADLINE,
+        Duration::from_millis(50),
+        || {
+            lab.check_agent(1)?;
+            let log = lab.agent_log(1)?;
+            let last_start = log
+                .rsplit("===== flannel-lab: starting")
+                .next()
+                .unwrap_or("");
+            v6_line = last_start
+                .lines()
+                .find(|l| l.contains("wireguard backend started"))
+                .unwrap_or("")
+                .to_string();
+            Ok(!v6_line.is_empty())
+        },
+    )
+    .unwrap();
+    assert!(
+        v6_line.contains("flannel-wg-v6") && v6_line.contains("inherited=true"),
+        "{v6_line}"
+    );
+    let st = out_of.finish(DEADLINE).expect("ping");
+    eprintln!("kill -9 restart, IPv6-only: pings out of the restarted host {st:?}");
+    assert!(
+        st.all_replied(),
+        "v6 pings out of the restarted host lost: {st:?}"
+    );
+    assert!(
+        lab.ip_in(&lab.hosts()[1].ns, &["link", "show", "flannel-wg"])
+            .is_err(),
+        "flannel-wg after the restart"
+    );
+    poll_until(
+        "host 1: both peers again after the restart",
+        DEADLINE,
+        Duration::from_millis(100),
+        || {
+            let (_, peers) = uapi(&lab.wireguard_uapi_get_of(1, "flannel-wg-v6")?);
+            Ok(peers.len() == 2)
+        },
+    )
+    .unwrap();
 
     // A deleted node's peer goes; the others keep talking.
     fake.delete_node(&node_name(2)).unwrap();
