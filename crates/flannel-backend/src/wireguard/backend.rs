@@ -1,7 +1,8 @@
 //! The backend: lease data out, peers in, the userspace devices in between.
 //!
 //! Device layout by `Mode`, as upstream: `separate` runs `flannel-wg` for IPv4
-//! and, with `EnableIPv6`, `flannel-wg-v6` for IPv6 on `ListenPortV6`; `auto`,
+//! and, with `EnableIPv6`, `flannel-wg-v6` for IPv6 on `ListenPortV6` (alone in an
+//! IPv6-only network, the one case where the other modes are refused); `auto`,
 //! `ipv4` and `ipv6` run `flannel-wg` alone, each peer on it with both its
 //! subnets, reached over the family the mode picks. One key for every device.
 
@@ -75,6 +76,22 @@ pub fn auto_uses_ipv6(
         return false;
     }
     !ula(remote6) && local6.is_some_and(|l| !ula(l))
+}
+
+/// Which `Mode`s an IPv6-only network (`EnableIPv4: false`) can run. `separate`
+/// runs `flannel-wg-v6` alone, as upstream does. Upstream's one-device modes are
+/// refused: they still work out an IPv4 endpoint (`ipv4` always, `auto` unless
+/// both IPv6 addresses are non-ULA, `0.0.0.0:<port>` in an IPv6-only network) and
+/// ask for a route to the IPv4 Network that does not exist (Go's zero network,
+/// `0.0.0.0/0`, on `flannel-wg`); neither is anything a peer could rely on.
+pub fn ipv6_only_mode_ok(mode: Mode, ipv4: bool, ipv6: bool) -> Result<(), BackendError> {
+    if ipv4 || !ipv6 || mode == Mode::Separate {
+        return Ok(());
+    }
+    Err(BackendError::Config(format!(
+        "wireguard: Mode {:?} is not supported in an IPv6-only network (EnableIPv4 false); use Mode \"separate\" (the default), which runs {DEVICE_V6} alone",
+        format!("{mode:?}").to_lowercase()
+    )))
 }
 
 /// One userspace device: its sessions, data path, UAPI socket and peers.
@@ -258,6 +275,8 @@ pub struct WireguardBackend {
     /// Made before the devices so that metrics can hold it from the start; both
     /// devices count into it.
     counters: Arc<DeviceCounters>,
+    /// The network config enables IPv4 (false: IPv6-only, `flannel-wg-v6` alone).
+    ipv4: bool,
     /// The network config enables IPv6.
     ipv6: bool,
     /// Warnings about leases' IPv6 parts, once per lease.
@@ -273,6 +292,7 @@ impl WireguardBackend {
             dev: None,
             dev6: None,
             counters: Arc::new(DeviceCounters::default()),
+            ipv4: true,
             ipv6: false,
             warnings6: Warnings::default(),
         })
@@ -333,7 +353,7 @@ impl WireguardBackend {
             return None;
         }
         let why = match (l.ipv6_subnet(), l.attrs.public_ipv6) {
-            (None, _) => Err("it has no IPv6 subnet in a dual-stack network".to_string()),
+            (None, _) => Err("it has no IPv6 subnet".to_string()),
             (Some(_), None) => Err("it has no PublicIPv6".to_string()),
             (Some(net6), Some(ip6)) => match Self::data_of(l, l.attrs.backend_v6_data.as_deref()) {
                 Ok(d) => Ok((net6, ip6, d)),
@@ -357,10 +377,13 @@ impl WireguardBackend {
                 })
             }
             Err(why) => {
-                self.warnings6.warn(
-                    l.key,
-                    format!("{why}: not added to {DEVICE_V6} (its IPv4 peer on {DEVICE} stays)"),
-                );
+                let stays = if self.dev.is_some() {
+                    format!(" (its IPv4 peer on {DEVICE} stays)")
+                } else {
+                    String::new()
+                };
+                self.warnings6
+                    .warn(l.key, format!("{why}: not added to {DEVICE_V6}{stays}"));
                 None
             }
         }
@@ -431,7 +454,16 @@ impl WireguardBackend {
     /// Sets lease `l`'s peers on the devices (or removes them, for `None`).
     fn set_lease(&mut self, l: &Lease) {
         let single = self.cfg.mode.single_device();
-        let p4 = if single {
+        let p4 = if self.dev.is_none() {
+            // IPv6-only: the type is judged here, as peer_of would have.
+            if !Self::type_ok(l) {
+                if let Some(d) = &mut self.dev6 {
+                    d.peers.remove(&l.key);
+                }
+                return;
+            }
+            None
+        } else if single {
             self.peer_single_of(l)
         } else {
             self.peer_of(l)
@@ -494,12 +526,9 @@ impl WireguardBackend {
 #[async_trait]
 impl Backend for WireguardBackend {
     async fn register(&mut self, config: &NetworkConfig) -> Result<LeaseAttrs, BackendError> {
-        if !config.enable_ipv4 {
-            return Err(BackendError::Config(
-                "wireguard: IPv6-only networks are not supported by this flannel-rs build (EnableIPv4 must stay true)".into(),
-            ));
-        }
         let mode = self.cfg.mode;
+        ipv6_only_mode_ok(mode, config.enable_ipv4, config.enable_ipv6)?;
+        self.ipv4 = config.enable_ipv4;
         self.ipv6 = config.enable_ipv6;
         let addr6 = self.ext.public_ipv6.or(self.ext.addr6);
         let needs_v6_underlay = mode == Mode::Ipv6 || (mode == Mode::Separate && self.ipv6);
@@ -536,7 +565,9 @@ impl Backend for WireguardBackend {
         } else {
             SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))
         };
-        self.dev = Some(dev(DEVICE, port, listen, mode.single_device() && self.ipv6));
+        if self.ipv4 {
+            self.dev = Some(dev(DEVICE, port, listen, mode.single_device() && self.ipv6));
+        }
         if mode == Mode::Separate && self.ipv6 {
             let port6 = self.cfg.listen_port_v6;
             self.dev6 = Some(dev(
@@ -546,15 +577,23 @@ impl Backend for WireguardBackend {
                 true,
             ));
         }
-        let mut attrs = LeaseAttrs::new(self.public_ip()?);
+        // IPv6-only: no IPv4 part at all; Go's zero IP4 prints as 0.0.0.0 in the lease.
+        let public_ip = if self.ipv4 {
+            self.public_ip()?
+        } else {
+            Ipv4Addr::UNSPECIFIED
+        };
+        let mut attrs = LeaseAttrs::new(public_ip);
         attrs.backend_type = "wireguard".into();
-        attrs.backend_data = Some(
-            WireguardData {
-                public_key,
-                port: self.cfg.listen_port,
-            }
-            .encode(),
-        );
+        if self.ipv4 {
+            attrs.backend_data = Some(
+                WireguardData {
+                    public_key,
+                    port: self.cfg.listen_port,
+                }
+                .encode(),
+            );
+        }
         if self.ipv6 {
             // The port this node's IPv6 peers reach it on: flannel-wg-v6's in
             // separate mode, the one device's otherwise (where upstream also
@@ -575,9 +614,6 @@ impl Backend for WireguardBackend {
     }
 
     async fn start(&mut self, config: &NetworkConfig, own: &Lease) -> Result<(), BackendError> {
-        let network = config.network.ok_or_else(|| {
-            BackendError::Config("wireguard backend needs an IPv4 Network".into())
-        })?;
         let network6 = if self.ipv6 {
             let n = config.ipv6_network.ok_or_else(|| {
                 BackendError::Config(
@@ -591,49 +627,55 @@ impl Backend for WireguardBackend {
         } else {
             None
         };
+        if self.dev.is_none() && self.dev6.is_none() {
+            return Err(BackendError::Other(
+                "wireguard: start before register".into(),
+            ));
+        }
         let mtu = self.mtu();
         let counters = self.counters.clone();
         let nl = self.nl.clone();
-        let mut dev = self
-            .dev
-            .take()
-            .ok_or_else(|| BackendError::Other("wireguard: start before register".into()))?;
-        let inherited = dev.open(&nl, counters.clone()).await;
-        let inherited = match inherited {
-            Ok(i) => i,
-            Err(e) => {
-                self.dev = Some(dev);
-                return Err(e);
-            }
-        };
-        let index = flannel_udp::netconf::configure(
-            &nl,
-            DEVICE,
-            own.subnet().network(),
-            mtu,
-            network,
-            RTPROT_FLANNEL,
-        )
-        .await
-        .map_err(BackendError::kernel(format!("configure {DEVICE}")))?;
-        // Upstream's route is scope link: the peers are behind the device itself.
-        let route = Route::new(IpNet::V4(network.trunc()))
-            .dev(index)
-            .scope(RT_SCOPE_LINK)
-            .protocol(RTPROT_FLANNEL);
-        nl.route_replace(&route)
+        if let Some(mut dev) = self.dev.take() {
+            let network = config.network.ok_or_else(|| {
+                BackendError::Config("wireguard backend needs an IPv4 Network".into())
+            })?;
+            let inherited = dev.open(&nl, counters.clone()).await;
+            let inherited = match inherited {
+                Ok(i) => i,
+                Err(e) => {
+                    self.dev = Some(dev);
+                    return Err(e);
+                }
+            };
+            let index = flannel_udp::netconf::configure(
+                &nl,
+                DEVICE,
+                own.subnet().network(),
+                mtu,
+                network,
+                RTPROT_FLANNEL,
+            )
             .await
-            .map_err(BackendError::kernel(format!(
-                "route {network} dev {DEVICE}"
-            )))?;
-        if dev.carries_v6 {
-            if let Some((n6, s6)) = network6 {
-                configure_v6(&nl, index, DEVICE, s6.network(), n6).await?;
+            .map_err(BackendError::kernel(format!("configure {DEVICE}")))?;
+            // Upstream's route is scope link: the peers are behind the device itself.
+            let route = Route::new(IpNet::V4(network.trunc()))
+                .dev(index)
+                .scope(RT_SCOPE_LINK)
+                .protocol(RTPROT_FLANNEL);
+            nl.route_replace(&route)
+                .await
+                .map_err(BackendError::kernel(format!(
+                    "route {network} dev {DEVICE}"
+                )))?;
+            if dev.carries_v6 {
+                if let Some((n6, s6)) = network6 {
+                    configure_v6(&nl, index, DEVICE, s6.network(), n6).await?;
+                }
             }
+            dev.serve_uapi()?;
+            self.startup_line(&dev, inherited);
+            self.dev = Some(dev);
         }
-        dev.serve_uapi()?;
-        self.startup_line(&dev, inherited);
-        self.dev = Some(dev);
 
         if let (Some(mut dev6), Some((n6, s6))) = (self.dev6.take(), network6) {
             let inherited = dev6.open(&nl, counters).await?;
@@ -942,5 +984,108 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("needs an IPv6 address"), "{e}");
+
+        // IPv6-only, separate: flannel-wg-v6 alone on ListenPortV6, no IPv4 part
+        // in the lease (PublicIP Go's zero IP4), BackendV6Data only.
+        let (mut be, attrs) = registered("separate", V6_ONLY).await;
+        assert!(be.dev.is_none(), "no flannel-wg in an IPv6-only network");
+        let d6 = be.dev6.as_ref().unwrap();
+        assert_eq!(
+            (d6.name, d6.listen.to_string()),
+            (DEVICE_V6, "[::]:51821".into())
+        );
+        assert!(attrs.backend_data.is_none());
+        assert_eq!(attrs.public_ip, Ipv4Addr::UNSPECIFIED);
+        assert_eq!(attrs.public_ipv6, None, "the agent fills in PublicIPv6");
+        assert_eq!(
+            attrs.backend_v6_data.as_ref().unwrap().get(),
+            format!(r#"{{"PublicKey":"{key}","Port":51821}}"#)
+        );
+        // Peers as a kube IPv6-only node publishes them: no IPv4 part at all.
+        let v6_peer = lease(
+            "0.0.0.0/0",
+            Some("fd10:244:0:5::/64"),
+            &format!(
+                r#"{{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::5","BackendType":"wireguard","BackendV6Data":{{"PublicKey":"{KEY_A}","Port":51821}}}}"#
+            ),
+        );
+        let not_wg = lease(
+            "0.0.0.0/0",
+            Some("fd10:244:0:6::/64"),
+            r#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::6","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}"#,
+        );
+        let no_v6_data = lease(
+            "0.0.0.0/0",
+            Some("fd10:244:0:7::/64"),
+            r#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::7","BackendType":"wireguard"}"#,
+        );
+        be.reconcile(&[v6_peer.clone(), not_wg, no_v6_data])
+            .await
+            .unwrap();
+        assert_eq!(
+            peers(&be.dev6),
+            vec![(
+                KEY_A.into(),
+                "[2001:db8::5]:51821".into(),
+                vec!["fd10:244:0:5::/64".into()]
+            )]
+        );
+        be.apply(&[LeaseEvent::Removed(v6_peer)]).await.unwrap();
+        assert!(peers(&be.dev6).is_empty());
+
+        // IPv6-only without an IPv6 address on the interface: a clear error.
+        let raw = RawValue::from_string(r#"{"Type":"wireguard"}"#.into()).unwrap();
+        let mut no6 = ext();
+        no6.addr6 = None;
+        no6.public_ipv6 = None;
+        let mut be = WireguardBackend::new(&raw, no6, Netlink::connect().await.unwrap()).unwrap();
+        let e = be
+            .register(&NetworkConfig::parse(V6_ONLY).unwrap())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs an IPv6 address"), "{e}");
+    }
+
+    const V6_ONLY: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd10:244::/56","IPv6SubnetLen":64}"#;
+
+    #[test]
+    fn ipv6_only_runs_separate_mode_alone() {
+        for mode in [Mode::Separate, Mode::Auto, Mode::Ipv4, Mode::Ipv6] {
+            // Dual stack and IPv4-only: every mode.
+            assert!(ipv6_only_mode_ok(mode, true, true).is_ok());
+            assert!(ipv6_only_mode_ok(mode, true, false).is_ok());
+        }
+        assert!(ipv6_only_mode_ok(Mode::Separate, false, true).is_ok());
+        for (mode, name) in [
+            (Mode::Auto, "\"auto\""),
+            (Mode::Ipv4, "\"ipv4\""),
+            (Mode::Ipv6, "\"ipv6\""),
+        ] {
+            let e = ipv6_only_mode_ok(mode, false, true)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(name) && e.contains("IPv6-only") && e.contains("\"separate\""),
+                "{e}"
+            );
+        }
+    }
+
+    /// The refusal comes from register, before any key file or device exists.
+    #[tokio::test]
+    async fn ipv6_only_single_device_modes_are_refused_at_register() {
+        for mode in ["auto", "ipv4", "ipv6"] {
+            let raw = RawValue::from_string(format!(r#"{{"Type":"wireguard","Mode":"{mode}"}}"#))
+                .unwrap();
+            let mut be =
+                WireguardBackend::new(&raw, ext(), Netlink::connect().await.unwrap()).unwrap();
+            let e = be
+                .register(&NetworkConfig::parse(V6_ONLY).unwrap())
+                .await
+                .unwrap_err();
+            assert!(matches!(e, BackendError::Config(_)), "{mode}: {e}");
+            assert!(be.dev.is_none() && be.dev6.is_none());
+        }
     }
 }

@@ -23,6 +23,14 @@ impl Lab {
         Ok(())
     }
 
+    /// From the next start on, host `h`'s flanneld chooses its interface by `args`
+    /// (e.g. `["--iface-can-reach=fd77:2::9"]`) instead of the lab's
+    /// `--iface=<underlay IPv4>`.
+    pub fn set_agent_iface_args(&mut self, h: usize, args: &[&str]) -> Result<()> {
+        self.host_mut(h)?.iface_args = Some(args.iter().map(|s| s.to_string()).collect());
+        Ok(())
+    }
+
     /// The flanneld command line used for host `h` (after `ip netns exec <ns>`;
     /// starts with the wrapper prefix if [`Lab::set_agent_wrapper`] set one).
     pub fn agent_command(&self, h: usize) -> Result<Vec<String>> {
@@ -35,7 +43,12 @@ impl Lab {
             flanneld.display().to_string(),
             format!("--etcd-endpoints={}", self.etcd.endpoints()),
             format!("--etcd-prefix={ETCD_PREFIX}"),
-            format!("--iface={}", host.ip),
+        ]);
+        match &host.iface_args {
+            Some(args) => v.extend(args.iter().cloned()),
+            None => v.push(format!("--iface={}", host.ip)),
+        }
+        v.extend([
             format!("--subnet-file={}", host.subnet_file().display()),
             format!("--ip-masq={}", self.ip_masq),
         ]);

@@ -346,6 +346,7 @@ impl Lab {
             dir,
             agent: None,
             agent_wrapper: None,
+            iface_args: None,
             next_pod: 1,
         });
         // Created from inside the host namespace with the peer placed directly in

@@ -177,6 +177,8 @@ pub struct Host {
     /// Set by [`Lab::set_agent_wrapper`]: a command the agent runs under and the
     /// flanneld path as that command sees it.
     agent_wrapper: Option<(Vec<String>, PathBuf)>,
+    /// Set by [`Lab::set_agent_iface_args`]: what replaces `--iface=<ip>`.
+    iface_args: Option<Vec<String>>,
     next_pod: usize,
 }
 
