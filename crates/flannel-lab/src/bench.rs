@@ -25,6 +25,7 @@ use serde_json::{json, Value};
 
 use crate::error::{LabError, Result};
 use crate::lab::{Family, Lab, UNDERLAY_V6_PREFIX};
+use crate::lease_writer::LeaseWriter;
 use crate::measure::{median, percentile};
 
 /// What to measure.
@@ -257,7 +258,8 @@ pub struct Scale {
     /// etcd delete → route gone, ms.
     pub leave_p50_ms: f64,
     pub leave_p99_ms: f64,
-    /// The bench's etcd put round trip itself (part of every join sample), p50, ms.
+    /// The lease write itself (the create transaction's gRPC round trip, inside every
+    /// join sample), p50, ms.
     pub put_p50_ms: f64,
     /// Join measured from the put's response (the write committed) instead of its
     /// start: the agent's share of the join, p50, ms (0 when the watch event beat
@@ -616,6 +618,7 @@ fn convergence(
     }
     let ns = lab.hosts()[0].ns.clone();
     let mut mon = lab.monitor(&ns, &["route"])?;
+    let writer = LeaseWriter::connect(lab.etcd())?;
     let (mut join, mut leave) = (Vec::new(), Vec::new());
     // The agent picked its own subnet at random: churn must not touch it.
     let own = lab.host_subnet(0)?;
@@ -627,7 +630,14 @@ fn convergence(
     for (j, &subnet) in subnets.iter().enumerate() {
         let key = Lab::lease_key_for(subnet);
         let value = fake_lease_value(&ty, j);
-        let m = join_leave(&lab, &mut mon, &key, &value, &[subnet.into()], opts.timeout)?;
+        let m = join_leave(
+            &writer,
+            &mut mon,
+            &key,
+            &value,
+            &[subnet.into()],
+            opts.timeout,
+        )?;
         join.push(m.join);
         leave.push(m.leave);
     }
@@ -1111,6 +1121,7 @@ fn scale(
     // Join/leave with N present.
     let ns = lab.hosts()[0].ns.clone();
     let mut mon = lab.monitor(&ns, &["route"])?;
+    let writer = LeaseWriter::connect(lab.etcd())?;
     let (mut join, mut leave, mut put) = (Vec::new(), Vec::new(), Vec::new());
     let mut after_put = Vec::new();
     let churn: Vec<Ipv4Net> = (0..)
@@ -1144,7 +1155,7 @@ fn scale(
             .chain(peer.v6.map(|v| v.0.into()))
             .collect();
         let m = join_leave(
-            &lab,
+            &writer,
             &mut mon,
             &peer.key(),
             &peer.value(&ty),
@@ -1154,7 +1165,7 @@ fn scale(
         join.push(m.join);
         leave.push(m.leave);
         put.push(m.put);
-        after_put.push(m.join.saturating_sub(m.put));
+        after_put.push(m.after_put);
     }
     let rss_after = lab.agent_rss_kib(0)?;
     if let Some(dir) = &opts.log_dir {
@@ -1206,22 +1217,25 @@ struct JoinLeave {
     leave: Duration,
     /// The etcd write itself.
     put: Duration,
+    /// From the write's response to the route (0 if the watch beat the response).
+    after_put: Duration,
 }
 
-/// Writes `key` as flanneld does (grant first, then the write that makes the lease
-/// visible), waits for a route to each of `routes` in `mon` (a route monitor of
-/// the agent's host), deletes it and waits for the routes to go. Join (leave) is
-/// when the last family's route is in (gone).
+/// Writes `key` as flanneld does (grant first, then the create transaction that
+/// makes the lease visible, over gRPC), waits for a route to each of `routes` in
+/// `mon` (a route monitor of the agent's host), deletes it and waits for the routes
+/// to go. Join (leave) runs from the write's send to when the last family's route is
+/// in (gone).
 fn join_leave(
-    lab: &Lab,
+    writer: &LeaseWriter,
     mon: &mut flannel_testkit::Monitor,
     key: &str,
     value: &str,
     routes: &[IpNet],
     timeout: Duration,
 ) -> Result<JoinLeave> {
-    let wait = |mon: &mut flannel_testkit::Monitor, mark, prefix: &str, t0: Instant| {
-        let mut last = t0;
+    let wait = |mon: &mut flannel_testkit::Monitor, mark, prefix: &str| {
+        let mut last: Option<Instant> = None;
         for r in routes {
             let line = format!("{prefix}{r} ");
             let t = mon
@@ -1230,21 +1244,22 @@ fn join_leave(
                     what: format!("`{line}` for lease {key}"),
                     after: timeout,
                 })?;
-            last = last.max(t);
+            last = Some(last.map_or(t, |l| l.max(t)));
         }
-        Ok::<_, LabError>(last.saturating_duration_since(t0))
+        last.ok_or_else(|| LabError::Invalid("a join needs at least one route".into()))
     };
-    let id = lab.etcd().grant(LEASE_TTL_SECS)?;
     let mark = mon.mark();
-    let t0 = Instant::now();
-    lab.etcd().put_on_lease(key, value, id)?;
-    let put = t0.elapsed();
-    let join = wait(mon, mark, "", t0)?;
+    let w = writer.create(key, value, LEASE_TTL_SECS)?;
+    let routed = wait(mon, mark, "")?;
     let mark = mon.mark();
-    let t0 = Instant::now();
-    lab.etcd().delete(key)?;
-    let leave = wait(mon, mark, "Deleted ", t0)?;
-    Ok(JoinLeave { join, leave, put })
+    let d = writer.delete(key)?;
+    let gone = wait(mon, mark, "Deleted ")?;
+    Ok(JoinLeave {
+        join: routed.saturating_duration_since(w.sent),
+        leave: gone.saturating_duration_since(d.sent),
+        put: w.answered.saturating_duration_since(w.sent),
+        after_put: routed.saturating_duration_since(w.answered),
+    })
 }
 
 fn ratio(a: f64, b: f64) -> f64 {

@@ -123,6 +123,11 @@ impl Etcd {
         })
     }
 
+    /// The namespace the members listen in (a client's sockets must be made there).
+    pub fn netns(&self) -> &Path {
+        &self.netns
+    }
+
     /// The first member's client URL.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.members[0])

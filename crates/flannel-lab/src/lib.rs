@@ -25,6 +25,7 @@ pub mod etcd;
 pub mod http;
 pub mod kube_fake;
 pub mod lab;
+pub mod lease_writer;
 pub mod leases;
 pub mod measure;
 pub mod process;

@@ -780,7 +780,7 @@ fn run_bench(opts: &BenchOptions, json_out: Option<PathBuf>) -> Result<()> {
         println!(
             "  START: spawn -> all N routes; APPLY: the agent's own log, full lease set -> kernel \
              programmed; xSTART/xAPPLY: ratio to ip -batch; B/PEER: (RSS - RSS0) / N; \
-             PUT: the bench's etcd put round trip (inside every join sample)"
+             PUT: the lease's create transaction over gRPC, as flanneld writes it (inside every join sample)"
         );
     }
     for e in &report.errors {

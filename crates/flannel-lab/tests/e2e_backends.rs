@@ -327,3 +327,51 @@ fn deleted_lease_goes_and_restored_lease_comes_back(name: &str, backend: &str) {
         c.lab.wait_reachable(p, c.ip(c.pods[peer])).unwrap();
     }
 }
+
+/// The benchmarks' lease writer writes a peer lease as flanneld does: on an etcd
+/// lease of its own with a TTL, only if the key is absent; the agent routes what it
+/// writes and unroutes what it deletes, and the times it reports are ordered.
+#[test]
+fn lease_writer_writes_leases_as_flanneld_does() {
+    use flannel_lab::lease_writer::LeaseWriter;
+    if !ready("lease_writer_writes_leases_as_flanneld_does", Needs::Agents) {
+        return;
+    }
+    let lab = Lab::builder()
+        .hosts(1)
+        .backend_json(r#"{"Type":"host-gw"}"#)
+        .timeout(DEADLINE)
+        .build()
+        .expect("lab");
+    let writer = LeaseWriter::connect(lab.etcd()).expect("gRPC client");
+    let subnet: Ipv4Net = "10.244.250.0/24".parse().unwrap();
+    let key = Lab::lease_key_for(subnet);
+    let value = flannel_lab::leases::peer_lease_value("host-gw", Ipv4Addr::new(198, 18, 0, 77));
+    let ns = lab.hosts()[0].ns.clone();
+    let mut mon = lab.monitor(&ns, &["route"]).expect("monitor");
+    let mark = mon.mark();
+    let t = writer.create(&key, &value, 3600).expect("create");
+    assert!(t.answered >= t.sent);
+    assert_eq!(
+        lab.etcd().get(&key).unwrap().as_deref(),
+        Some(value.as_str())
+    );
+    let id = lab.etcd().lease_of(&key).unwrap().expect("the key exists");
+    assert_ne!(id, 0, "the key must be attached to an etcd lease");
+    let routed = mon
+        .wait_for_after(mark, DEADLINE, |l| {
+            l.starts_with(&format!("{subnet} via 198.18.0.77 "))
+        })
+        .expect("the agent routes the written lease");
+    assert!(routed >= t.sent);
+    // Create-if-absent: a second create of the same key is refused.
+    let e = writer.create(&key, &value, 3600).unwrap_err().to_string();
+    assert!(e.contains("exists"), "{e}");
+    let mark = mon.mark();
+    writer.delete(&key).expect("delete");
+    assert_eq!(lab.etcd().get(&key).unwrap(), None);
+    mon.wait_for_after(mark, DEADLINE, |l| {
+        l.starts_with(&format!("Deleted {subnet} "))
+    })
+    .expect("the agent unroutes the deleted lease");
+}
