@@ -29,6 +29,7 @@ pub mod lease_writer;
 pub mod leases;
 pub mod measure;
 pub mod process;
+pub mod uapi;
 pub mod wggo;
 
 pub use error::{LabError, Result};

@@ -7,37 +7,13 @@ use std::time::Duration;
 
 use flannel_lab::e2e::{ready_with, Needs};
 use flannel_lab::kube_fake::{node_name, KubeFake};
+use flannel_lab::uapi::{key_hex, parse_get as uapi};
 use flannel_lab::{poll_until, Lab, PodId};
 
 const DEADLINE: Duration = Duration::from_secs(90);
 const NET_CONF: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd10:244::/56","Backend":{"Type":"wireguard"}}"#;
 const V4_CIDRS: [&str; 2] = ["10.244.11.0/24", "10.244.22.0/24"];
 const V6_CIDRS: [&str; 2] = ["fd10:244:0:11::/64", "fd10:244:0:22::/64"];
-
-fn hex(key_b64: &str) -> String {
-    let k: flannel_core::WgPublicKey = key_b64.parse().expect("a WireGuard key");
-    k.0.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// A UAPI `get=1` answer as (listen_port, public key hex → (endpoint, allowed IPs)).
-fn uapi(text: &str) -> (String, BTreeMap<String, (String, Vec<String>)>) {
-    let mut port = String::new();
-    let mut peers = BTreeMap::new();
-    let mut cur: Option<String> = None;
-    for l in text.lines() {
-        if let Some(p) = l.strip_prefix("listen_port=") {
-            port = p.to_string();
-        } else if let Some(k) = l.strip_prefix("public_key=") {
-            peers.insert(k.to_string(), (String::new(), Vec::new()));
-            cur = Some(k.to_string());
-        } else if let (Some(e), Some(k)) = (l.strip_prefix("endpoint="), &cur) {
-            peers.get_mut(k).unwrap().0 = e.to_string();
-        } else if let (Some(a), Some(k)) = (l.strip_prefix("allowed_ip="), &cur) {
-            peers.get_mut(k).unwrap().1.push(a.to_string());
-        }
-    }
-    (port, peers)
-}
 
 #[test]
 fn kube_wireguard_dual_stack_end_to_end() {
@@ -105,7 +81,7 @@ fn kube_wireguard_dual_stack_end_to_end() {
         let o = 1 - h;
         let peer = |dev: &str, endpoint: String, allowed: &str| {
             let want: BTreeMap<_, _> =
-                [(hex(&keys[o]), (endpoint, vec![allowed.to_string()]))].into();
+                [(key_hex(&keys[o]), (endpoint, vec![allowed.to_string()]))].into();
             poll_until(
                 &format!("host {h}: the peer on {dev}"),
                 DEADLINE,

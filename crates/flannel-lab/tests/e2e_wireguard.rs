@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use flannel_core::{LeaseAttrs, WireguardData};
 use flannel_lab::e2e::{ready_with, Needs};
+use flannel_lab::uapi::{hex, key_hex};
 use flannel_lab::{poll_until, Lab, PodId};
 use ipnet::Ipv4Net;
 
@@ -287,14 +288,6 @@ const OPS_PSK: &str = "Cs6Ls5gfLJAfC5y8y6vmUnWfU3ZAQ6gnnDF0SBgR2oE=";
 const HEALTH_PORT: u16 = 10262;
 /// `ping -p`: a pattern that must never show up in cleartext on the underlay.
 const PATTERN: &str = "f1a9c0de5ba11ad0f1a9c0de5ba11ad0";
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn b64_to_hex(b64: &str) -> String {
-    hex(&flannel_core::wireguard::decode_key(b64).expect("a key"))
-}
 
 /// Host `h`'s answer to `get=1` on its UAPI socket (empty if there is none).
 fn uapi_get(lab: &Lab, h: usize) -> String {
@@ -758,17 +751,17 @@ fn wireguard_operations() {
     lab.wait_reachable(pods[2], ip(&lab, pods[1])).unwrap();
 
     // ---- No key material in any log or on /metrics.
-    let mut secrets = vec![OPS_PSK.to_string(), b64_to_hex(OPS_PSK)];
+    let mut secrets = vec![OPS_PSK.to_string(), key_hex(OPS_PSK)];
     for h in 0..3 {
         let private = std::fs::read_to_string(lab.hosts()[h].dir.join("wgkey")).unwrap();
         let private = private.trim().to_string();
-        secrets.push(b64_to_hex(&private));
+        secrets.push(key_hex(&private));
         secrets.push(private);
         let public = WireguardData::decode(lease_attrs(&lab, h).backend_data.as_ref().unwrap())
             .unwrap()
             .public_key
             .to_string();
-        secrets.push(b64_to_hex(&public));
+        secrets.push(key_hex(&public));
         secrets.push(public);
     }
     for h in 0..3 {

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use flannel_core::{LeaseAttrs, LeaseKey, WireguardData};
 use flannel_lab::e2e::{ready_with, Needs};
+use flannel_lab::uapi::{hex, parse_get as uapi};
 use flannel_lab::{poll_until, Lab, PodId};
 use ipnet::{Ipv4Net, Ipv6Net};
 
@@ -45,30 +46,6 @@ fn subnet6(lab: &Lab, h: usize) -> Ipv6Net {
         .and_then(|v| v.trim().parse::<Ipv6Net>().ok())
         .map(|n| n.trunc())
         .unwrap_or_else(|| panic!("no v6 subnet in {text}"))
-}
-
-fn hex(b: &[u8; 32]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// A UAPI `get=1` answer as (listen_port, public key hex → (endpoint, allowed IPs)).
-fn uapi(text: &str) -> (String, BTreeMap<String, (String, Vec<String>)>) {
-    let mut port = String::new();
-    let mut peers = BTreeMap::new();
-    let mut cur: Option<String> = None;
-    for l in text.lines() {
-        if let Some(p) = l.strip_prefix("listen_port=") {
-            port = p.to_string();
-        } else if let Some(k) = l.strip_prefix("public_key=") {
-            peers.insert(k.to_string(), (String::new(), Vec::new()));
-            cur = Some(k.to_string());
-        } else if let (Some(e), Some(k)) = (l.strip_prefix("endpoint="), &cur) {
-            peers.get_mut(k).unwrap().0 = e.to_string();
-        } else if let (Some(a), Some(k)) = (l.strip_prefix("allowed_ip="), &cur) {
-            peers.get_mut(k).unwrap().1.push(a.to_string());
-        }
-    }
-    (port, peers)
 }
 
 fn pods_and_mesh(lab: &mut Lab) -> Vec<PodId> {

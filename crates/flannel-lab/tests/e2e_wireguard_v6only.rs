@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use flannel_lab::e2e::{ready_with, Needs};
 use flannel_lab::kube_fake::{node_name, KubeFake};
+use flannel_lab::uapi::{key_hex, parse_get as uapi};
 use flannel_lab::{poll_until, Lab, PodId};
 use ipnet::Ipv6Net;
 
@@ -69,31 +70,6 @@ fn wait_subnet_file(lab: &mut Lab, h: usize) -> String {
     )
     .unwrap();
     text
-}
-
-fn hex(key_b64: &str) -> String {
-    let k: flannel_core::WgPublicKey = key_b64.parse().expect("a WireGuard key");
-    k.0.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// A UAPI `get=1` answer as (listen_port, public key hex → (endpoint, allowed IPs)).
-fn uapi(text: &str) -> (String, BTreeMap<String, (String, Vec<String>)>) {
-    let mut port = String::new();
-    let mut peers = BTreeMap::new();
-    let mut cur: Option<String> = None;
-    for l in text.lines() {
-        if let Some(p) = l.strip_prefix("listen_port=") {
-            port = p.to_string();
-        } else if let Some(k) = l.strip_prefix("public_key=") {
-            peers.insert(k.to_string(), (String::new(), Vec::new()));
-            cur = Some(k.to_string());
-        } else if let (Some(e), Some(k)) = (l.strip_prefix("endpoint="), &cur) {
-            peers.get_mut(k).unwrap().0 = e.to_string();
-        } else if let (Some(a), Some(k)) = (l.strip_prefix("allowed_ip="), &cur) {
-            peers.get_mut(k).unwrap().1.push(a.to_string());
-        }
-    }
-    (port, peers)
 }
 
 fn pod_ip6(lab: &Lab, p: PodId) -> IpAddr {
@@ -199,7 +175,7 @@ fn kube_wireguard_ipv6_only_end_to_end() {
             .filter(|&o| o != h)
             .map(|o| {
                 (
-                    hex(&keys[o]),
+                    key_hex(&keys[o]),
                     (
                         format!("[{}]:51821", lab.hosts()[o].ip6.unwrap()),
                         vec![V6_CIDRS[o].to_string()],
@@ -314,7 +290,7 @@ fn kube_wireguard_ipv6_only_end_to_end() {
             Duration::from_millis(100),
             || {
                 let (_, peers) = uapi(&lab.wireguard_uapi_get_of(h, "flannel-wg-v6")?);
-                Ok(!peers.contains_key(&hex(&keys[2])) && peers.len() == 1)
+                Ok(!peers.contains_key(&key_hex(&keys[2])) && peers.len() == 1)
             },
         )
         .unwrap();
