@@ -229,25 +229,6 @@ fn kube_host_gw_dual_stack_end_to_end() {
     lab.check_agents().unwrap();
 }
 
-/// Waits until host `h`'s flanneld has written a subnet.env with an MTU line
-/// (the lab's own wait needs an IPv4 subnet); returns its text.
-fn wait_v6_only_subnet_file(lab: &mut Lab, h: usize) -> String {
-    let path = lab.hosts()[h].subnet_file();
-    let mut text = String::new();
-    poll_until(
-        &format!("{} to be written", path.display()),
-        DEADLINE,
-        Duration::from_millis(20),
-        || {
-            lab.check_agent(h)?;
-            text = std::fs::read_to_string(&path).unwrap_or_default();
-            Ok(text.contains("FLANNEL_IPMASQ="))
-        },
-    )
-    .unwrap();
-    text
-}
-
 /// Creates the IPv6-only nodes, starts their agents and checks each subnet.env is
 /// upstream's IPv6-only one with `mtu`.
 fn start_v6_only_cluster(lab: &mut Lab, fake: &KubeFake, mtu: u32) {
@@ -258,7 +239,7 @@ fn start_v6_only_cluster(lab: &mut Lab, fake: &KubeFake, mtu: u32) {
         lab.spawn_agent(h).expect("flanneld");
     }
     for (h, c) in V6_CIDRS.iter().enumerate() {
-        let text = wait_v6_only_subnet_file(lab, h);
+        let text = lab.wait_subnet_env_text(h).unwrap();
         let gw6 = c.replace("::/64", "::1/64");
         assert_eq!(
             text,

@@ -53,25 +53,6 @@ fn kube_lab(test: &str, hosts: usize, conf: &str) -> Option<(Lab, KubeFake)> {
     Some((lab, fake))
 }
 
-/// Host `h`'s subnet.env once flanneld wrote all of it (the lab's own wait wants
-/// an IPv4 subnet).
-fn wait_subnet_file(lab: &mut Lab, h: usize) -> String {
-    let path = lab.hosts()[h].subnet_file();
-    let mut text = String::new();
-    poll_until(
-        &format!("{} to be written", path.display()),
-        DEADLINE,
-        Duration::from_millis(20),
-        || {
-            lab.check_agent(h)?;
-            text = std::fs::read_to_string(&path).unwrap_or_default();
-            Ok(text.contains("FLANNEL_IPMASQ="))
-        },
-    )
-    .unwrap();
-    text
-}
-
 fn pod_ip6(lab: &Lab, p: PodId) -> IpAddr {
     lab.pod(p)
         .unwrap()
@@ -91,7 +72,7 @@ fn kube_wireguard_ipv6_only_end_to_end() {
     }
     let mut keys = Vec::new();
     for (h, c) in V6_CIDRS.iter().enumerate() {
-        let text = wait_subnet_file(&mut lab, h);
+        let text = lab.wait_subnet_env_text(h).unwrap();
         let gw6 = c.replace("::/64", "::1/64");
         assert_eq!(
             text,

@@ -288,6 +288,26 @@ impl Lab {
         }
     }
 
+    /// Waits until host `h`'s flanneld has written all of its subnet.env (the
+    /// `FLANNEL_IPMASQ` line is the last one) and returns the text as it is; for
+    /// IPv6-only networks, where [`subnet_file`](Self::subnet_file) finds no IPv4
+    /// subnet.
+    pub fn wait_subnet_env_text(&mut self, h: usize) -> Result<String> {
+        let path = self.host(h)?.subnet_file();
+        let mut text = String::new();
+        poll_until(
+            &format!("{} to be written", path.display()),
+            self.timeout(),
+            Duration::from_millis(20),
+            || {
+                self.check_agent(h)?;
+                text = fs::read_to_string(&path).unwrap_or_default();
+                Ok(text.contains("FLANNEL_IPMASQ="))
+            },
+        )?;
+        Ok(text)
+    }
+
     /// Host `h`'s lease subnet, from its subnet file.
     pub fn host_subnet(&self, h: usize) -> Result<Ipv4Net> {
         self.subnet_file(h)?
