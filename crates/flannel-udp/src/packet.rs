@@ -203,7 +203,8 @@ pub(crate) mod tests_support {
     pub fn v6_fill_l4_csum(pkt: &mut [u8], at: usize) {
         pkt[40 + at] = 0;
         pkt[41 + at] = 0;
-        let c = !v6_l4_residue(pkt);
+        // With the field zero, the residue is the checksum itself.
+        let c = v6_l4_residue(pkt);
         let c = if c == 0 && pkt[6] == 17 { 0xffff } else { c };
         pkt[40 + at..42 + at].copy_from_slice(&c.to_be_bytes());
     }

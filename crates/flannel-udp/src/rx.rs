@@ -127,6 +127,11 @@ pub struct Decap {
     /// Whether writes carry a vnet header.
     pub vnet: bool,
     pub vnet_le: bool,
+    /// The packets were authenticated end to end (WireGuard's AEAD): a lone
+    /// TCP/UDP packet is written with its checksum left partial, so the kernel
+    /// does not verify it again (kernel WireGuard marks decrypted packets
+    /// CHECKSUM_UNNECESSARY for the same reason). Needs a vnet header.
+    pub trust_checksums: bool,
     slots: Vec<Slot>,
     next_victim: usize,
 }
@@ -137,6 +142,7 @@ impl Decap {
             coalesce: vnet,
             vnet,
             vnet_le,
+            trust_checksums: false,
             slots: (0..SLOTS)
                 .map(|_| Slot {
                     parts: Vec::with_capacity(MAX_MERGE),
@@ -212,13 +218,16 @@ impl Decap {
             if packet::validate(pkt).is_ok() || ipv6_whole(pkt) {
                 self.accept(buf, start, len, plan);
             } else {
-                self.single(start, len, plan);
+                self.single(buf, start, len, plan);
             }
         }
         self.flush_all(buf, plan);
     }
 
-    fn single(&self, start: u32, len: u32, plan: &mut RxPlan) {
+    fn single(&self, buf: &[u8], start: u32, len: u32, plan: &mut RxPlan) {
+        if self.trust_checksums && self.vnet && self.single_partial(buf, start, len, plan) {
+            return;
+        }
         plan.parts.push((start, len));
         plan.writes.push(TunWrite {
             vnet: [0; VNET_HDR_LEN],
@@ -231,11 +240,70 @@ impl Decap {
         });
     }
 
+    /// Plans a lone TCP or UDP packet (IPv4 without a fragment offset, or IPv6
+    /// without extension headers) with its checksum left partial: the header up
+    /// to the checksum field is copied to the scratch arena with the pseudo-header
+    /// sum in the field, and the write says F_NEEDS_CSUM. The kernel then takes the
+    /// packet as CHECKSUM_PARTIAL, which the receiving stack (the pod behind a
+    /// veth) does not verify; this kernel's TUN ignores F_DATA_VALID (the
+    /// tun_checksum test shows both). False when the packet is anything else.
+    fn single_partial(&self, buf: &[u8], start: u32, len: u32, plan: &mut RxPlan) -> bool {
+        let Some(pkt) = buf.get(start as usize..(start + len) as usize) else {
+            return false;
+        };
+        let (l4, proto) = match pkt.first().map(|b| b >> 4) {
+            // Not a fragment at all: a first fragment's checksum covers more.
+            Some(4) if packet::validate(pkt).is_ok() && be16(pkt, 6) & 0x3fff == 0 => {
+                (usize::from(pkt[0] & 15) * 4, pkt[9])
+            }
+            Some(6) if ipv6_whole(pkt) => (IPV6_HDR, pkt[6]),
+            _ => return false,
+        };
+        let (field, min) = match proto {
+            PROTO_TCP => (16, 20),
+            PROTO_UDP => (6, 8),
+            _ => return false,
+        };
+        if pkt.len() < l4 + min {
+            return false;
+        }
+        // An IPv4 UDP checksum of 0 means "none": there is nothing to verify.
+        if proto == PROTO_UDP && l4 != IPV6_HDR && be16(pkt, l4 + 6) == 0 {
+            return false;
+        }
+        let hdr = l4 + field + 2;
+        let h0 = plan.scratch.len();
+        plan.scratch.extend_from_slice(&pkt[..hdr]);
+        let ps = pseudo_sum(&plan.scratch[h0..], l4, proto, (pkt.len() - l4) as u32);
+        put16(&mut plan.scratch[h0..], l4 + field, csum::fold(ps));
+        let mut v = [0u8; VNET_HDR_LEN];
+        VnetHdr {
+            flags: vnet::F_NEEDS_CSUM,
+            gso_type: vnet::GSO_NONE,
+            hdr_len: hdr as u16,
+            gso_size: 0,
+            csum_start: l4 as u16,
+            csum_offset: field as u16,
+        }
+        .encode(&mut v, self.vnet_le);
+        plan.parts.push((start + hdr as u32, len - hdr as u32));
+        plan.writes.push(TunWrite {
+            vnet: v,
+            hdr_start: h0 as u32,
+            hdr_len: hdr as u32,
+            parts_start: plan.parts.len() as u32 - 1,
+            parts_len: 1,
+            packets: 1,
+            bytes: len,
+        });
+        true
+    }
+
     /// Plans an accepted (validated, TTL-decremented) packet.
     fn accept(&mut self, buf: &[u8], start: u32, len: u32, plan: &mut RxPlan) {
         let pkt = &buf[start as usize..(start + len) as usize];
         if !self.coalesce {
-            return self.single(start, len, plan);
+            return self.single(buf, start, len, plan);
         }
         let Some((ihl, hlen)) = tcp_candidate(pkt) else {
             // Keep per-flow order: anything else of a flow being merged goes after
@@ -258,7 +326,7 @@ impl Decap {
                     self.flush(i, buf, plan);
                 }
             }
-            return self.single(start, len, plan);
+            return self.single(buf, start, len, plan);
         };
         let l4 = ihl as usize;
         let payload = len - hlen;
@@ -363,7 +431,7 @@ impl Decap {
         s.active = false;
         if s.parts.len() == 1 {
             let (start, len) = s.first;
-            return self.single(start, len, plan);
+            return self.single(buf, start, len, plan);
         }
         let first = &buf[s.first.0 as usize..(s.first.0 + s.first.1) as usize];
         let hlen = s.hlen as usize;
@@ -859,6 +927,75 @@ mod tests {
             packet::validate(&plan.materialize(&plan.writes[0], &buf)),
             Ok(20)
         );
+    }
+
+    #[test]
+    fn trusted_lone_tcp_and_udp_packets_are_written_with_a_partial_checksum() {
+        // A lone IPv6 TCP segment, an IPv4 UDP datagram, and what stays plain: ICMP,
+        // IPv4 UDP without a checksum, a first fragment.
+        let tcp6 = Seg6::new(5, 100).bytes();
+        let mut udp4 = vec![
+            0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 17, 0, 0, 10, 244, 33, 11, 10, 244, 41, 11, 0x1f,
+            0x90, 0x23, 0x28, 0, 0, 0, 0,
+        ];
+        udp4.extend_from_slice(b"datagram payload!");
+        let l = udp4.len();
+        put16(&mut udp4, 2, l as u16);
+        put16(&mut udp4, 24, (l - 20) as u16);
+        let c = csum::ipv4_header(&udp4[..20]);
+        put16(&mut udp4, 10, c);
+        let s = csum::pseudo(packet::src(&udp4), packet::dst(&udp4), 17, (l - 20) as u32);
+        let c = csum::finish(csum::add(s, &udp4[20..]));
+        put16(&mut udp4, 26, c);
+        let mut icmp = udp4.clone();
+        icmp[9] = 1;
+        let mut nocsum = udp4.clone();
+        put16(&mut nocsum, 26, 0);
+        let mut frag = udp4.clone();
+        frag[6] = 0x20; // MF
+        for p in [&mut icmp, &mut nocsum, &mut frag] {
+            put16(p, 10, 0);
+            let c = csum::ipv4_header(&p[..20]);
+            put16(p, 10, c);
+        }
+        // The TCP segment last: it waits in a coalescing slot until the batch ends.
+        let all = [udp4.clone(), icmp, nocsum, frag, tcp6.clone()];
+        let mut buf = Vec::new();
+        let mut pkts = Vec::new();
+        for p in &all {
+            pkts.push((buf.len() as u32, p.len() as u32));
+            buf.extend_from_slice(p);
+        }
+        for trust in [true, false] {
+            let mut d = Decap::new(true, true);
+            d.trust_checksums = trust;
+            let mut plan = RxPlan::with_capacity();
+            d.packets(&buf, &pkts, &mut plan);
+            assert_eq!(plan.writes.len(), 5);
+            for (i, w) in plan.writes.iter().enumerate() {
+                let out = plan.materialize(w, &buf);
+                assert_eq!(out.len(), all[i].len(), "packet {i}");
+                let h = VnetHdr::decode(&w.vnet, true).unwrap();
+                assert_eq!(h.gso_type, vnet::GSO_NONE);
+                if !trust || (1..=3).contains(&i) {
+                    assert_eq!(out, all[i], "packet {i} written as it is");
+                    assert_eq!(h, VnetHdr::default());
+                    continue;
+                }
+                let (start, off) = if i == 4 { (40, 16) } else { (20, 6) };
+                assert_eq!(h.flags, vnet::F_NEEDS_CSUM);
+                assert_eq!((h.csum_start, h.csum_offset), (start, off));
+                assert_eq!(h.hdr_len, start + off + 2);
+                // What the kernel does with it: sum from csum_start, store at the
+                // offset. That gives back the sender's (valid) packet.
+                let mut full = out.clone();
+                let at = usize::from(start + off);
+                let c = csum::finish(csum::add(0, &full[usize::from(start)..]));
+                put16(&mut full, at, c);
+                assert_eq!(full, all[i], "packet {i}");
+            }
+        }
+        assert_eq!(v6_l4_residue(&tcp6), 0);
     }
 
     #[test]

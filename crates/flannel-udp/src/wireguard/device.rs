@@ -537,6 +537,7 @@ fn inbound(
     let mut pkts: Vec<(u32, u32)> = Vec::with_capacity(RX_BATCH * 64);
     let mut plan = RxPlan::with_capacity();
     let mut decap = Decap::new(off.vnet, off.vnet_le);
+    decap.trust_checksums = true;
     let mut iov: Vec<libc::iovec> = Vec::with_capacity(80);
     let mut drops = DropTally::default();
     let mut warned = false;
