@@ -15,10 +15,11 @@ use std::time::Duration;
 use flannel_core::{LeaseAttrs, LeaseKey, WireguardData};
 use flannel_lab::e2e::{ready_with, Needs};
 use flannel_lab::uapi::{hex, parse_get as uapi};
-use flannel_lab::{poll_until, Lab, PodId};
+use flannel_lab::{poll_until, Family, Lab, PodId};
 use ipnet::{Ipv4Net, Ipv6Net};
 
 const DEADLINE: Duration = Duration::from_secs(90);
+const HEALTH_PORT: u16 = 10262;
 
 fn config(mode: &str) -> String {
     format!(
@@ -70,6 +71,48 @@ fn pods_and_mesh(lab: &mut Lab) -> Vec<PodId> {
     pods
 }
 
+/// `flanneld_backend_drops_total{backend="wireguard",reason}` on host `h`.
+fn drops(lab: &Lab, h: usize, reason: &str) -> f64 {
+    let host = &lab.hosts()[h];
+    let r = flannel_lab::http::http_get(
+        &host.ns,
+        std::net::SocketAddrV4::new(host.ip, HEALTH_PORT),
+        "/metrics",
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let scrape = prometheus_parse::Scrape::parse(r.body.lines().map(|l| Ok(l.to_string())))
+        .expect("metrics parse");
+    scrape
+        .samples
+        .iter()
+        .filter(|s| {
+            s.metric == "flanneld_backend_drops_total"
+                && s.labels.get("backend") == Some("wireguard")
+                && s.labels.get("reason") == Some(reason)
+        })
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+/// Bulk IPv6 TCP between two pods on different hosts, both ways: it travels as
+/// TSO6 super-packets split by the sender's device and coalesced by the
+/// receiver's; none may be refused as malformed.
+fn v6_bulk_tcp(lab: &Lab, pods: &[PodId]) {
+    for (from, to) in [(pods[0], pods[1]), (pods[1], pods[0])] {
+        let gbit = lab
+            .iperf_pods_over(Family::V6, from, to, 2, 2)
+            .expect("iperf3 over IPv6");
+        assert!(gbit > 0.0, "{from:?} -> {to:?}: {gbit} Gbit/s");
+    }
+    for h in 0..2 {
+        assert_eq!(drops(lab, h, "malformed"), 0.0, "host {h}");
+    }
+}
+
 #[test]
 fn separate_mode_runs_flannel_wg_v6() {
     if !ready_with("e2e_wireguard_dualstack", Needs::Agents, &["wg"]) {
@@ -79,6 +122,8 @@ fn separate_mode_runs_flannel_wg_v6() {
         .hosts(3)
         .ipv6(true)
         .config_json(&config("separate"))
+        .agent_arg("--healthz-ip=0.0.0.0")
+        .agent_arg(&format!("--healthz-port={HEALTH_PORT}"))
         .timeout(DEADLINE)
         .build()
         .expect("lab");
@@ -135,6 +180,7 @@ fn separate_mode_runs_flannel_wg_v6() {
         );
     }
     let pods = pods_and_mesh(&mut lab);
+    v6_bulk_tcp(&lab, &pods);
 
     // `wg show flannel-wg-v6`: the two other hosts, each at [PublicIPv6]:51821
     // with its v6 subnet; `wg show flannel-wg` keeps the IPv4 view.
@@ -326,6 +372,8 @@ fn one_device(mode: &str) {
         .hosts(3)
         .ipv6(true)
         .config_json(&config(mode))
+        .agent_arg("--healthz-ip=0.0.0.0")
+        .agent_arg(&format!("--healthz-port={HEALTH_PORT}"))
         .timeout(DEADLINE)
         .build()
         .expect("lab");
@@ -369,7 +417,8 @@ fn one_device(mode: &str) {
             "{addr}"
         );
     }
-    pods_and_mesh(&mut lab);
+    let pods = pods_and_mesh(&mut lab);
+    v6_bulk_tcp(&lab, &pods);
     for h in 0..3 {
         let (port, peers) = uapi(&lab.wireguard_uapi_get(h).unwrap());
         assert_eq!(port, "51820");

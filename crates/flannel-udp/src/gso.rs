@@ -1,13 +1,19 @@
-//! Splitting a TSO (TCPv4) or USO (UDPv4) super-packet from the TUN into the
-//! segments the kernel would have sent: shared by the udp encapsulation (which
-//! copies each segment's header beside the payload) and the wireguard device (which
-//! writes it in place before encrypting).
-
-use std::net::Ipv4Addr;
+//! Splitting a TSO (TCPv4, TCPv6) or USO (UDP over either) super-packet from the
+//! TUN into the segments the kernel would have sent: shared by the udp
+//! encapsulation (which copies each segment's header beside the payload; IPv4
+//! only) and the wireguard device (which writes it in place before encrypting).
+//!
+//! An IPv6 super-packet must have TCP or UDP right after its fixed header: the
+//! kernel's own TSO/USO packets from a pod's socket never carry extension headers,
+//! and one that does (hop-by-hop, routing, fragment...) would need its headers
+//! walked and partly repeated per segment, so it is refused as malformed instead.
 
 use crate::csum;
 use crate::packet::{self, be16, be32, put16, put32, PROTO_TCP, PROTO_UDP};
 use crate::vnet::{self, VnetHdr};
+
+/// The fixed IPv6 header.
+pub(crate) const IPV6_HDR: usize = 40;
 
 /// Why a super-packet cannot be split.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,25 +35,40 @@ pub(crate) struct GsoSplit {
     ihl: usize,
     l4len: usize,
     tcp: bool,
+    v6: bool,
     proto: u8,
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
+    /// Unfolded sum of the source and destination addresses (the part of the
+    /// pseudo header every segment shares).
+    addr_sum: u64,
     id0: u16,
     seq0: u32,
     flags0: u8,
 }
 
 impl GsoSplit {
-    /// Checks `pkt` (IPv4 header of `ihl` bytes first) against its vnet header.
-    /// The kernel's IP total length of a super-packet may be 0 or stale: the read
-    /// length is the truth.
+    /// Checks `pkt` (an IP header of `ihl` bytes first: an IPv4 header, or
+    /// IPv6's 40) against its vnet header. The kernel's IP total (or payload)
+    /// length of a super-packet may be 0 or stale: the read length is the truth.
     pub fn plan(
         pkt: &[u8],
         ihl: usize,
         hdr: &VnetHdr,
         max_segments: usize,
     ) -> Result<GsoSplit, Unsplittable> {
-        let tcp = hdr.gso_type & !vnet::GSO_ECN == vnet::GSO_TCPV4;
+        let v6 = match pkt.first().map(|b| b >> 4) {
+            Some(4) => false,
+            Some(6) if ihl == IPV6_HDR => true,
+            _ => return Err(Unsplittable::Malformed),
+        };
+        if pkt.len() < ihl {
+            return Err(Unsplittable::Malformed);
+        }
+        let tcp = match hdr.gso_type & !vnet::GSO_ECN {
+            vnet::GSO_TCPV4 if !v6 => true,
+            vnet::GSO_TCPV6 if v6 => true,
+            vnet::GSO_UDP_L4 => false,
+            _ => return Err(Unsplittable::Malformed),
+        };
         let proto = if tcp { PROTO_TCP } else { PROTO_UDP };
         let l4len = if tcp {
             if pkt.len() < ihl + 20 {
@@ -60,12 +81,19 @@ impl GsoSplit {
         let mss = usize::from(hdr.gso_size);
         let hlen = ihl + l4len;
         let min_l4 = if tcp { 20 } else { 8 };
-        if pkt[9] != proto
+        // IPv6: the next header must be the transport itself (see the module
+        // note); IPv4: no later fragment (a first one has the L4 header).
+        let (next, fragment) = if v6 {
+            (pkt[6], false)
+        } else {
+            (pkt[9], packet::is_later_fragment(pkt))
+        };
+        if next != proto
+            || fragment
             || l4len < min_l4
             || hlen > pkt.len()
             || mss == 0
             || hlen + mss > usize::from(u16::MAX)
-            || packet::is_later_fragment(pkt)
         {
             return Err(Unsplittable::Malformed);
         }
@@ -82,10 +110,14 @@ impl GsoSplit {
             ihl,
             l4len,
             tcp,
+            v6,
             proto,
-            src: packet::src(pkt),
-            dst: packet::dst(pkt),
-            id0: be16(pkt, 4),
+            addr_sum: if v6 {
+                csum::add(0, &pkt[8..40])
+            } else {
+                csum::add(0, &pkt[12..20])
+            },
+            id0: if v6 { 0 } else { be16(pkt, 4) },
             seq0: if tcp { be32(pkt, ihl + 4) } else { 0 },
             flags0: if tcp { pkt[ihl + 13] } else { 0 },
         })
@@ -101,16 +133,24 @@ impl GsoSplit {
 
     /// Turns `h`, a copy of the super-packet's `hlen` header bytes (with any TTL
     /// change already made), into segment `i`'s header for payload `body`: lengths,
-    /// IP id and checksum, TCP sequence, flags and checksum or UDP checksum.
+    /// IP id and checksum (IPv4) or payload length (IPv6), TCP sequence, flags
+    /// and checksum or UDP checksum.
     pub fn write_header(&self, h: &mut [u8], body: &[u8], i: usize) {
         let seglen = body.len();
-        put16(h, 2, (self.hlen + seglen) as u16);
-        put16(h, 4, self.id0.wrapping_add(i as u16));
-        put16(h, 10, 0);
-        let c = csum::ipv4_header(&h[..self.ihl]);
-        put16(h, 10, c);
+        let l4total = self.l4len + seglen;
+        if self.v6 {
+            put16(h, 4, l4total as u16);
+        } else {
+            put16(h, 2, (self.hlen + seglen) as u16);
+            put16(h, 4, self.id0.wrapping_add(i as u16));
+            put16(h, 10, 0);
+            let c = csum::ipv4_header(&h[..self.ihl]);
+            put16(h, 10, c);
+        }
         let l4 = &mut h[self.ihl..self.hlen];
-        let mut sum = csum::pseudo(self.src, self.dst, self.proto, (self.l4len + seglen) as u32);
+        // IPv6's pseudo header has a 32-bit length and a 24-bit zero pad before the
+        // next header: for lengths below 2^16 its sum is the same as IPv4's.
+        let mut sum = self.addr_sum + u64::from(self.proto) + l4total as u64;
         if self.tcp {
             put32(l4, 4, self.seq0.wrapping_add((i * self.mss) as u32));
             let mut f = self.flags0;

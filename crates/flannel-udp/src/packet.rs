@@ -168,6 +168,62 @@ pub(crate) mod tests_support {
         0x03, 0x6b, 0x00, 0x00, 0x00, 0x00, 0x6d, 0x01, 0x0d, 0x00, 0x00, 0x00, 0x00, 0x00, 0x10,
         0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17,
     ];
+
+    /// fd00:10:244:1::2 and fd00:10:244:2::2, a pod on each of two hosts.
+    pub const V6_SRC: [u8; 16] = [0xfd, 0, 0, 0x10, 0x02, 0x44, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2];
+    pub const V6_DST: [u8; 16] = [0xfd, 0, 0, 0x10, 0x02, 0x44, 0, 2, 0, 0, 0, 0, 0, 0, 0, 2];
+
+    /// The TCP/UDP checksum of an IPv6 packet without extension headers,
+    /// computed the slow way from RFC 8200 §8.1's pseudo header laid out as
+    /// bytes (independent of `csum`): 0 when the packet's checksum is right
+    /// (for UDP, also 0 for a packet that says "no checksum", which IPv6 forbids,
+    /// so callers check the field is not 0).
+    pub fn v6_l4_residue(pkt: &[u8]) -> u16 {
+        let l4 = &pkt[40..];
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&pkt[8..40]);
+        pseudo.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, pkt[6]]);
+        pseudo.extend_from_slice(l4);
+        let mut s: u32 = 0;
+        for c in pseudo.chunks(2) {
+            let w = if c.len() == 2 {
+                u16::from_be_bytes([c[0], c[1]])
+            } else {
+                u16::from_be_bytes([c[0], 0])
+            };
+            s += u32::from(w);
+            s = (s & 0xffff) + (s >> 16);
+        }
+        !(s as u16)
+    }
+
+    /// Fills in the transport checksum of an IPv6 packet (field at `40 + at`)
+    /// with the slow reference arithmetic.
+    pub fn v6_fill_l4_csum(pkt: &mut [u8], at: usize) {
+        pkt[40 + at] = 0;
+        pkt[41 + at] = 0;
+        // With the field zero, the residue is the checksum itself.
+        let c = v6_l4_residue(pkt);
+        let c = if c == 0 && pkt[6] == 17 { 0xffff } else { c };
+        pkt[40 + at..42 + at].copy_from_slice(&c.to_be_bytes());
+    }
+
+    /// An IPv6 header (traffic class 0, `flow` label, `hop` limit) for `plen`
+    /// payload bytes of protocol `next`.
+    pub fn v6_header(next: u8, plen: usize, flow: u32, hop: u8) -> Vec<u8> {
+        let mut h = vec![
+            0x60,
+            (flow >> 16) as u8 & 0x0f,
+            (flow >> 8) as u8,
+            flow as u8,
+        ];
+        h.extend_from_slice(&(plen.min(0xffff) as u16).to_be_bytes());
+        h.extend_from_slice(&[next, hop]);
+        h.extend_from_slice(&V6_SRC);
+        h.extend_from_slice(&V6_DST);
+        h
+    }
 }
 
 #[cfg(test)]

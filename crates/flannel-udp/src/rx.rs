@@ -4,13 +4,15 @@
 //! back to back) is checked packet by packet: the sender must be a current peer,
 //! each packet well-formed IPv4 whose source lies in that peer's subnet. Accepted
 //! packets get their TTL decremented in place. With a vnet-header TUN, consecutive
-//! segments of one TCP flow are coalesced into one GSO super-packet written with a
+//! segments of one TCP flow (IPv4 here; IPv6 too for the wireguard device's
+//! decrypted packets) are coalesced into one GSO super-packet written with a
 //! single writev (the payloads are gathered where they lie; only the new headers
 //! are built in a scratch arena).
 
 use crate::counters::CounterValues;
 use crate::csum;
-use crate::packet::{self, be16, be32, put16, Malformed, PROTO_TCP};
+use crate::gso::IPV6_HDR;
+use crate::packet::{self, be16, be32, put16, Malformed, PROTO_TCP, PROTO_UDP};
 use crate::peers::PeerTable;
 use crate::vnet::{self, VnetHdr, VNET_HDR_LEN};
 
@@ -20,6 +22,7 @@ const SLOTS: usize = 8;
 const MAX_MERGE: usize = 64;
 /// Largest IPv4 packet.
 const MAX_IP_LEN: usize = 65535;
+const PROTO_ICMPV6: u8 = 58;
 
 /// One write to the TUN: a vnet header (when enabled), header bytes from the
 /// scratch arena, then `parts` (ranges of the receive buffer).
@@ -102,6 +105,8 @@ struct Slot {
     active: bool,
     /// The first packet: (start, len) in the buffer; its headers head the merge.
     first: (u32, u32),
+    /// IP header length: 20 (IPv4 without options) or 40 (IPv6).
+    ihl: u32,
     hlen: u32,
     /// Payload size of the first segment: every segment but the last has it.
     gso: u32,
@@ -122,6 +127,11 @@ pub struct Decap {
     /// Whether writes carry a vnet header.
     pub vnet: bool,
     pub vnet_le: bool,
+    /// The packets were authenticated end to end (WireGuard's AEAD): a lone
+    /// TCP/UDP packet is written with its checksum left partial, so the kernel
+    /// does not verify it again (kernel WireGuard marks decrypted packets
+    /// CHECKSUM_UNNECESSARY for the same reason). Needs a vnet header.
+    pub trust_checksums: bool,
     slots: Vec<Slot>,
     next_victim: usize,
 }
@@ -132,6 +142,7 @@ impl Decap {
             coalesce: vnet,
             vnet,
             vnet_le,
+            trust_checksums: false,
             slots: (0..SLOTS)
                 .map(|_| Slot {
                     parts: Vec::with_capacity(MAX_MERGE),
@@ -195,25 +206,28 @@ impl Decap {
     /// Plans packets the caller has already authenticated and checked (the
     /// wireguard device's decrypted inner packets, whose source passed cryptokey
     /// routing): `pkts` are (start, len) ranges of `buf`, each one whole IP packet.
-    /// No peer or TTL checks (WireGuard carries packets unchanged); valid IPv4 TCP
-    /// segments are coalesced as in [`Decap::datagram`], anything else is written
-    /// as it is.
+    /// No peer or TTL checks (WireGuard carries packets unchanged); valid IPv4 and
+    /// IPv6 TCP segments are coalesced as in [`Decap::datagram`], anything else is
+    /// written as it is.
     pub fn packets(&mut self, buf: &[u8], pkts: &[(u32, u32)], plan: &mut RxPlan) {
         for &(start, len) in pkts {
             let Some(pkt) = buf.get(start as usize..(start as usize).saturating_add(len as usize))
             else {
                 continue;
             };
-            if packet::validate(pkt).is_ok() {
+            if packet::validate(pkt).is_ok() || ipv6_whole(pkt) {
                 self.accept(buf, start, len, plan);
             } else {
-                self.single(start, len, plan);
+                self.single(buf, start, len, plan);
             }
         }
         self.flush_all(buf, plan);
     }
 
-    fn single(&self, start: u32, len: u32, plan: &mut RxPlan) {
+    fn single(&self, buf: &[u8], start: u32, len: u32, plan: &mut RxPlan) {
+        if self.trust_checksums && self.vnet && self.single_partial(buf, start, len, plan) {
+            return;
+        }
         plan.parts.push((start, len));
         plan.writes.push(TunWrite {
             vnet: [0; VNET_HDR_LEN],
@@ -226,37 +240,109 @@ impl Decap {
         });
     }
 
+    /// Plans a lone TCP or UDP packet (IPv4 without a fragment offset, or IPv6
+    /// without extension headers) with its checksum left partial: the header up
+    /// to the checksum field is copied to the scratch arena with the pseudo-header
+    /// sum in the field, and the write says F_NEEDS_CSUM. The kernel then takes the
+    /// packet as CHECKSUM_PARTIAL, which the receiving stack (the pod behind a
+    /// veth) does not verify; this kernel's TUN ignores F_DATA_VALID (the
+    /// tun_checksum test shows both). False when the packet is anything else.
+    fn single_partial(&self, buf: &[u8], start: u32, len: u32, plan: &mut RxPlan) -> bool {
+        let Some(pkt) = buf.get(start as usize..(start + len) as usize) else {
+            return false;
+        };
+        let (l4, proto) = match pkt.first().map(|b| b >> 4) {
+            // Not a fragment at all: a first fragment's checksum covers more.
+            Some(4) if packet::validate(pkt).is_ok() && be16(pkt, 6) & 0x3fff == 0 => {
+                (usize::from(pkt[0] & 15) * 4, pkt[9])
+            }
+            Some(6) if ipv6_whole(pkt) => (IPV6_HDR, pkt[6]),
+            _ => return false,
+        };
+        let (field, min) = match proto {
+            PROTO_TCP => (16, 20),
+            PROTO_UDP => (6, 8),
+            _ => return false,
+        };
+        if pkt.len() < l4 + min {
+            return false;
+        }
+        // An IPv4 UDP checksum of 0 means "none": there is nothing to verify.
+        if proto == PROTO_UDP && l4 != IPV6_HDR && be16(pkt, l4 + 6) == 0 {
+            return false;
+        }
+        let hdr = l4 + field + 2;
+        let h0 = plan.scratch.len();
+        plan.scratch.extend_from_slice(&pkt[..hdr]);
+        let ps = pseudo_sum(&plan.scratch[h0..], l4, proto, (pkt.len() - l4) as u32);
+        put16(&mut plan.scratch[h0..], l4 + field, csum::fold(ps));
+        let mut v = [0u8; VNET_HDR_LEN];
+        VnetHdr {
+            flags: vnet::F_NEEDS_CSUM,
+            gso_type: vnet::GSO_NONE,
+            hdr_len: hdr as u16,
+            gso_size: 0,
+            csum_start: l4 as u16,
+            csum_offset: field as u16,
+        }
+        .encode(&mut v, self.vnet_le);
+        plan.parts.push((start + hdr as u32, len - hdr as u32));
+        plan.writes.push(TunWrite {
+            vnet: v,
+            hdr_start: h0 as u32,
+            hdr_len: hdr as u32,
+            parts_start: plan.parts.len() as u32 - 1,
+            parts_len: 1,
+            packets: 1,
+            bytes: len,
+        });
+        true
+    }
+
     /// Plans an accepted (validated, TTL-decremented) packet.
     fn accept(&mut self, buf: &[u8], start: u32, len: u32, plan: &mut RxPlan) {
         let pkt = &buf[start as usize..(start + len) as usize];
         if !self.coalesce {
-            return self.single(start, len, plan);
+            return self.single(buf, start, len, plan);
         }
-        let Some(hlen) = tcp_candidate(pkt) else {
-            // Keep per-flow order: anything else of a flow being merged goes after it.
-            if pkt[9] == PROTO_TCP && pkt.len() >= usize::from(pkt[0] & 15) * 4 + 4 {
-                for i in 0..SLOTS {
-                    if self.slots[i].active && same_flow(buf, &self.slots[i], pkt) {
-                        self.flush(i, buf, plan);
-                    }
+        let Some((ihl, hlen)) = tcp_candidate(pkt) else {
+            // Keep per-flow order: anything else of a flow being merged goes after
+            // it. An IPv6 packet whose transport hides behind extension headers may
+            // belong to any IPv6 flow.
+            let v6 = pkt[0] >> 4 == 6;
+            let hidden = v6 && !matches!(pkt[6], PROTO_TCP | PROTO_UDP | PROTO_ICMPV6);
+            let l4 = tcp_offset(pkt);
+            for i in 0..SLOTS {
+                let s = &self.slots[i];
+                // An inactive slot's first packet lies in an earlier buffer.
+                if !s.active {
+                    continue;
+                }
+                let hit = match l4 {
+                    Some(l4) => same_flow(buf, s, pkt, l4),
+                    None => hidden && s.ihl as usize == IPV6_HDR,
+                };
+                if hit {
+                    self.flush(i, buf, plan);
                 }
             }
-            return self.single(start, len, plan);
+            return self.single(buf, start, len, plan);
         };
+        let l4 = ihl as usize;
         let payload = len - hlen;
         for i in 0..SLOTS {
-            if !self.slots[i].active || !same_flow(buf, &self.slots[i], pkt) {
+            if !self.slots[i].active || !same_flow(buf, &self.slots[i], pkt, l4) {
                 continue;
             }
-            if self.can_merge(i, buf, pkt, hlen, payload) {
+            if self.can_merge(i, buf, pkt, ihl, hlen, payload) {
                 let s = &mut self.slots[i];
                 s.parts.push((start + hlen, payload));
                 s.next_seq = s.next_seq.wrapping_add(payload);
                 s.total += payload;
                 s.bytes += len;
-                if payload < s.gso || pkt[33] & 0x08 != 0 {
+                if payload < s.gso || pkt[l4 + 13] & 0x08 != 0 {
                     s.closed = true;
-                    s.psh |= pkt[33] & 0x08 != 0;
+                    s.psh |= pkt[l4 + 13] & 0x08 != 0;
                 }
                 if s.parts.len() >= MAX_MERGE {
                     self.flush(i, buf, plan);
@@ -264,7 +350,7 @@ impl Decap {
                 return;
             }
             self.flush(i, buf, plan);
-            return self.open_slot(i, buf, start, len, hlen, plan);
+            return self.open_slot(i, buf, start, len, ihl, hlen);
         }
         let i = match self.slots.iter().position(|s| !s.active) {
             Some(i) => i,
@@ -275,52 +361,60 @@ impl Decap {
                 v
             }
         };
-        self.open_slot(i, buf, start, len, hlen, plan)
+        self.open_slot(i, buf, start, len, ihl, hlen)
     }
 
-    fn open_slot(
-        &mut self,
-        i: usize,
-        buf: &[u8],
-        start: u32,
-        len: u32,
-        hlen: u32,
-        _plan: &mut RxPlan,
-    ) {
+    fn open_slot(&mut self, i: usize, buf: &[u8], start: u32, len: u32, ihl: u32, hlen: u32) {
         let pkt = &buf[start as usize..(start + len) as usize];
         let payload = len - hlen;
+        let l4 = ihl as usize;
         let s = &mut self.slots[i];
         s.active = true;
         s.first = (start, len);
+        s.ihl = ihl;
         s.hlen = hlen;
         s.gso = payload;
-        s.next_seq = be32(pkt, 24).wrapping_add(payload);
+        s.next_seq = be32(pkt, l4 + 4).wrapping_add(payload);
         s.total = payload;
         s.bytes = len;
-        s.psh = pkt[33] & 0x08 != 0;
+        s.psh = pkt[l4 + 13] & 0x08 != 0;
         s.closed = s.psh;
         s.parts.clear();
         s.parts.push((start + hlen, payload));
     }
 
-    fn can_merge(&self, i: usize, buf: &[u8], pkt: &[u8], hlen: u32, payload: u32) -> bool {
+    fn can_merge(
+        &self,
+        i: usize,
+        buf: &[u8],
+        pkt: &[u8],
+        ihl: u32,
+        hlen: u32,
+        payload: u32,
+    ) -> bool {
         let s = &self.slots[i];
-        if s.closed || hlen != s.hlen || payload > s.gso {
+        if s.closed || ihl != s.ihl || hlen != s.hlen || payload > s.gso {
             return false;
         }
+        // Also for IPv6, whose payload length would allow 40 bytes more: the
+        // kernel's TUN GSO takes at most 64 KiB per packet either way.
         if (s.hlen + s.total + payload) as usize > MAX_IP_LEN {
             return false;
         }
         let first = &buf[s.first.0 as usize..(s.first.0 + s.first.1) as usize];
-        let h = hlen as usize;
-        // TOS, DF and TTL alike; TCP ack, window and options alike; in sequence.
-        first[1] == pkt[1]
-            && first[6] == pkt[6]
-            && first[8] == pkt[8]
-            && be32(pkt, 24) == s.next_seq
-            && first[28..32] == pkt[28..32]
-            && first[34..36] == pkt[34..36]
-            && first[40..h] == pkt[40..h]
+        let (l4, h) = (ihl as usize, hlen as usize);
+        // IPv4: TOS, DF and TTL alike. IPv6: traffic class, flow label and hop
+        // limit alike. Either: TCP ack, window and options alike; in sequence.
+        let ip_alike = if l4 == IPV6_HDR {
+            first[..4] == pkt[..4] && first[7] == pkt[7]
+        } else {
+            first[1] == pkt[1] && first[6] == pkt[6] && first[8] == pkt[8]
+        };
+        ip_alike
+            && be32(pkt, l4 + 4) == s.next_seq
+            && first[l4 + 8..l4 + 12] == pkt[l4 + 8..l4 + 12]
+            && first[l4 + 14..l4 + 16] == pkt[l4 + 14..l4 + 16]
+            && first[l4 + 20..h] == pkt[l4 + 20..h]
     }
 
     fn flush_all(&mut self, buf: &[u8], plan: &mut RxPlan) {
@@ -337,36 +431,38 @@ impl Decap {
         s.active = false;
         if s.parts.len() == 1 {
             let (start, len) = s.first;
-            return self.single(start, len, plan);
+            return self.single(buf, start, len, plan);
         }
         let first = &buf[s.first.0 as usize..(s.first.0 + s.first.1) as usize];
         let hlen = s.hlen as usize;
+        let l4 = s.ihl as usize;
+        let v6 = l4 == IPV6_HDR;
+        let l4len = hlen as u32 - s.ihl + s.total;
         let h0 = plan.scratch.len();
         plan.scratch.extend_from_slice(&first[..hlen]);
         let h = &mut plan.scratch[h0..];
-        put16(h, 2, (hlen as u32 + s.total) as u16);
-        put16(h, 10, 0);
-        let c = csum::ipv4_header(&h[..20]);
-        put16(h, 10, c);
+        if v6 {
+            put16(h, 4, l4len as u16);
+        } else {
+            put16(h, 2, (hlen as u32 + s.total) as u16);
+            put16(h, 10, 0);
+            let c = csum::ipv4_header(&h[..20]);
+            put16(h, 10, c);
+        }
         if s.psh {
-            h[33] |= 0x08;
+            h[l4 + 13] |= 0x08;
         }
         // CHECKSUM_PARTIAL: the field holds the pseudo-header sum; the kernel (or
         // the pod's stack) treats the payload as verified by the outer UDP checksum.
-        let ps = csum::pseudo(
-            packet::src(h),
-            packet::dst(h),
-            PROTO_TCP,
-            hlen as u32 - 20 + s.total,
-        );
-        put16(h, 36, csum::fold(ps));
+        let ps = pseudo_sum(h, l4, PROTO_TCP, l4len);
+        put16(h, l4 + 16, csum::fold(ps));
         let mut v = [0u8; VNET_HDR_LEN];
         VnetHdr {
             flags: vnet::F_NEEDS_CSUM,
-            gso_type: vnet::GSO_TCPV4,
+            gso_type: if v6 { vnet::GSO_TCPV6 } else { vnet::GSO_TCPV4 },
             hdr_len: hlen as u16,
             gso_size: s.gso as u16,
-            csum_start: 20,
+            csum_start: l4 as u16,
             csum_offset: 16,
         }
         .encode(&mut v, self.vnet_le);
@@ -384,36 +480,72 @@ impl Decap {
     }
 }
 
-/// Header length (IP + TCP) when `pkt` (validated) is a data segment that can be
-/// merged: 20-byte IP header, not a fragment, TCP with only ACK (and PSH) set.
-fn tcp_candidate(pkt: &[u8]) -> Option<u32> {
-    if pkt[0] != 0x45 || pkt[9] != PROTO_TCP || be16(pkt, 6) & 0x3fff != 0 {
+/// IP and IP + TCP header lengths when `pkt` (a validated IPv4 packet or a whole
+/// IPv6 one) is a data segment that can be merged: a 20-byte IPv4 header and not
+/// a fragment, or IPv6 with TCP as its next header (no extension headers); TCP
+/// with only ACK (and PSH) set and some payload.
+fn tcp_candidate(pkt: &[u8]) -> Option<(u32, u32)> {
+    let ihl = match pkt[0] {
+        0x45 if pkt[9] == PROTO_TCP && be16(pkt, 6) & 0x3fff == 0 => 20,
+        v if v >> 4 == 6 && pkt.len() >= IPV6_HDR && pkt[6] == PROTO_TCP => IPV6_HDR,
+        _ => return None,
+    };
+    if pkt.len() < ihl + 20 {
         return None;
     }
-    if pkt.len() < 40 {
+    let thl = usize::from(pkt[ihl + 12] >> 4) * 4;
+    if thl < 20 || ihl + thl >= pkt.len() {
         return None;
     }
-    let thl = usize::from(pkt[32] >> 4) * 4;
-    if thl < 20 || 20 + thl >= pkt.len() {
+    if pkt[ihl + 13] & !0x08 != 0x10 {
         return None;
     }
-    if pkt[33] & !0x08 != 0x10 {
-        return None;
-    }
-    Some((20 + thl) as u32)
+    Some((ihl as u32, (ihl + thl) as u32))
 }
 
-/// Same addresses and ports as the slot's first packet.
-fn same_flow(buf: &[u8], s: &Slot, pkt: &[u8]) -> bool {
+/// Where the TCP header of `pkt` (a validated IPv4 packet or a whole IPv6 one)
+/// starts, when it is TCP with at least its ports present.
+fn tcp_offset(pkt: &[u8]) -> Option<usize> {
+    let l4 = if pkt[0] >> 4 == 6 {
+        (pkt[6] == PROTO_TCP).then_some(IPV6_HDR)?
+    } else {
+        (pkt[9] == PROTO_TCP).then_some(usize::from(pkt[0] & 15) * 4)?
+    };
+    (pkt.len() >= l4 + 4).then_some(l4)
+}
+
+/// Same IP version, addresses and ports as the slot's first packet; `l4` is
+/// where `pkt`'s TCP header starts.
+fn same_flow(buf: &[u8], s: &Slot, pkt: &[u8], l4: usize) -> bool {
     let first = &buf[s.first.0 as usize..(s.first.0 + s.first.1) as usize];
-    let ihl = usize::from(pkt[0] & 15) * 4;
-    pkt[0] == 0x45 && first[12..20] == pkt[12..20] && first[20..24] == pkt[ihl..ihl + 4]
+    let fl4 = s.ihl as usize;
+    let addrs = if fl4 == IPV6_HDR {
+        pkt[0] >> 4 == 6 && first[8..40] == pkt[8..40]
+    } else {
+        pkt[0] >> 4 == 4 && first[12..20] == pkt[12..20]
+    };
+    addrs && first[fl4..fl4 + 4] == pkt[l4..l4 + 4]
+}
+
+/// A whole IPv6 packet: its fixed header fits and its payload length matches.
+fn ipv6_whole(pkt: &[u8]) -> bool {
+    pkt.len() >= IPV6_HDR && pkt[0] >> 4 == 6 && IPV6_HDR + usize::from(be16(pkt, 4)) == pkt.len()
+}
+
+/// Unfolded TCP/UDP pseudo-header sum of the IPv4 or IPv6 packet `h` whose
+/// transport header starts at `l4` (40 for IPv6), for `len` transport bytes.
+fn pseudo_sum(h: &[u8], l4: usize, proto: u8, len: u32) -> u64 {
+    if l4 == IPV6_HDR && h[0] >> 4 == 6 {
+        csum::add(0, &h[8..40]) + u64::from(proto) + u64::from(len)
+    } else {
+        csum::pseudo(packet::src(h), packet::dst(h), proto, len)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::packet::tests_support::A3_INNER;
+    use crate::packet::tests_support::{v6_fill_l4_csum, v6_header, v6_l4_residue, A3_INNER};
     use crate::peers::Peer;
     use std::net::Ipv4Addr;
 
@@ -607,6 +739,263 @@ mod tests {
             assert_eq!(w.hdr_len, 0);
             assert_eq!(packet::validate(&plan.materialize(w, &buf)), Ok(20));
         }
+    }
+
+    /// One IPv6 TCP segment as a peer's splitter sent it (valid checksum, by the
+    /// independent reference): timestamps option, ACK (and `flags`).
+    #[derive(Clone, Copy)]
+    struct Seg6 {
+        seq: u32,
+        ack: u32,
+        len: usize,
+        flags: u8,
+        flow: u32,
+        hop: u8,
+        tsval: u8,
+    }
+
+    impl Seg6 {
+        fn new(seq: u32, len: usize) -> Seg6 {
+            Seg6 {
+                seq,
+                ack: 1,
+                len,
+                flags: 0x10,
+                flow: 0x1_2345,
+                hop: 64,
+                tsval: 7,
+            }
+        }
+
+        fn bytes(self) -> Vec<u8> {
+            let mut p = v6_header(PROTO_TCP, 32 + self.len, self.flow, self.hop);
+            p.extend_from_slice(&[
+                0x9c, 0x40, 0x14, 0x51, 0, 0, 0, 0, 0, 0, 0, 0, 0x80, self.flags, 0x01, 0xf5, 0, 0,
+                0, 0, 1, 1, 8, 10, 0, 0, 0, self.tsval, 0, 0, 0, 9,
+            ]);
+            crate::packet::put32(&mut p, 44, self.seq);
+            crate::packet::put32(&mut p, 48, self.ack);
+            p.extend((0..self.len).map(|k| (k as u32 ^ self.seq) as u8));
+            v6_fill_l4_csum(&mut p, 16);
+            p
+        }
+    }
+
+    /// Plans `segs` through [`Decap::packets`]; returns the plan and the buffer.
+    fn plan6(segs: &[Vec<u8>]) -> (RxPlan, Vec<u8>) {
+        let mut buf = Vec::new();
+        let mut pkts = Vec::new();
+        for s in segs {
+            pkts.push((buf.len() as u32, s.len() as u32));
+            buf.extend_from_slice(s);
+        }
+        let mut d = Decap::new(true, true);
+        let mut plan = RxPlan::with_capacity();
+        d.packets(&buf, &pkts, &mut plan);
+        (plan, buf)
+    }
+
+    #[test]
+    fn ipv6_segments_of_one_flow_become_one_tso6_write() {
+        let mss = 1348;
+        let mut segs: Vec<Vec<u8>> = (0..4)
+            .map(|i| Seg6::new(0xffff_fc00u32.wrapping_add(i * mss as u32), mss).bytes())
+            .collect();
+        let last = Seg6 {
+            flags: 0x18,
+            ..Seg6::new(0xffff_fc00u32.wrapping_add(4 * mss as u32), 300)
+        };
+        segs.push(last.bytes());
+        let (plan, buf) = plan6(&segs);
+        assert_eq!(plan.writes.len(), 1);
+        let w = plan.writes[0];
+        assert_eq!(w.packets, 5);
+        assert_eq!(w.bytes as usize, segs.iter().map(Vec::len).sum::<usize>());
+        let h = VnetHdr::decode(&w.vnet, true).unwrap();
+        assert_eq!(h.gso_type, vnet::GSO_TCPV6);
+        assert_eq!(h.flags, vnet::F_NEEDS_CSUM);
+        assert_eq!(h.gso_size as usize, mss);
+        assert_eq!((h.hdr_len, h.csum_start, h.csum_offset), (72, 40, 16));
+        let out = plan.materialize(&w, &buf);
+        assert_eq!(out.len(), 72 + 4 * mss + 300);
+        assert_eq!(usize::from(be16(&out, 4)), out.len() - 40);
+        assert_eq!(
+            &out[..40],
+            &{
+                let mut h = segs[0][..40].to_vec();
+                put16(&mut h, 4, (out.len() - 40) as u16);
+                h
+            }[..]
+        );
+        assert_eq!(be32(&out, 44), 0xffff_fc00);
+        assert_eq!(out[53], 0x18, "PSH of the last segment kept");
+        let data: Vec<u8> = segs.iter().flat_map(|s| s[72..].to_vec()).collect();
+        assert_eq!(&out[72..], &data[..]);
+        // Partial checksum: the pseudo-header sum; completing it over the TCP part
+        // gives what the reference calls a valid segment.
+        let mut full = out.clone();
+        let c = csum::finish(csum::add(0, &full[40..]));
+        put16(&mut full, 56, c);
+        assert_eq!(v6_l4_residue(&full), 0);
+    }
+
+    #[test]
+    fn ipv6_segments_that_differ_are_not_merged() {
+        let base = Seg6::new(1000, 1000);
+        let next = Seg6::new(2000, 1000);
+        let cases: [(&str, Seg6); 8] = [
+            ("sequence gap", Seg6 { seq: 2001, ..next }),
+            ("other ack", Seg6 { ack: 2, ..next }),
+            (
+                "other flow label",
+                Seg6 {
+                    flow: 0x1_2346,
+                    ..next
+                },
+            ),
+            ("other hop limit", Seg6 { hop: 63, ..next }),
+            ("other options", Seg6 { tsval: 8, ..next }),
+            (
+                "FIN",
+                Seg6 {
+                    flags: 0x11,
+                    ..next
+                },
+            ),
+            ("larger than the first", Seg6 { len: 1001, ..next }),
+            ("no payload", Seg6 { len: 0, ..next }),
+        ];
+        for (what, s) in cases {
+            let (plan, _) = plan6(&[base.bytes(), s.bytes()]);
+            assert_eq!(plan.writes.len(), 2, "{what}");
+            assert!(plan.writes.iter().all(|w| w.packets == 1), "{what}");
+        }
+        // The control: the same two segments, alike, merge.
+        let (plan, _) = plan6(&[base.bytes(), next.bytes()]);
+        assert_eq!(plan.writes.len(), 1);
+        assert_eq!(plan.writes[0].packets, 2);
+        // Another port is another flow: two slots, two writes (each of 2).
+        let mut other = [base.bytes(), next.bytes()];
+        for p in &mut other {
+            p[41] ^= 1;
+            v6_fill_l4_csum(p, 16);
+        }
+        let (plan, _) = plan6(&[
+            base.bytes(),
+            other[0].clone(),
+            next.bytes(),
+            other[1].clone(),
+        ]);
+        assert_eq!(plan.writes.len(), 2);
+        assert!(plan.writes.iter().all(|w| w.packets == 2));
+        // A payload length that disagrees with the packet: written alone, as it is.
+        let mut bad = next.bytes();
+        put16(&mut bad, 4, 500);
+        let (plan, _) = plan6(&[base.bytes(), bad]);
+        assert_eq!(plan.writes.len(), 2);
+    }
+
+    #[test]
+    fn ipv6_extension_header_packet_keeps_its_place_after_the_merged_run() {
+        let a = Seg6::new(1000, 1000).bytes();
+        let b = Seg6::new(2000, 1000).bytes();
+        // A TCP segment of the same flow behind a hop-by-hop header: its flow is not
+        // read, so every IPv6 run is written before it.
+        let mut hidden = v6_header(0, 8 + 32 + 10, 0x1_2345, 64);
+        hidden.extend_from_slice(&[PROTO_TCP, 0, 1, 4, 0, 0, 0, 0]);
+        hidden.extend_from_slice(&Seg6::new(3000, 10).bytes()[40..]);
+        let c = Seg6::new(3010, 1000).bytes();
+        let (plan, buf) = plan6(&[a.clone(), b, hidden.clone(), c.clone()]);
+        assert_eq!(plan.writes.len(), 3);
+        assert_eq!(plan.writes[0].packets, 2);
+        assert_eq!(plan.materialize(&plan.writes[1], &buf), hidden);
+        assert_eq!(plan.materialize(&plan.writes[2], &buf), c);
+        // An IPv4 run is not held up by it, nor IPv6 by IPv4: both merge.
+        let (v4, _) = segments(2, 1000, 1000, 100);
+        let mut segs = vec![v4[..1052].to_vec(), a.clone()];
+        segs.push(v4[1052..].to_vec());
+        segs.push(Seg6::new(2000, 1000).bytes());
+        let (plan, buf) = plan6(&segs);
+        assert_eq!(plan.writes.len(), 2);
+        let kinds: Vec<u8> = plan
+            .writes
+            .iter()
+            .map(|w| VnetHdr::decode(&w.vnet, true).unwrap().gso_type)
+            .collect();
+        assert_eq!(kinds, [vnet::GSO_TCPV4, vnet::GSO_TCPV6]);
+        assert_eq!(
+            packet::validate(&plan.materialize(&plan.writes[0], &buf)),
+            Ok(20)
+        );
+    }
+
+    #[test]
+    fn trusted_lone_tcp_and_udp_packets_are_written_with_a_partial_checksum() {
+        // A lone IPv6 TCP segment, an IPv4 UDP datagram, and what stays plain: ICMP,
+        // IPv4 UDP without a checksum, a first fragment.
+        let tcp6 = Seg6::new(5, 100).bytes();
+        let mut udp4 = vec![
+            0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 17, 0, 0, 10, 244, 33, 11, 10, 244, 41, 11, 0x1f,
+            0x90, 0x23, 0x28, 0, 0, 0, 0,
+        ];
+        udp4.extend_from_slice(b"datagram payload!");
+        let l = udp4.len();
+        put16(&mut udp4, 2, l as u16);
+        put16(&mut udp4, 24, (l - 20) as u16);
+        let c = csum::ipv4_header(&udp4[..20]);
+        put16(&mut udp4, 10, c);
+        let s = csum::pseudo(packet::src(&udp4), packet::dst(&udp4), 17, (l - 20) as u32);
+        let c = csum::finish(csum::add(s, &udp4[20..]));
+        put16(&mut udp4, 26, c);
+        let mut icmp = udp4.clone();
+        icmp[9] = 1;
+        let mut nocsum = udp4.clone();
+        put16(&mut nocsum, 26, 0);
+        let mut frag = udp4.clone();
+        frag[6] = 0x20; // MF
+        for p in [&mut icmp, &mut nocsum, &mut frag] {
+            put16(p, 10, 0);
+            let c = csum::ipv4_header(&p[..20]);
+            put16(p, 10, c);
+        }
+        // The TCP segment last: it waits in a coalescing slot until the batch ends.
+        let all = [udp4.clone(), icmp, nocsum, frag, tcp6.clone()];
+        let mut buf = Vec::new();
+        let mut pkts = Vec::new();
+        for p in &all {
+            pkts.push((buf.len() as u32, p.len() as u32));
+            buf.extend_from_slice(p);
+        }
+        for trust in [true, false] {
+            let mut d = Decap::new(true, true);
+            d.trust_checksums = trust;
+            let mut plan = RxPlan::with_capacity();
+            d.packets(&buf, &pkts, &mut plan);
+            assert_eq!(plan.writes.len(), 5);
+            for (i, w) in plan.writes.iter().enumerate() {
+                let out = plan.materialize(w, &buf);
+                assert_eq!(out.len(), all[i].len(), "packet {i}");
+                let h = VnetHdr::decode(&w.vnet, true).unwrap();
+                assert_eq!(h.gso_type, vnet::GSO_NONE);
+                if !trust || (1..=3).contains(&i) {
+                    assert_eq!(out, all[i], "packet {i} written as it is");
+                    assert_eq!(h, VnetHdr::default());
+                    continue;
+                }
+                let (start, off) = if i == 4 { (40, 16) } else { (20, 6) };
+                assert_eq!(h.flags, vnet::F_NEEDS_CSUM);
+                assert_eq!((h.csum_start, h.csum_offset), (start, off));
+                assert_eq!(h.hdr_len, start + off + 2);
+                // What the kernel does with it: sum from csum_start, store at the
+                // offset. That gives back the sender's (valid) packet.
+                let mut full = out.clone();
+                let at = usize::from(start + off);
+                let c = csum::finish(csum::add(0, &full[usize::from(start)..]));
+                put16(&mut full, at, c);
+                assert_eq!(full, all[i], "packet {i}");
+            }
+        }
+        assert_eq!(v6_l4_residue(&tcp6), 0);
     }
 
     #[test]

@@ -157,6 +157,26 @@ pub const OFFLOAD_CHOICES: [(libc::c_uint, &str); 3] = [
     (libc::TUN_F_CSUM, "csum"),
 ];
 
+/// The wireguard device's choices: as [`OFFLOAD_CHOICES`] with TSO for IPv6 too,
+/// since its splitter cuts super-packets of both families (TSO6 is as old as
+/// TSO4, so no choice has one without the other).
+pub const WG_OFFLOAD_CHOICES: [(libc::c_uint, &str); 3] = [
+    (
+        libc::TUN_F_CSUM
+            | libc::TUN_F_TSO4
+            | libc::TUN_F_TSO6
+            | libc::TUN_F_TSO_ECN
+            | libc::TUN_F_USO4
+            | libc::TUN_F_USO6,
+        "csum+tso4+tso6+uso4+uso6",
+    ),
+    (
+        libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_TSO_ECN,
+        "csum+tso4+tso6",
+    ),
+    (libc::TUN_F_CSUM, "csum"),
+];
+
 /// Reads one packet; Ok(None) when nothing is queued.
 #[inline]
 pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {

@@ -170,7 +170,7 @@ impl Dev {
         } else {
             None
         };
-        let mut handles = match inherited {
+        let handles = match inherited {
             Some(h) => h,
             None => {
                 // As upstream: a device left from before is replaced.
@@ -193,7 +193,6 @@ impl Dev {
                 h
             }
         };
-        handles.carries_v6 = self.carries_v6;
         let inherited = handles.inherited;
         self.greeter = match handles.sock.try_clone() {
             Ok(s) => Some(s),

@@ -152,11 +152,7 @@ impl Device {
         counters: Arc<DeviceCounters>,
     ) -> Result<Device, UdpError> {
         let Handles {
-            tun,
-            sock,
-            device,
-            carries_v6,
-            ..
+            tun, sock, device, ..
         } = handles;
         let v6_socket = sock
             .local_addr()
@@ -168,7 +164,7 @@ impl Device {
             .map_err(|e| UdpError::io("UDP socket non-blocking", e))?;
         let off = Offloads {
             v6_socket,
-            ..offloads(&device, tun.as_raw_fd(), sock.as_raw_fd(), carries_v6)?
+            ..offloads(&device, tun.as_raw_fd(), sock.as_raw_fd())?
         };
         info!(
             device = %device,
@@ -250,10 +246,6 @@ pub struct Handles {
     pub device: String,
     /// They came from a keeper: the device with its address and route survived.
     pub inherited: bool,
-    /// IPv6 is routed into the device (set by the owner before starting it): the
-    /// TUN then gets no UDP segmentation offload, which the kernel turns on for
-    /// both families at once, and the splitter cuts IPv4 super-packets only.
-    pub carries_v6: bool,
 }
 
 impl Handles {
@@ -272,7 +264,6 @@ impl Handles {
             sock: UdpSocket::from(sock),
             device: name.to_string(),
             inherited: false,
-            carries_v6: false,
         })
     }
 
@@ -316,7 +307,6 @@ impl Handles {
             sock,
             device: name.to_string(),
             inherited: true,
-            carries_v6: false,
         }))
     }
 
@@ -359,7 +349,7 @@ fn open_tun(name: &str) -> Result<OwnedFd, UdpError> {
 /// The offloads a device's queue and socket give, switched on where they are
 /// missing (again, for inherited handles: the calls are idempotent), with one
 /// warning per missing piece.
-fn offloads(name: &str, tun: RawFd, sock: RawFd, carries_v6: bool) -> Result<Offloads, UdpError> {
+fn offloads(name: &str, tun: RawFd, sock: RawFd) -> Result<Offloads, UdpError> {
     let (_, flags) = tun::queue_info(tun).map_err(|e| UdpError::io("TUNGETIFF", e))?;
     let vnet = flags.vnet_hdr;
     let mut vnet_le = cfg!(target_endian = "little");
@@ -367,11 +357,8 @@ fn offloads(name: &str, tun: RawFd, sock: RawFd, carries_v6: bool) -> Result<Off
         vnet_le = tun::set_vnet_le(tun);
         let mut last_err = None;
         let mut got = None;
-        let choices = tun::OFFLOAD_CHOICES
-            .into_iter()
-            .filter(|(bits, _)| !carries_v6 || bits & libc::TUN_F_USO6 == 0);
-        let best = choices.clone().next().map(|c| c.1);
-        for (bits, what) in choices {
+        let best = tun::WG_OFFLOAD_CHOICES[0].1;
+        for (bits, what) in tun::WG_OFFLOAD_CHOICES {
             match tun::set_offload(tun, bits) {
                 Ok(()) => {
                     got = Some(what);
@@ -381,7 +368,7 @@ fn offloads(name: &str, tun: RawFd, sock: RawFd, carries_v6: bool) -> Result<Off
             }
         }
         match got {
-            Some(w) if Some(w) != best => {
+            Some(w) if w != best => {
                 warn!(device = name, using = w, error = ?last_err, "TUN offloads partly unavailable")
             }
             Some(_) => {}
@@ -550,6 +537,7 @@ fn inbound(
     let mut pkts: Vec<(u32, u32)> = Vec::with_capacity(RX_BATCH * 64);
     let mut plan = RxPlan::with_capacity();
     let mut decap = Decap::new(off.vnet, off.vnet_le);
+    decap.trust_checksums = true;
     let mut iov: Vec<libc::iovec> = Vec::with_capacity(80);
     let mut drops = DropTally::default();
     let mut warned = false;

@@ -7,7 +7,7 @@
 //! WireGuard carries packets unchanged.
 
 use crate::csum;
-use crate::gso::GsoSplit;
+use crate::gso::{GsoSplit, IPV6_HDR};
 use crate::packet::{self, be16, put16};
 use crate::vnet::{self, VnetHdr, VNET_HDR_LEN};
 
@@ -50,7 +50,7 @@ pub fn split(
             emit(pkt);
             Ok(1)
         }
-        vnet::GSO_TCPV4 | vnet::GSO_UDP_L4 => segment(pkt, &hdr, seg, emit),
+        vnet::GSO_TCPV4 | vnet::GSO_TCPV6 | vnet::GSO_UDP_L4 => segment(pkt, &hdr, seg, emit),
         _ => Err(Refused::Malformed),
     }
 }
@@ -77,7 +77,12 @@ fn ip_len(pkt: &[u8]) -> Option<usize> {
 fn finish_partial_csum(pkt: &mut [u8], hdr: &VnetHdr) -> bool {
     let start = usize::from(hdr.csum_start);
     let at = start + usize::from(hdr.csum_offset);
-    if at + 2 > pkt.len() || start < packet::IPV4_MIN_HDR {
+    let ip_hdr = if pkt[0] >> 4 == 6 {
+        IPV6_HDR
+    } else {
+        packet::IPV4_MIN_HDR
+    };
+    if at + 2 > pkt.len() || start < ip_hdr {
         return false;
     }
     let c = csum::finish(csum::add(0, &pkt[start..]));
@@ -85,14 +90,17 @@ fn finish_partial_csum(pkt: &mut [u8], hdr: &VnetHdr) -> bool {
     true
 }
 
-/// Splits a TSO (TCPv4) or USO (UDPv4) super-packet.
+/// Splits a TSO (TCPv4, TCPv6) or USO (UDP over either) super-packet.
 fn segment(
     pkt: &mut [u8],
     hdr: &VnetHdr,
     seg: &mut Vec<u8>,
     mut emit: impl FnMut(&[u8]),
 ) -> Result<usize, Refused> {
-    let ihl = packet::header_len(pkt).map_err(|_| Refused::Malformed)?;
+    let ihl = match pkt.first().map(|b| b >> 4) {
+        Some(6) => IPV6_HDR,
+        _ => packet::header_len(pkt).map_err(|_| Refused::Malformed)?,
+    };
     let split = GsoSplit::plan(pkt, ihl, hdr, MAX_SEGMENTS).map_err(|_| Refused::Malformed)?;
     let (hlen, nseg) = (split.hlen, split.nseg);
     // Each segment's header is written just before its payload, over the tail of
@@ -114,7 +122,8 @@ fn segment(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::packet::{be32, PROTO_TCP};
+    use crate::packet::tests_support::{v6_header, v6_l4_residue};
+    use crate::packet::{be32, PROTO_TCP, PROTO_UDP};
 
     fn tcp_csum_ok(seg: &[u8]) -> bool {
         let ihl = usize::from(seg[0] & 15) * 4;
@@ -195,17 +204,177 @@ mod tests {
         assert!(tcp_csum_ok(&out[0]));
     }
 
+    /// The vnet header the TUN puts before a TSO6/USO super-packet.
+    fn vnet6(gso_type: u8, hdr_len: u16, mss: u16, csum_offset: u16) -> Vec<u8> {
+        let mut p = vec![0u8; VNET_HDR_LEN];
+        VnetHdr {
+            flags: vnet::F_NEEDS_CSUM,
+            gso_type,
+            hdr_len,
+            gso_size: mss,
+            csum_start: 40,
+            csum_offset,
+        }
+        .encode((&mut p[..]).try_into().unwrap(), true);
+        p
+    }
+
+    /// A TSO6 super-packet: TCP with timestamps (32-byte header), FIN|PSH|ACK|CWR
+    /// set, payload length left 0 as the kernel may, checksum field holding
+    /// garbage (the splitter must not depend on it).
+    fn tso6(payload: usize, mss: u16) -> Vec<u8> {
+        let mut p = vnet6(vnet::GSO_TCPV6 | vnet::GSO_ECN, 72, mss, 16);
+        p.extend(v6_header(PROTO_TCP, 0, 0x5_4321, 63));
+        p.extend_from_slice(&[
+            0x9c, 0x40, 0x14, 0x51, 0xff, 0xff, 0xfa, 0x00, 0, 0, 0, 1, 0x80, 0x99, 0x01, 0xf5,
+            0xaa, 0xbb, 0, 0, 1, 1, 8, 10, 0, 0, 0, 7, 0, 0, 0, 9,
+        ]);
+        p.extend((0..payload).map(|n| (n * 31 + 7) as u8));
+        p
+    }
+
+    #[test]
+    fn tso6_becomes_mss_sized_packets_with_valid_checksums() {
+        let mss = 1420 - 72;
+        let mut read = tso6(mss * 3 + 100, mss as u16);
+        let orig = read.clone();
+        let mut out = Vec::new();
+        let mut seg = Vec::new();
+        let n = split(&mut read, true, true, &mut seg, |p| out.push(p.to_vec())).unwrap();
+        assert_eq!(n, 4);
+        assert_eq!(out.len(), 4);
+        let lens: Vec<usize> = out.iter().map(Vec::len).collect();
+        assert_eq!(lens, [1420, 1420, 1420, 172]);
+        let mut data = Vec::new();
+        // The sequence wraps past 2^32 between segments 1 and 2.
+        let mut seq = 0xffff_fa00u32;
+        for (i, p) in out.iter().enumerate() {
+            assert_eq!(p[0], 0x60, "segment {i}");
+            assert_eq!(
+                &p[1..4],
+                &orig[VNET_HDR_LEN + 1..VNET_HDR_LEN + 4],
+                "flow label"
+            );
+            assert_eq!(usize::from(be16(p, 4)), p.len() - 40, "payload length");
+            assert_eq!((p[6], p[7]), (PROTO_TCP, 63), "next header, hop limit");
+            assert_eq!(&p[8..40], &orig[VNET_HDR_LEN + 8..VNET_HDR_LEN + 40]);
+            assert_eq!(v6_l4_residue(p), 0, "segment {i} TCP checksum");
+            assert_eq!(be32(p, 44), seq, "segment {i} sequence");
+            assert_eq!(p[53] & 0x09 != 0, i == 3, "FIN/PSH on the last only");
+            assert_eq!(p[53] & 0x80 != 0, i == 0, "CWR on the first only");
+            assert_eq!(p[53] & 0x10, 0x10, "ACK on all");
+            assert_eq!(
+                &p[54..56],
+                &orig[VNET_HDR_LEN + 54..VNET_HDR_LEN + 56],
+                "window"
+            );
+            assert_eq!(
+                &p[58..72],
+                &orig[VNET_HDR_LEN + 58..VNET_HDR_LEN + 72],
+                "options"
+            );
+            seq = seq.wrapping_add((p.len() - 72) as u32);
+            data.extend_from_slice(&p[72..]);
+        }
+        assert_eq!(&data[..], &orig[VNET_HDR_LEN + 72..]);
+    }
+
+    #[test]
+    fn uso6_becomes_datagrams_with_valid_checksums() {
+        let mut read = vnet6(vnet::GSO_UDP_L4, 48, 1000, 6);
+        read.extend(v6_header(PROTO_UDP, 0, 0, 64));
+        read.extend_from_slice(&[0x1f, 0x90, 0x23, 0x28, 0, 0, 0x12, 0x34]);
+        read.extend((0..2500usize).map(|n| (n * 13 + 1) as u8));
+        let orig = read.clone();
+        let mut out = Vec::new();
+        let mut seg = Vec::new();
+        let n = split(&mut read, true, true, &mut seg, |p| out.push(p.to_vec())).unwrap();
+        assert_eq!(n, 3);
+        let lens: Vec<usize> = out.iter().map(Vec::len).collect();
+        assert_eq!(lens, [1048, 1048, 548]);
+        let mut data = Vec::new();
+        for (i, p) in out.iter().enumerate() {
+            assert_eq!(usize::from(be16(p, 4)), p.len() - 40, "payload length");
+            assert_eq!(usize::from(be16(p, 44)), p.len() - 40, "UDP length");
+            assert_eq!(&p[40..44], &[0x1f, 0x90, 0x23, 0x28], "ports");
+            assert_ne!(be16(p, 46), 0, "IPv6 UDP needs a checksum");
+            assert_eq!(v6_l4_residue(p), 0, "segment {i} UDP checksum");
+            data.extend_from_slice(&p[48..]);
+        }
+        assert_eq!(&data[..], &orig[VNET_HDR_LEN + 48..]);
+    }
+
+    #[test]
+    fn ipv6_plain_packet_gets_its_partial_checksum_finished() {
+        let mut read = vnet6(vnet::GSO_NONE, 0, 0, 6);
+        let body = b"hello over wireguard";
+        read.extend(v6_header(PROTO_UDP, 8 + body.len(), 0, 64));
+        read.extend_from_slice(&[0x1f, 0x90, 0x23, 0x28, 0, 28, 0, 0]);
+        read.extend_from_slice(body);
+        // The field holds the pseudo-header sum, as the kernel leaves it.
+        let pkt = &mut read[VNET_HDR_LEN..];
+        let ps = csum::fold(csum::add(0, &pkt[8..40]) + 17 + 28);
+        put16(pkt, 46, ps);
+        let mut out = Vec::new();
+        let mut seg = Vec::new();
+        split(&mut read, true, true, &mut seg, |p| out.push(p.to_vec())).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].len(), 68);
+        assert_eq!(v6_l4_residue(&out[0]), 0);
+    }
+
+    #[test]
+    fn ipv6_extension_headers_and_family_mismatches_are_malformed() {
+        let mut seg = Vec::new();
+        let mut emitted = 0;
+        // A hop-by-hop header before TCP.
+        let mut read = tso6(4000, 1348);
+        read[VNET_HDR_LEN + 6] = 0;
+        let r = split(&mut read, true, true, &mut seg, |_| emitted += 1);
+        assert_eq!(r, Err(Refused::Malformed));
+        // A fragment header before UDP.
+        let mut read = vnet6(vnet::GSO_UDP_L4, 48, 1000, 6);
+        read.extend(v6_header(44, 0, 0, 64));
+        read.extend_from_slice(&[17, 0, 0, 1, 0, 0, 0, 7]);
+        read.extend_from_slice(&[0u8; 3000]);
+        let r = split(&mut read, true, true, &mut seg, |_| emitted += 1);
+        assert_eq!(r, Err(Refused::Malformed));
+        // TCPv6 offload on an IPv4 packet and TCPv4 offload on an IPv6 one.
+        let mut read = tso(3000, 1368);
+        read[1] = vnet::GSO_TCPV6;
+        let r = split(&mut read, true, true, &mut seg, |_| emitted += 1);
+        assert_eq!(r, Err(Refused::Malformed));
+        let mut read = tso6(3000, 1348);
+        read[1] = vnet::GSO_TCPV4;
+        let r = split(&mut read, true, true, &mut seg, |_| emitted += 1);
+        assert_eq!(r, Err(Refused::Malformed));
+        // A header cut short.
+        let mut read = tso6(0, 1348);
+        read.truncate(VNET_HDR_LEN + 50);
+        let r = split(&mut read, true, true, &mut seg, |_| emitted += 1);
+        assert_eq!(r, Err(Refused::Malformed));
+        assert_eq!(emitted, 0);
+        // The same TSO6 packet, untouched, splits.
+        let mut read = tso6(3000, 1348);
+        assert_eq!(split(&mut read, true, true, &mut seg, |_| {}), Ok(3));
+    }
+
     #[test]
     fn garbage_is_refused_never_a_panic() {
         let mut seg = Vec::new();
         for len in 0..80 {
             for fill in [0u8, 0x45, 0xff, 0x60] {
-                let mut read = vec![fill; len];
-                if len > 1 {
-                    read[1] = vnet::GSO_TCPV4;
+                for gso in [vnet::GSO_TCPV4, vnet::GSO_TCPV6, vnet::GSO_UDP_L4] {
+                    let mut read = vec![fill; len];
+                    if len > 1 {
+                        read[1] = gso;
+                    }
+                    if len > VNET_HDR_LEN {
+                        read[VNET_HDR_LEN] = fill & 0x0f | 0x60;
+                    }
+                    let _ = split(&mut read, true, true, &mut seg, |_| {});
+                    let _ = split(&mut read, false, true, &mut seg, |_| {});
                 }
-                let _ = split(&mut read, true, true, &mut seg, |_| {});
-                let _ = split(&mut read, false, true, &mut seg, |_| {});
             }
         }
         let mut read = tso(100, 0);
