@@ -114,17 +114,8 @@ fn host_gw_dual_stack_all_pairs_and_lease_deletion() {
             .unwrap_or_else(|| panic!("pod {} has no IPv6 address", pod.ns));
         assert!(subnets6[i].contains(&ip6), "{ip6} not in {}", subnets6[i]);
     }
-    for &from in &pods {
-        for &to in &pods {
-            if from == to {
-                continue;
-            }
-            let dst = lab.pod(to).unwrap().clone();
-            lab.wait_reachable(from, dst.ip).expect("v4 reachable");
-            lab.wait_reachable_ip(from, dst.ip6.unwrap().into())
-                .expect("v6 reachable");
-        }
-    }
+    lab.wait_all_pairs(&pods)
+        .expect("all pairs reach each other over both families");
     // Exact v6 route on host 0 for host 1's subnet.
     let r = lab
         .ip_in(
@@ -141,6 +132,12 @@ fn host_gw_dual_stack_all_pairs_and_lease_deletion() {
             subnets6[1]
         ),
     );
+
+    // A pod added later (host 1's second) reaches and is reached over both
+    // families.
+    let later = lab.add_pod(1).expect("pod added later");
+    lab.wait_all_pairs(&[pods[0], later, pods[2]])
+        .expect("the later pod and the others reach each other");
 
     // Host 2's lease deleted (its agent stopped first, so it does not renew):
     // the others drop both its routes.

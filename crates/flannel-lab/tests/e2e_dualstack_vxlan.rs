@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use flannel_lab::checks::{kill_9_restart_pinging, paths_around};
 use flannel_lab::e2e::{ready, Needs};
-use flannel_lab::{poll_until, Lab, PodId};
+use flannel_lab::{poll_until, Lab};
 use ipnet::Ipv6Net;
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -70,20 +70,6 @@ fn wait_v6_route(lab: &Lab, h: usize, subnet: Ipv6Net, present: bool) {
     .expect("v6 route");
 }
 
-fn wait_all_pairs(lab: &Lab, pods: &[PodId]) {
-    for &from in pods {
-        for &to in pods {
-            if from == to {
-                continue;
-            }
-            let dst = lab.pod(to).unwrap().clone();
-            lab.wait_reachable(from, dst.ip).expect("v4 reachable");
-            lab.wait_reachable_ip(from, dst.ip6.expect("pod v6 address").into())
-                .expect("v6 reachable");
-        }
-    }
-}
-
 #[test]
 fn vxlan_dual_stack_all_pairs_lease_deleted_restored_and_host_removed() {
     if !ready("vxlan dual stack", Needs::Agents) {
@@ -118,7 +104,8 @@ fn vxlan_dual_stack_all_pairs_lease_deleted_restored_and_host_removed() {
         let ip6 = lab.pod(*p).unwrap().ip6.expect("pod v6 address");
         assert!(subnets6[i].contains(&ip6), "{ip6} not in {}", subnets6[i]);
     }
-    wait_all_pairs(&lab, &pods);
+    lab.wait_all_pairs(&pods)
+        .expect("all pairs reach each other");
 
     // Host 0's exact v6 entries for host 1.
     let (ns0, s1) = (lab.hosts()[0].ns.clone(), subnets6[1]);
@@ -152,6 +139,12 @@ fn vxlan_dual_stack_all_pairs_lease_deleted_restored_and_host_removed() {
         "{fdb}"
     );
 
+    // A pod added later (host 1's second) reaches and is reached over both
+    // families.
+    let later = lab.add_pod(1).expect("pod added later");
+    lab.wait_all_pairs(&[pods[0], later, pods[2]])
+        .expect("the later pod and the others reach each other");
+
     // Lease deleted: the others drop its v6 route; restored: it comes back, and
     // the kernel state the exited agent left makes its pod reachable again.
     let (key, value) = lease_of(&lab, 2);
@@ -175,7 +168,8 @@ fn vxlan_dual_stack_all_pairs_lease_deleted_restored_and_host_removed() {
         lab.wait_reachable_ip(p, p2.ip6.unwrap().into()).unwrap();
     }
     lab.start_agent(2).unwrap();
-    wait_all_pairs(&lab, &pods);
+    lab.wait_all_pairs(&pods)
+        .expect("all pairs reach each other");
 
     // Host removed (agent stopped, lease deleted): its v6 route goes, the
     // remaining pair still talks over both families.

@@ -153,6 +153,24 @@ impl Lab {
         )
     }
 
+    /// Waits until every pod of `pods` answers every other one's pings, over each
+    /// family both pods have (an IPv6-only pod's IPv4 address is unspecified).
+    pub fn wait_all_pairs(&self, pods: &[PodId]) -> Result<()> {
+        for &from in pods {
+            let a = self.pod(from)?.clone();
+            for &to in pods.iter().filter(|p| **p != from) {
+                let b = self.pod(to)?.clone();
+                if !a.ip.is_unspecified() && !b.ip.is_unspecified() {
+                    self.wait_reachable(from, b.ip)?;
+                }
+                if let (Some(_), Some(ip6)) = (a.ip6, b.ip6) {
+                    self.wait_reachable_ip(from, IpAddr::V6(ip6))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// iperf3 from `client_ns` to a one-shot server on `server_ip` in `server_ns`;
     /// returns the receiver's throughput in Gbit/s.
     pub fn iperf(
