@@ -17,7 +17,12 @@ use super::lite::{LiteSpec, NodeLite};
 use super::node::{is_managed, node_to_lease};
 use super::{api_error, describe, KubeError, KubeStore, OwnNode, LIST_NODES, WATCH_NODES};
 
-const PAGE_SIZE: u32 = 500;
+/// Nodes per list page. A realistic Node is about 13 KB of JSON and each page's body
+/// is collected whole before it is decoded, so the page size sets the start's peak
+/// heap: at 5000 nodes 23.4 MB with 500 per page (what client-go's reflector asks
+/// for), 13.6 MB with 100 (heaptrack), which matters under kube-flannel's 50 MiB
+/// memory limit. It costs 4 more round trips per 500 nodes at start, nothing after.
+const PAGE_SIZE: u32 = 100;
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A watch connection silent for longer than its server-side timeout plus this is
