@@ -270,6 +270,26 @@ pub fn kill_9_restart_pinging(
     Ok(RestartOutcome { pings, deleted })
 }
 
+/// The sum of `flanneld_backend_drops_total{backend, reason}` in a /metrics answer
+/// (0 when the series is absent: nothing was dropped for that reason yet).
+pub fn backend_drops(metrics: &str, backend: &str, reason: &str) -> Result<f64> {
+    let scrape = prometheus_parse::Scrape::parse(metrics.lines().map(|l| Ok(l.to_string())))
+        .map_err(|e| crate::LabError::Invalid(format!("metrics do not parse: {e}")))?;
+    Ok(scrape
+        .samples
+        .iter()
+        .filter(|s| {
+            s.metric == "flanneld_backend_drops_total"
+                && s.labels.get("backend") == Some(backend)
+                && s.labels.get("reason") == Some(reason)
+        })
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,6 +339,20 @@ mod tests {
             "10.244.3.0/24 via 10.244.3.0 dev flannel.1 onlink",
             n
         ));
+    }
+
+    #[test]
+    fn drops_by_backend_and_reason() {
+        let text = "# TYPE flanneld_backend_drops counter\n\
+                    flanneld_backend_drops_total{backend=\"wireguard\",reason=\"malformed\"} 3\n\
+                    flanneld_backend_drops_total{backend=\"wireguard\",reason=\"replay\"} 1\n\
+                    flanneld_backend_drops_total{backend=\"udp\",reason=\"malformed\"} 7\n";
+        assert_eq!(backend_drops(text, "wireguard", "malformed").unwrap(), 3.0);
+        assert_eq!(backend_drops(text, "udp", "malformed").unwrap(), 7.0);
+        assert_eq!(
+            backend_drops(text, "wireguard", "unknown_key").unwrap(),
+            0.0
+        );
     }
 
     #[test]

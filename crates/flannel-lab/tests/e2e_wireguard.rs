@@ -333,22 +333,7 @@ fn metrics(lab: &Lab, h: usize) -> String {
 
 /// `flanneld_backend_drops_total{backend="wireguard",reason}` on host `h`.
 fn drops(lab: &Lab, h: usize, reason: &str) -> f64 {
-    let text = metrics(lab, h);
-    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
-        .expect("metrics parse");
-    scrape
-        .samples
-        .iter()
-        .filter(|s| {
-            s.metric == "flanneld_backend_drops_total"
-                && s.labels.get("backend") == Some("wireguard")
-                && s.labels.get("reason") == Some(reason)
-        })
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        })
-        .sum()
+    flannel_lab::checks::backend_drops(&metrics(lab, h), "wireguard", reason).unwrap()
 }
 
 /// Sends `datagrams` to `to` from a socket in namespace `ns`.

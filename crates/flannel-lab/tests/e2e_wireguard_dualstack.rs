@@ -81,21 +81,7 @@ fn drops(lab: &Lab, h: usize, reason: &str) -> f64 {
     )
     .unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
-    let scrape = prometheus_parse::Scrape::parse(r.body.lines().map(|l| Ok(l.to_string())))
-        .expect("metrics parse");
-    scrape
-        .samples
-        .iter()
-        .filter(|s| {
-            s.metric == "flanneld_backend_drops_total"
-                && s.labels.get("backend") == Some("wireguard")
-                && s.labels.get("reason") == Some(reason)
-        })
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        })
-        .sum()
+    flannel_lab::checks::backend_drops(&r.body, "wireguard", reason).unwrap()
 }
 
 /// Bulk IPv6 TCP between two pods on different hosts, both ways: it travels as

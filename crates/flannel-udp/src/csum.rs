@@ -69,19 +69,7 @@ pub fn ipv4_header(hdr: &[u8]) -> u16 {
 mod tests {
     use super::*;
 
-    fn reference(data: &[u8]) -> u16 {
-        let mut s: u32 = 0;
-        for c in data.chunks(2) {
-            let w = if c.len() == 2 {
-                u16::from_be_bytes([c[0], c[1]])
-            } else {
-                u16::from_be_bytes([c[0], 0])
-            };
-            s += u32::from(w);
-            s = (s & 0xffff) + (s >> 16);
-        }
-        !(s as u16)
-    }
+    use crate::packet::tests_support::reference_checksum as reference;
 
     #[test]
     fn matches_word_by_word_reference() {
