@@ -307,14 +307,10 @@ fn deleted_lease_goes_and_restored_lease_comes_back(name: &str, backend: &str) {
     c.wait_unreachable(c.pods[0], c.ip(c.pods[peer]));
     // The owner learns its lease was revoked and exits cleanly (its kernel state
     // stays, so the restored lease below makes it reachable again).
-    poll_until(
-        "flanneld on the peer to exit after losing its lease",
-        DEADLINE,
-        Duration::from_millis(100),
-        || Ok(c.lab.agent_exit_status(peer).is_some()),
-    )
-    .unwrap();
-    let st = c.lab.agent_exit_status(peer).unwrap();
+    let st = c
+        .lab
+        .wait_agent_exit(peer, "after losing its lease")
+        .unwrap();
     assert!(st.success(), "exit after lease revocation: {st}");
 
     c.lab.etcd().put(&key, &value).unwrap();

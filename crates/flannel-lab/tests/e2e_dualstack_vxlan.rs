@@ -152,13 +152,7 @@ fn vxlan_dual_stack_all_pairs_lease_deleted_restored_and_host_removed() {
     for h in 0..2 {
         wait_v6_route(&lab, h, subnets6[2], false);
     }
-    poll_until(
-        "flanneld on host 2 to exit after losing its lease",
-        DEADLINE,
-        Duration::from_millis(100),
-        || Ok(lab.agent_exit_status(2).is_some()),
-    )
-    .unwrap();
+    lab.wait_agent_exit(2, "after losing its lease").unwrap();
     lab.etcd().put(&key, &value).unwrap();
     for h in 0..2 {
         wait_v6_route(&lab, h, subnets6[2], true);

@@ -356,18 +356,9 @@ fn etcd_ipv6_only_is_refused_with_a_clear_error() {
         .build()
         .expect("lab");
     lab.spawn_agent(0).expect("flanneld");
-    let mut status = None;
-    poll_until(
-        "flanneld to refuse the IPv6-only etcd config",
-        DEADLINE,
-        Duration::from_millis(50),
-        || {
-            status = lab.agent_exit_status(0);
-            Ok(status.is_some())
-        },
-    )
-    .unwrap();
-    let st = status.unwrap();
+    let st = lab
+        .wait_agent_exit(0, "refusing the IPv6-only etcd config")
+        .unwrap();
     assert_eq!(st.code(), Some(1), "exit status {st}");
     let log = lab.agent_log(0).unwrap();
     assert!(

@@ -831,13 +831,7 @@ fn wireguard_operations() {
         || Ok(!uapi_peers(&lab, 0).contains(&peer_key)),
     )
     .unwrap();
-    poll_until(
-        "the peer's agent to exit",
-        DEADLINE,
-        Duration::from_millis(100),
-        || Ok(lab.agent_exit_status(peer).is_some()),
-    )
-    .unwrap();
+    lab.wait_agent_exit(peer, "after losing its lease").unwrap();
     lab.etcd().put(&key, &value).unwrap();
     // The data path runs in the agent: the peer needs its agent back.
     lab.start_agent(peer).unwrap();

@@ -293,18 +293,9 @@ fn kube_wireguard_ipv6_only_single_device_modes_are_refused() {
             return;
         };
         lab.spawn_agent(0).expect("flanneld");
-        let mut status = None;
-        poll_until(
-            &format!("flanneld to refuse Mode {mode}"),
-            DEADLINE,
-            Duration::from_millis(50),
-            || {
-                status = lab.agent_exit_status(0);
-                Ok(status.is_some())
-            },
-        )
-        .unwrap();
-        let st = status.unwrap();
+        let st = lab
+            .wait_agent_exit(0, &format!("refusing Mode {mode}"))
+            .unwrap();
         assert_eq!(st.code(), Some(1), "Mode {mode}: exit status {st}");
         let log = lab.agent_log(0).unwrap();
         assert!(

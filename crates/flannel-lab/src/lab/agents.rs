@@ -231,6 +231,23 @@ impl Lab {
         self.hosts.get_mut(h)?.agent.as_mut()?.try_wait()
     }
 
+    /// Waits (up to the lab's timeout) for host `h`'s flanneld to exit on its own,
+    /// as it does after losing its lease or refusing a config, and returns its
+    /// status. `what` names the reason in the timeout error.
+    pub fn wait_agent_exit(&mut self, h: usize, what: &str) -> Result<ExitStatus> {
+        let mut status = None;
+        poll_until(
+            &format!("flanneld on host {h} to exit ({what})"),
+            self.timeout(),
+            Duration::from_millis(50),
+            || {
+                status = self.agent_exit_status(h);
+                Ok(status.is_some())
+            },
+        )?;
+        status.ok_or_else(|| LabError::Invalid(format!("host {h} has no agent")))
+    }
+
     /// SIGTERM to host `h`'s flanneld; waits for it to exit and returns its status.
     /// An error if it had to be killed because it did not exit in time.
     pub fn stop_agent(&mut self, h: usize) -> Result<ExitStatus> {
