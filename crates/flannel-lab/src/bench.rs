@@ -249,6 +249,10 @@ pub struct Scale {
     pub rss_kib: u64,
     /// (rss - rss_idle) / leases, bytes.
     pub bytes_per_peer: f64,
+    /// The agent's own (anonymous) part of `rss_idle_kib` and `rss_kib`, KiB; the
+    /// rest is the executable's pages from the page cache.
+    pub anon_idle_kib: u64,
+    pub anon_kib: u64,
     /// Agent RSS after the join/leave samples, KiB.
     pub rss_after_churn_kib: u64,
     pub samples: usize,
@@ -950,7 +954,7 @@ fn scale(
     // its lease for the start with peers (reused by public IP, as on a restart).
     lab.start_agent(0)?;
     std::thread::sleep(Duration::from_secs(1));
-    let rss_idle = lab.agent_rss_kib(0)?;
+    let rss_idle = lab.agent_rss(0)?;
     let st = lab.stop_agent(0)?;
     if !st.success() {
         return Err(LabError::Invalid(format!("flanneld exit on SIGTERM: {st}")));
@@ -1111,11 +1115,15 @@ fn scale(
     let ip_batch = median(&batches).unwrap_or_default();
     let agent_apply_ms = (!applies.is_empty()).then(|| median_f64(applies.iter().copied()));
     std::thread::sleep(Duration::from_secs(1));
-    let rss = lab.agent_rss_kib(0)?;
+    let rss = lab.agent_rss(0)?;
     say(&format!(
-        "  {n} leases: median start -> all routes {:.0} ms (ip -batch {:.0} ms), RSS {rss_idle} -> {rss} KiB",
+        "  {n} leases: median start -> all routes {:.0} ms (ip -batch {:.0} ms), RSS {} -> {} KiB (anonymous {} -> {} KiB)",
         ms(start_to_routes),
-        ms(ip_batch)
+        ms(ip_batch),
+        rss_idle.total_kib,
+        rss.total_kib,
+        rss_idle.anon_kib,
+        rss.anon_kib
     ));
 
     // Join/leave with N present.
@@ -1185,9 +1193,12 @@ fn scale(
         ip_batch_entries: entries,
         ratio_start: ratio(ms(start_to_routes), ms(ip_batch)),
         ratio_apply: agent_apply_ms.map(|a| ratio(a, ms(ip_batch))),
-        rss_idle_kib: rss_idle,
-        rss_kib: rss,
-        bytes_per_peer: (rss as f64 - rss_idle as f64) * 1024.0 / n.max(1) as f64,
+        rss_idle_kib: rss_idle.total_kib,
+        rss_kib: rss.total_kib,
+        bytes_per_peer: (rss.total_kib as f64 - rss_idle.total_kib as f64) * 1024.0
+            / n.max(1) as f64,
+        anon_idle_kib: rss_idle.anon_kib,
+        anon_kib: rss.anon_kib,
         rss_after_churn_kib: rss_after,
         samples: join.len(),
         join_p50_ms: p(&join, 50),

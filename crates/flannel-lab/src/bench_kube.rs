@@ -104,6 +104,9 @@ pub struct KubeBenchReport {
     pub rss_kib_0_peers: u64,
     pub rss_kib_n_peers: u64,
     pub bytes_per_peer: f64,
+    /// The agent's own (anonymous) part of the two, KiB.
+    pub anon_kib_0_peers: u64,
+    pub anon_kib_n_peers: u64,
     pub join_samples: usize,
     pub join_p50_ms: f64,
     pub join_p99_ms: f64,
@@ -477,9 +480,12 @@ pub fn run(opts: &KubeBenchOptions, mut say: impl FnMut(&str)) -> Result<KubeBen
     say("agent with 0 peers (baseline RSS)");
     ks.start_agent_until_routes(0)?;
     std::thread::sleep(opts.settle.min(Duration::from_secs(5)));
-    let rss0 = ks.lab.agent_rss_kib(0)?;
+    let rss0 = ks.lab.agent_rss(0)?;
     ks.lab.stop_agent(0)?;
-    say(&format!("  RSS {rss0} KiB; adding {} nodes", opts.nodes));
+    say(&format!(
+        "  RSS {} KiB ({} KiB anonymous); adding {} nodes",
+        rss0.total_kib, rss0.anon_kib, opts.nodes
+    ));
     ks.populate(opts.nodes)?;
     let node_list_bytes = {
         let text = ks.ok("GET", "/api/v1/nodes", "")?;
@@ -521,7 +527,7 @@ pub fn run(opts: &KubeBenchOptions, mut say: impl FnMut(&str)) -> Result<KubeBen
         (Some(x), Some(y)) => y.duration_since(x).as_secs_f64(),
         _ => 0.0,
     };
-    let rss_n = ks.lab.agent_rss_kib(0)?;
+    let rss_n = ks.lab.agent_rss(0)?;
     let mut report = KubeBenchReport {
         nodes: opts.nodes,
         churn_period_secs: opts.churn_period.as_secs_f64(),
@@ -542,9 +548,12 @@ pub fn run(opts: &KubeBenchOptions, mut say: impl FnMut(&str)) -> Result<KubeBen
         lease_events: b.lease_events - a.lease_events,
         kernel_applies: b.kernel_applies - a.kernel_applies,
         kernel_monitor_lines: lines.len(),
-        rss_kib_0_peers: rss0,
-        rss_kib_n_peers: rss_n,
-        bytes_per_peer: (rss_n.saturating_sub(rss0) * 1024) as f64 / opts.nodes.max(1) as f64,
+        rss_kib_0_peers: rss0.total_kib,
+        rss_kib_n_peers: rss_n.total_kib,
+        bytes_per_peer: (rss_n.total_kib.saturating_sub(rss0.total_kib) * 1024) as f64
+            / opts.nodes.max(1) as f64,
+        anon_kib_0_peers: rss0.anon_kib,
+        anon_kib_n_peers: rss_n.anon_kib,
         join_samples: 0,
         join_p50_ms: 0.0,
         join_p99_ms: 0.0,
@@ -637,6 +646,10 @@ pub fn render(r: &KubeBenchReport) -> String {
     line(format!(
         "  agent RSS                    {:>10} KiB (0 peers: {} KiB) = {:.0} bytes per peer",
         r.rss_kib_n_peers, r.rss_kib_0_peers, r.bytes_per_peer
+    ));
+    line(format!(
+        "    of it the agent's own      {:>10} KiB (0 peers: {} KiB; anonymous memory, the rest is the executable's pages from the page cache)",
+        r.anon_kib_n_peers, r.anon_kib_0_peers
     ));
     line(format!(
         "  join  (node added -> route)  p50 {:>8.1} ms  p99 {:>8.1} ms  ({} samples, {} nodes present, churn on)",

@@ -738,7 +738,7 @@ fn run_bench(opts: &BenchOptions, json_out: Option<PathBuf>) -> Result<()> {
              (same run; ip -batch writes the same kernel entries in a fresh namespace)"
         );
         println!(
-            "  {:<14} {:>6} {:>9} {:>9} {:>9} {:>6} {:>6} {:>8} {:>8} {:>7} {:>15} {:>15} {:>6}",
+            "  {:<14} {:>6} {:>9} {:>9} {:>9} {:>6} {:>6} {:>8} {:>8} {:>7} {:>11} {:>15} {:>15} {:>6}",
             "BACKEND",
             "LEASES",
             "START ms",
@@ -749,6 +749,7 @@ fn run_bench(opts: &BenchOptions, json_out: Option<PathBuf>) -> Result<()> {
             "RSS0 KiB",
             "RSS KiB",
             "B/PEER",
+            "ANON KiB",
             "JOIN p50/p99",
             "LEAVE p50/p99",
             "PUT"
@@ -757,7 +758,7 @@ fn run_bench(opts: &BenchOptions, json_out: Option<PathBuf>) -> Result<()> {
             let opt =
                 |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
             println!(
-                "  {:<14} {:>6} {:>9.0} {:>9} {:>9.0} {:>6.2} {:>6} {:>8} {:>8} {:>7.0} {:>15} {:>15} {:>6.1}",
+                "  {:<14} {:>6} {:>9.0} {:>9} {:>9.0} {:>6.2} {:>6} {:>8} {:>8} {:>7.0} {:>11} {:>15} {:>15} {:>6.1}",
                 if s.ipv6 {
                     format!("{} v4+v6", s.backend)
                 } else {
@@ -772,6 +773,7 @@ fn run_bench(opts: &BenchOptions, json_out: Option<PathBuf>) -> Result<()> {
                 s.rss_idle_kib,
                 s.rss_kib,
                 s.bytes_per_peer,
+                format!("{}->{}", s.anon_idle_kib, s.anon_kib),
                 format!("{:.1}/{:.1}", s.join_p50_ms, s.join_p99_ms),
                 format!("{:.1}/{:.1}", s.leave_p50_ms, s.leave_p99_ms),
                 s.put_p50_ms
@@ -779,7 +781,9 @@ fn run_bench(opts: &BenchOptions, json_out: Option<PathBuf>) -> Result<()> {
         }
         println!(
             "  START: spawn -> all N routes; APPLY: the agent's own log, full lease set -> kernel \
-             programmed; xSTART/xAPPLY: ratio to ip -batch; B/PEER: (RSS - RSS0) / N; \
+             programmed; xSTART/xAPPLY: ratio to ip -batch; B/PEER: (RSS - RSS0) / N; ANON: the \
+             agent's own memory (RssAnon) with 0 -> N peers, the rest of RSS being the executable's \
+             pages from the page cache; \
              PUT: the lease's create transaction over gRPC, as flanneld writes it (inside every join sample)"
         );
     }

@@ -111,13 +111,40 @@ pub fn parse_iperf_bps(json: &str) -> Result<f64> {
 
 /// Resident set size of a process in KiB (`VmRSS` of /proc/<pid>/status).
 pub fn rss_kib(pid: u32) -> Result<u64> {
+    Ok(rss(pid)?.total_kib)
+}
+
+/// A process's resident memory, split by what backs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Rss {
+    /// `VmRSS`: everything resident.
+    pub total_kib: u64,
+    /// `RssAnon`: the process's own memory (heap, stacks, written data). The rest
+    /// of `VmRSS` is mostly the executable and libraries, mapped from the page
+    /// cache: clean, shared with every other process running the same file, and
+    /// how much of it is mapped depends on the file system (ext4 maps whole large
+    /// folios, so nearly the entire binary shows up).
+    pub anon_kib: u64,
+}
+
+/// [`Rss`] of a process (/proc/<pid>/status).
+pub fn rss(pid: u32) -> Result<Rss> {
     let path = format!("/proc/{pid}/status");
     let text = std::fs::read_to_string(&path).map_err(|e| LabError::io(path.clone(), e))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| parse_err(&path, "no VmRSS line"))
+    rss_of_status(&text).ok_or_else(|| parse_err(&path, "no VmRSS or RssAnon line"))
+}
+
+fn rss_of_status(text: &str) -> Option<Rss> {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    };
+    Some(Rss {
+        total_kib: field("VmRSS:")?,
+        anon_kib: field("RssAnon:")?,
+    })
 }
 
 /// CPU time (user + system) a process has used so far, seconds
@@ -160,6 +187,21 @@ pub fn percentile(samples: &[Duration], p: u32) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rss_reads_total_and_anonymous_from_status() {
+        let status =
+            "Name:\tflanneld\nVmRSS:\t   14772 kB\nRssAnon:\t    5980 kB\nRssFile:\t    8792 kB\n";
+        assert_eq!(
+            rss_of_status(status),
+            Some(Rss {
+                total_kib: 14772,
+                anon_kib: 5980
+            })
+        );
+        // A kernel without the split (before 4.5) is an error, not a zero.
+        assert_eq!(rss_of_status("VmRSS:\t 100 kB\n"), None);
+    }
 
     #[test]
     fn cpu_seconds_count_from_the_last_parenthesis() {

@@ -283,10 +283,15 @@ impl Lab {
 
     /// VmRSS of host `h`'s flanneld in KiB.
     pub fn agent_rss_kib(&mut self, h: usize) -> Result<u64> {
+        Ok(self.agent_rss(h)?.total_kib)
+    }
+
+    /// Host `h`'s flanneld's resident memory, total and its own (anonymous).
+    pub fn agent_rss(&mut self, h: usize) -> Result<Rss> {
         let pid = self
             .agent_pid(h)
             .ok_or_else(|| LabError::Invalid(format!("flanneld does not run on host {h}")))?;
-        rss_kib(pid)
+        rss(pid)
     }
 
     /// Everything host `h`'s flanneld processes have logged.

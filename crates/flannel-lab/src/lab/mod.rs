@@ -31,7 +31,7 @@ use crate::cleanup::{
 };
 use crate::error::{LabError, Result};
 use crate::etcd::{etcd_args, Etcd, EtcdMember};
-use crate::measure::{parse_iperf_bps, parse_ping, rss_kib, PingStats};
+use crate::measure::{parse_iperf_bps, parse_ping, rss, PingStats, Rss};
 use crate::process::{
     command, ip, output_with_input, register_lab, run, status_text, unregister_lab, while_alive,
     Proc, ProcOutput,
