@@ -544,6 +544,71 @@ async fn gone_watch_relists_and_loses_nothing() -> Result<()> {
     Ok(())
 }
 
+/// A list longer than one page (the store asks for 100 nodes at a time) is folded
+/// in page by page: every node of every page is seen once, and a re-list over
+/// several pages yields exactly the changes, wherever in the list they fall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_page_lists_see_every_node_once() -> Result<()> {
+    let env = env().await?;
+    env.fake
+        .create_node(flannel_kube_fake::node("n1", &["10.244.1.0/24"]))?;
+    for i in 2..=250u32 {
+        env.fake.create_node(flannel_node(
+            &format!("n{i}"),
+            &format!("10.244.{i}.0/24"),
+            &format!("192.168.10.{i}"),
+            &format!("aa:aa:aa:aa:aa:{i:02x}"),
+        ))?;
+    }
+    let store = Arc::new(env.store("n1").await?);
+    let (mut rx, _task) = start_watch(&store, "10.244.1.0-24");
+    match next_update(&mut rx).await? {
+        LeaseUpdate::Full(l) => {
+            let keys: std::collections::BTreeSet<LeaseKey> = l.iter().map(|l| l.key).collect();
+            assert_eq!((l.len(), keys.len()), (249, 249), "one lease per node");
+            assert!(keys.contains(&key("10.244.2.0-24")) && keys.contains(&key("10.244.250.0-24")));
+        }
+        other => bail!("expected a full list, got {other:?}"),
+    }
+    assert_eq!(env.requests("list").len(), 3, "250 nodes in pages of 100");
+    wait_until("the watch to open", || env.fake.open_watches() == 1).await?;
+
+    // Changes on the first, middle and last page while the watch is refused, then
+    // the history is compacted away: the store must re-list all three pages.
+    env.fake.deny("watch", "nodes");
+    env.fake.close_watches();
+    wait_until("a refused re-watch", || {
+        env.requests("watch").iter().any(|r| r.status == 403)
+    })
+    .await?;
+    env.fake.delete_node("n7")?;
+    env.fake.delete_node("n240")?;
+    env.fake.modify_node("n150", |n| {
+        n.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(format!("{P}public-ip"), "192.168.9.150".into());
+    })?;
+    env.fake.compact();
+    env.fake.allow_all();
+
+    let ev = next_events(&mut rx).await?;
+    assert_eq!(ev.len(), 3, "{ev:?}");
+    for gone in ["10.244.7.0-24", "10.244.240.0-24"] {
+        assert!(
+            ev.iter()
+                .any(|e| matches!(e, LeaseEvent::Removed(l) if l.key == key(gone))),
+            "{gone} removed: {ev:?}"
+        );
+    }
+    assert!(ev
+        .iter()
+        .any(|e| matches!(e, LeaseEvent::Changed { current, .. }
+        if current.attrs.public_ip.to_string() == "192.168.9.150")));
+    assert_eq!(env.requests("list").len(), 6, "one re-list of three pages");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_node_deleted_revokes_the_lease() -> Result<()> {
     let env = env().await?;

@@ -84,6 +84,29 @@ struct State<'a> {
     views: HashMap<String, ViewDigest>,
 }
 
+/// A node list folded in as its pages arrive, keeping of each node only what
+/// [`State::snapshot`] needs: the decoded nodes of one page are alive at a time,
+/// not all N of them (about 1.5 KB each), whose holes in the heap outlived them:
+/// `flannel-lab bench-kube --nodes 5000` took the agent's anonymous memory from
+/// 17.0 to 14.8 MB (two runs each).
+struct Listing {
+    claims: HashMap<String, flannel_core::Lease>,
+    views: HashMap<String, ViewDigest>,
+    own_present: bool,
+}
+
+impl Listing {
+    /// Sized for `nodes` (the count known from the last list), so the maps do not
+    /// grow by doubling through a 5000-node list.
+    fn sized(nodes: usize) -> Self {
+        Listing {
+            claims: HashMap::with_capacity(nodes),
+            views: HashMap::with_capacity(nodes),
+            own_present: false,
+        }
+    }
+}
+
 /// A 64-bit digest of a [`View`]. Keeping digests instead of the views saves about
 /// 1.5 KB per node (the annotation strings and their map) at the cost of a 2^-64
 /// chance per update that a real change looks unchanged (and waits for the next
@@ -213,20 +236,24 @@ impl State<'_> {
         }
     }
 
-    /// A complete node list: the events that bring the known set to it.
-    fn snapshot(&mut self, nodes: Vec<NodeLite>) -> Vec<LeaseEvent> {
-        let mut claims = HashMap::new();
-        let mut own_present = false;
-        let mut views = HashMap::with_capacity(nodes.len());
-        for mut n in nodes {
-            let name = n.metadata.name.clone().unwrap_or_default();
-            if self.is_own(&name) {
-                own_present = true;
-            } else if let Some(l) = self.lease_of(&n) {
-                claims.insert(name.clone(), l);
-            }
-            views.insert(name, digest(&view_of(&mut n)));
+    /// Folds one listed node into `listing`.
+    fn list_one(&mut self, listing: &mut Listing, mut n: NodeLite) {
+        let name = n.metadata.name.clone().unwrap_or_default();
+        if self.is_own(&name) {
+            listing.own_present = true;
+        } else if let Some(l) = self.lease_of(&n) {
+            listing.claims.insert(name.clone(), l);
         }
+        listing.views.insert(name, digest(&view_of(&mut n)));
+    }
+
+    /// A complete node list: the events that bring the known set to it.
+    fn snapshot(&mut self, listing: Listing) -> Vec<LeaseEvent> {
+        let Listing {
+            claims,
+            views,
+            own_present,
+        } = listing;
         self.skipped.retain(|name, _| views.contains_key(name));
         self.views = views;
         // An owner that still claims its key keeps it; other keys go to the first
@@ -312,9 +339,13 @@ impl State<'_> {
 }
 
 impl KubeStore {
-    /// All nodes (following continue tokens) and the list's resource version.
-    async fn list_nodes(&self) -> Result<(Vec<NodeLite>, String), kube::Error> {
-        let mut items = Vec::new();
+    /// Lists all nodes (following continue tokens), handing each to `each` as its
+    /// page arrives; returns how many there were and the list's resource version.
+    async fn list_nodes(
+        &self,
+        mut each: impl FnMut(NodeLite),
+    ) -> Result<(usize, String), kube::Error> {
+        let mut count = 0;
         let mut token: Option<String> = None;
         let mut version = None;
         loop {
@@ -323,13 +354,14 @@ impl KubeStore {
                 lp = lp.continue_token(&t);
             }
             let page = self.nodes.list(&lp).await?;
-            items.extend(page.items);
+            count += page.items.len();
+            page.items.into_iter().for_each(&mut each);
             if version.is_none() {
                 version = page.metadata.resource_version.filter(|v| !v.is_empty());
             }
             match page.metadata.continue_.filter(|c| !c.is_empty()) {
                 Some(c) => token = Some(c),
-                None => return Ok((items, version.unwrap_or_default())),
+                None => return Ok((count, version.unwrap_or_default())),
             }
         }
     }
@@ -364,11 +396,12 @@ pub(crate) async fn run(
     let mut quiet = Quiet::default();
     loop {
         // List (first time, or after 410 Gone).
+        let mut listing = Listing::sized(state.views.len());
         let listed = tokio::select! {
             _ = tx.closed() => return Ok(()),
-            r = store.list_nodes() => r,
+            r = store.list_nodes(|n| state.list_one(&mut listing, n)) => r,
         };
-        let (nodes, mut version) = match listed {
+        let (count, mut version) = match listed {
             Ok((_, v)) if v.is_empty() => {
                 quiet.warn("node list without a resourceVersion; listing again".into());
                 tokio::time::sleep(backoff.next()).await;
@@ -396,8 +429,7 @@ pub(crate) async fn run(
         };
         quiet.clear();
         backoff.reset();
-        let count = nodes.len();
-        let events = state.snapshot(nodes);
+        let events = state.snapshot(listing);
         let update = if synced {
             tracing::info!("re-listed {count} nodes at resourceVersion {version}");
             (!events.is_empty()).then_some(LeaseUpdate::Events(events))
