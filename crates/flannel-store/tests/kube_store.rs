@@ -58,6 +58,30 @@ impl Env {
         Ok(KubeStore::new(self.opts(node)).await?)
     }
 
+    /// Ends the node watch and refuses re-watching while `changes` are made, then
+    /// lets the client back in.
+    async fn changes_while_away(&self, changes: impl FnOnce(&Env) -> Result<()>) -> Result<()> {
+        self.fake.deny("watch", "nodes");
+        self.fake.close_watches();
+        wait_until("a refused re-watch", || {
+            self.requests("watch").iter().any(|r| r.status == 403)
+        })
+        .await?;
+        changes(self)?;
+        self.fake.allow_all();
+        Ok(())
+    }
+
+    fn set_public_ip(&self, node: &str, ip: &str) -> Result<()> {
+        self.fake.modify_node(node, |n| {
+            n.metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(format!("{P}public-ip"), ip.into());
+        })?;
+        Ok(())
+    }
+
     fn requests(&self, verb: &str) -> Vec<RequestRecord> {
         self.fake
             .requests()
@@ -435,21 +459,15 @@ async fn closed_watch_resumes_without_relisting() -> Result<()> {
     assert!(matches!(next_update(&mut rx).await?, LeaseUpdate::Full(l) if l.len() == 1));
     wait_until("the watch to open", || env.fake.open_watches() == 1).await?;
 
-    // Block re-watching, end the watch, change things while the client is away.
-    env.fake.deny("watch", "nodes");
-    env.fake.close_watches();
-    wait_until("a refused re-watch", || {
-        env.requests("watch").iter().any(|r| r.status == 403)
+    env.changes_while_away(|env| {
+        create_nodes(
+            env,
+            &[("n5", "10.244.5.0/24", "192.168.10.5", "aa:aa:aa:aa:aa:05")],
+        )?;
+        env.fake.delete_node("n2")?;
+        Ok(())
     })
     .await?;
-    env.fake.create_node(flannel_node(
-        "n5",
-        "10.244.5.0/24",
-        "192.168.10.5",
-        "aa:aa:aa:aa:aa:05",
-    ))?;
-    env.fake.delete_node("n2")?;
-    env.fake.allow_all();
 
     // The resumed watch replays both changes from the history.
     let mut seen = Vec::new();
@@ -496,29 +514,19 @@ async fn gone_watch_relists_and_loses_nothing() -> Result<()> {
     assert!(matches!(next_update(&mut rx).await?, LeaseUpdate::Full(l) if l.len() == 2));
     wait_until("the watch to open", || env.fake.open_watches() == 1).await?;
 
-    env.fake.deny("watch", "nodes");
-    env.fake.close_watches();
-    wait_until("a refused re-watch", || {
-        env.requests("watch").iter().any(|r| r.status == 403)
+    // Changes the client never sees as watch events, and then the history is gone:
+    // resuming gets 410, the client must re-list.
+    env.changes_while_away(|env| {
+        env.fake.delete_node("n2")?;
+        env.set_public_ip("n3", "192.168.10.33")?;
+        create_nodes(
+            env,
+            &[("n5", "10.244.5.0/24", "192.168.10.5", "aa:aa:aa:aa:aa:05")],
+        )?;
+        env.fake.compact();
+        Ok(())
     })
     .await?;
-    // Changes the client never sees as watch events...
-    env.fake.delete_node("n2")?;
-    env.fake.modify_node("n3", |n| {
-        n.metadata
-            .annotations
-            .get_or_insert_with(Default::default)
-            .insert(format!("{P}public-ip"), "192.168.10.33".into());
-    })?;
-    env.fake.create_node(flannel_node(
-        "n5",
-        "10.244.5.0/24",
-        "192.168.10.5",
-        "aa:aa:aa:aa:aa:05",
-    ))?;
-    // ...and then the history is gone: resuming gets 410, the client must re-list.
-    env.fake.compact();
-    env.fake.allow_all();
 
     let ev = next_events(&mut rx).await?;
     assert_eq!(ev.len(), 3, "{ev:?}");
@@ -575,22 +583,14 @@ async fn multi_page_lists_see_every_node_once() -> Result<()> {
 
     // Changes on the first, middle and last page while the watch is refused, then
     // the history is compacted away: the store must re-list all three pages.
-    env.fake.deny("watch", "nodes");
-    env.fake.close_watches();
-    wait_until("a refused re-watch", || {
-        env.requests("watch").iter().any(|r| r.status == 403)
+    env.changes_while_away(|env| {
+        env.fake.delete_node("n7")?;
+        env.fake.delete_node("n240")?;
+        env.set_public_ip("n150", "192.168.9.150")?;
+        env.fake.compact();
+        Ok(())
     })
     .await?;
-    env.fake.delete_node("n7")?;
-    env.fake.delete_node("n240")?;
-    env.fake.modify_node("n150", |n| {
-        n.metadata
-            .annotations
-            .get_or_insert_with(Default::default)
-            .insert(format!("{P}public-ip"), "192.168.9.150".into());
-    })?;
-    env.fake.compact();
-    env.fake.allow_all();
 
     let ev = next_events(&mut rx).await?;
     assert_eq!(ev.len(), 3, "{ev:?}");
