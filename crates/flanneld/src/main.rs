@@ -29,6 +29,8 @@ fn main() -> ExitCode {
     // The udp backend's fd keeper is this binary re-executed; it must take over before
     // anything else runs (it returns at once in a normal start).
     flannel_backend::udp::keeper_entry();
+    // Before the first large buffer: see flannel_net::mem::pin_mmap_threshold.
+    flannel_net::mem::pin_mmap_threshold();
     let opts = match Options::parse_go_style(std::env::args_os()) {
         Ok(o) => o,
         Err(e) => {
